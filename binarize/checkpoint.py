@@ -1,0 +1,83 @@
+"""Atomic directory writes and the resume checkpoint (model, optimizer, RNG, position)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from .errors import BinarizeError
+
+CHECKPOINT = "checkpoint"
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; it replaces ``final`` only if the block succeeds."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(workdir: Path, model, optimizer, state: dict) -> None:
+    """Everything a resumed run needs to continue bit for bit, written atomically."""
+    with atomic_dir(workdir / CHECKPOINT) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict() if optimizer else None, "rng": rng_state()},
+                   tmp / "trainer.pt")
+        write_json(tmp / "state.json", state)
+
+
+def read_checkpoint_state(workdir: Path) -> dict:
+    path = workdir / CHECKPOINT / "state.json"
+    if not path.exists():
+        raise BinarizeError(f"nothing to resume: no checkpoint in {workdir}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise BinarizeError(f"corrupt checkpoint state: {path}") from None
+
+
+def load_checkpoint(workdir: Path, model, optimizer) -> None:
+    ck = workdir / CHECKPOINT
+    load_model(model, str(ck / "model.safetensors"))
+    trainer = torch.load(ck / "trainer.pt", weights_only=False)
+    if optimizer is not None and trainer["optimizer"] is not None:
+        optimizer.load_state_dict(trainer["optimizer"])
+    set_rng_state(trainer["rng"])

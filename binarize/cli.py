@@ -1,0 +1,123 @@
+"""The ``binarize`` command line. Bad input ends in one error line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import BinarizeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Turn a pretrained LLM into a 1-bit / 1.58-bit model, then evaluate and serve it.")
+
+
+@app.command()
+def convert(
+    model: Optional[str] = typer.Argument(None, help="Hub id, local HF dir or .gguf file (default: SmolLM2-135M-Instruct)."),
+    tokens: str = typer.Option(..., "--tokens", help="QAT token budget: 200k, 500M, 2B or an integer."),
+    recipe: str = typer.Option("binaryllm", "--recipe", help="Recipe name in recipes/ or a YAML path."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training text: ptb, wikitext2:test, FILE, hf:ID[:CONFIG[:SPLIT]]."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text for BaI (same forms as --data)."),
+    out: Path = typer.Option(Path("runs/convert"), "--out", help="Output directory."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len"),
+    bai_steps: Optional[int] = typer.Option(None, "--bai-steps"),
+    chunks: Optional[int] = typer.Option(None, "--chunks"),
+    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Tokens per optimizer step."),
+    bai_batch_tokens: Optional[int] = typer.Option(None, "--bai-batch-tokens"),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Sequences per forward pass."),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
+    set_: List[str] = typer.Option([], "--set", help="Override any recipe key: --set key=value."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in OUT.partial."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
+    bai_only: bool = typer.Option(False, "--bai-only", help="Stop after binary-aware initialization."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Binary-aware initialization, then consistent progressive QAT (BinaryLLM)."""
+    from .convert import ConvertJob, Interrupted, convert as run
+    from .recipe import load_recipe, parse_set, parse_tokens
+
+    n_tokens = parse_tokens(tokens)
+    overrides = parse_set(set_)
+    flags = {"data": data, "calib": calib, "seq_len": seq_len, "bai_steps": bai_steps, "chunks": chunks,
+             "batch_tokens": batch_tokens, "bai_batch_tokens": bai_batch_tokens, "micro_batch": micro_batch,
+             "lr": lr, "scheduler": scheduler, "seed": seed, "save_every": save_every}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    if data is not None and calib is None:
+        overrides.setdefault("calib", data)
+    rec = load_recipe(recipe, overrides)
+    job = ConvertJob(model=model, tokens=n_tokens, out=out, recipe=rec, resume=resume, overwrite=overwrite,
+                     bai_only=bai_only, progress=progress)
+    try:
+        path = run(job)
+    except Interrupted as exc:
+        typer.echo(f"{exc}: resume with the same command and --resume", err=True)
+        raise typer.Exit(130)
+    record = json.loads((path / "run.json").read_text())
+    bai = record.get("bai")
+    if bai:
+        typer.echo(f"BaI: loss {bai['loss_before']:.3f} -> {bai['loss_after']:.3f}")
+    if record["steps"]:
+        typer.echo(f"QAT: {record['tokens']['trained']:,} tokens in {len(record['steps'])} steps, "
+                   f"final loss {record['steps'][-1]['loss']:.3f}")
+    typer.echo(f"wrote {path}")
+
+
+@app.command("eval")
+def eval_(
+    model: Optional[str] = typer.Argument(None, help="Hub id, local dir, .gguf, convert run dir (default model if omitted)."),
+    datasets: str = typer.Option("wikitext2", "--datasets", help="Comma list of wikitext2, c4, ptb."),
+    seq_len: int = typer.Option(2048, "--seq-len"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N windows."),
+    batch_size: int = typer.Option(1, "--batch-size"),
+    ptq: str = typer.Option("none", "--ptq", help="none | sign: evaluate a round-to-nearest binarized copy."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON here."),
+):
+    """Perplexity over non-overlapping windows of seq_len tokens."""
+    import torch
+
+    from .converted import load_any
+    from .evaluate import eval_tokens, perplexity
+    from .models import max_positions
+    from .quantizers import naive_sign
+
+    if ptq not in ("none", "sign"):
+        raise BinarizeError(f"--ptq must be none or sign, got {ptq!r}")
+    names = [d.strip() for d in datasets.split(",") if d.strip()]
+    m, tok, desc = load_any(model)
+    limit_pos = max_positions(m.config)
+    if limit_pos and seq_len > limit_pos:
+        raise BinarizeError(f"seq_len {seq_len} exceeds the model's maximum of {limit_pos} positions")
+    if ptq == "sign":
+        from .models import target_linears
+
+        with torch.no_grad():
+            for lin in target_linears(m).values():
+                lin.weight.copy_(naive_sign(lin.weight))
+        desc += " + naive sign"
+    results = []
+    for name in names:
+        ids, info = eval_tokens(tok, name)
+        res = perplexity(m, ids, seq_len, limit, batch_size)
+        results.append({"model": desc, **info, **res})
+        typer.echo(f"{name:10s} ppl {res['ppl']:12.3f}  ({res['windows']} windows x {seq_len})  {desc}")
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="binarize")
+    except BinarizeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""``binarize convert``: binary-aware initialization, then consistent progressive QAT.
+
+The run lives in ``OUT.partial/`` (checkpoints, partial record) and becomes ``OUT/`` by a
+rename once everything is written, so OUT is either absent or complete.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_model
+
+from binarize.calibration.streams import TokenBlocks, TrainStream, load_documents, tokenize_documents
+
+from . import __version__
+from .checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, save_checkpoint, write_json
+from .errors import BinarizeError
+from .evaluate import mean_loss
+from .models import load_model, max_positions
+from .qlinear import quant_layers, quantize_, set_t
+from .recipe import Recipe
+from .schedules import chunk_t
+
+FORMAT_VERSION = 1
+BAI_EVAL_SEQUENCES = 8
+
+
+@dataclass
+class ConvertJob:
+    model: str | None
+    tokens: int
+    out: Path
+    recipe: Recipe
+    resume: bool = False
+    overwrite: bool = False
+    bai_only: bool = False
+    progress: bool = True
+    on_step: Callable[[int], None] | None = field(default=None, repr=False)  # test hook
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: a checkpoint was written and the run can be resumed."""
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class RunData:
+    train: TrainStream
+    calib: torch.Tensor  # (n_calib, seq_len)
+    n_sequences: int  # training sequences in the budget
+    steps: int
+    seqs_per_step: int
+    info: dict
+
+
+def prepare_data(tokenizer, recipe: Recipe, tokens: int) -> RunData:
+    L = recipe.seq_len
+    n_seq = tokens // L
+    if n_seq == 0:
+        raise BinarizeError(f"token budget {tokens} is less than one sequence of {L} tokens")
+    per_step = recipe.batch_tokens // L
+    steps = math.ceil(n_seq / per_step)
+    if recipe.quantizer == "progressive" and steps < recipe.chunks:
+        raise BinarizeError(
+            f"{tokens} tokens make {steps} optimizer steps, fewer than the {recipe.chunks} chunks: "
+            "raise --tokens or lower --batch-tokens / --chunks"
+        )
+    docs, where = load_documents(recipe.data, max_chars=tokens * 8)
+    train_blocks = TokenBlocks.from_stream(tokenize_documents(tokenizer, docs), L)
+    n_calib = recipe.calib_sequences if recipe.bai else 0
+    if recipe.calib == recipe.data:
+        # Same source: hold the tail out of training so calibration text is never trained on.
+        if len(train_blocks) <= n_calib:
+            raise BinarizeError(f"{where} has {len(train_blocks)} blocks of {L} tokens, too few to hold out "
+                                f"{n_calib} for calibration and train on the rest")
+        calib = train_blocks.blocks[len(train_blocks) - n_calib :]
+        train_blocks = TokenBlocks(train_blocks.blocks[: len(train_blocks) - n_calib])
+        calib_where = f"{where} (last {n_calib} blocks, held out of training)"
+    else:
+        cdocs, calib_where = load_documents(recipe.calib, max_chars=n_calib * L * 8)
+        cblocks = TokenBlocks.from_stream(tokenize_documents(tokenizer, cdocs), L)
+        if n_calib and len(cblocks) == 0:
+            raise BinarizeError(f"calibration data {calib_where} is shorter than one sequence of {L} tokens")
+        g = torch.Generator().manual_seed(recipe.seed + 17)
+        calib = cblocks.blocks[torch.randperm(len(cblocks), generator=g)[:n_calib]]
+    info = {
+        "train_source": where, "calib_source": calib_where,
+        "train_blocks_available": len(train_blocks), "calib_sequences": int(calib.shape[0]),
+        "epochs_over_train_data": n_seq / len(train_blocks) if len(train_blocks) else None,
+    }
+    return RunData(TrainStream(train_blocks, recipe.seed), calib, n_seq, steps, per_step, info)
+
+
+# ----------------------------------------------------------------------------- BaI
+
+
+def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None) -> dict:
+    """Search per-input-channel St by next-token loss under hard-sign weights, weights frozen."""
+    layers = quant_layers(model)
+    set_t(model, math.inf)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    st = [q.st for q in layers.values()]
+    for p in st:
+        p.requires_grad_(True)
+    eval_set = calib[:BAI_EVAL_SEQUENCES]
+    before = mean_loss(model, eval_set, recipe.micro_batch)
+    opt = torch.optim.Adam(st, lr=recipe.bai_lr)
+    per_step = max(1, recipe.bai_batch_tokens // recipe.seq_len)
+    losses = []
+    task = progress.add_task("BaI", total=recipe.bai_steps, info="") if progress else None
+    model.train()
+    for step in range(recipe.bai_steps):
+        idx = [(step * per_step + i) % calib.shape[0] for i in range(per_step)]
+        loss = _accumulate(model, calib[idx], recipe.micro_batch, lambda l: l.backward())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss)
+        if progress:
+            progress.update(task, advance=1, info=f"loss {loss:.3f}")
+    model.eval()
+    after = mean_loss(model, eval_set, recipe.micro_batch)
+    for q in layers.values():
+        q.st.requires_grad_(False)
+        q.fold_st()
+    if progress:
+        progress.remove_task(task)
+    return {"loss_before": before, "loss_after": after, "losses": losses, "steps": recipe.bai_steps,
+            "lr": recipe.bai_lr, "eval_sequences": int(eval_set.shape[0]),
+            "tokens": recipe.bai_steps * per_step * recipe.seq_len}
+
+
+def _accumulate(model, batch: torch.Tensor, micro_batch: int, backward) -> float:
+    """Mean loss over ``batch``, gradients accumulated over micro-batches as one batch."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for i in range(0, batch.shape[0], micro_batch):
+        x = batch[i : i + micro_batch].to(device)
+        loss = model(input_ids=x, labels=x).loss
+        backward(loss * (x.shape[0] / batch.shape[0]))
+        total += float(loss.detach()) * x.shape[0]
+    return total / batch.shape[0]
+
+
+# ----------------------------------------------------------------------------- QAT
+
+
+def trainable_groups(model, recipe: Recipe) -> list[dict]:
+    """Latent weights (with weight decay), scales and the chosen FP params (without)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    decay, no_decay = [], []
+    for q in quant_layers(model).values():
+        decay.append(q.weight)
+        if recipe.scaling != "analytic":
+            no_decay.append(q.sl)
+        if recipe.train_st:
+            no_decay.append(q.st)
+        if q.bias is not None:
+            no_decay.append(q.bias)
+    qparams = {id(p) for p in decay + no_decay}
+    if recipe.train_fp != "none":
+        for name, mod in model.named_modules():
+            if recipe.train_fp == "all" or "norm" in type(mod).__name__.lower():
+                no_decay.extend(p for p in mod.parameters(recurse=False) if id(p) not in qparams)
+    seen, groups = set(), []
+    for params, wd in ((decay, recipe.weight_decay), (no_decay, 0.0)):
+        uniq = [p for p in params if id(p) not in seen and not seen.add(id(p))]
+        for p in uniq:
+            p.requires_grad_(True)
+        groups.append({"params": uniq, "weight_decay": wd})
+    return groups
+
+
+def lr_at(step: int, steps: int, recipe: Recipe) -> float:
+    """Linear warm-up, then cosine from lr down to min_lr at the last step."""
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    span = max(1, steps - recipe.warmup_steps - 1)
+    p = min(1.0, (step - recipe.warmup_steps) / span)
+    return recipe.min_lr + (recipe.lr - recipe.min_lr) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def step_t(step: int, steps: int, recipe: Recipe) -> tuple[int, float]:
+    """(chunk, t) for a step; the straight-through recipe is hard sign throughout."""
+    chunk = step * recipe.chunks // steps
+    if recipe.quantizer == "ste":
+        return chunk, math.inf
+    return chunk, chunk_t(recipe.scheduler, chunk, recipe.chunks, recipe.schedule_span)
+
+
+def train_qat(model, data: RunData, recipe: Recipe, workdir: Path, record: dict, *, start_step: int,
+              optimizer, accelerator, progress=None, on_step=None) -> None:
+    steps = data.steps
+    rank, world = accelerator.process_index, accelerator.num_processes
+    task = progress.add_task("QAT", total=steps, completed=start_step, info="") if progress else None
+    try:
+        with _StopOnInterrupt() as stop:
+            for step in range(start_step, steps):
+                _train_step(model, data, recipe, record, optimizer, accelerator, step, rank, world, progress, task)
+                if on_step:
+                    on_step(step)
+                if stop.requested:
+                    _save(workdir, model, optimizer, accelerator, record, recipe, "qat", step + 1)
+                    raise Interrupted(f"interrupted after step {step + 1}/{steps}; checkpoint written")
+                if recipe.save_every and (step + 1) % recipe.save_every == 0 and step + 1 < steps:
+                    _save(workdir, model, optimizer, accelerator, record, recipe, "qat", step + 1)
+    finally:
+        if progress and task is not None:
+            progress.remove_task(task)
+
+
+def _train_step(model, data, recipe, record, optimizer, accelerator, step, rank, world, progress, task):
+    t0 = time.perf_counter()
+    L = recipe.seq_len
+    chunk, t = step_t(step, data.steps, recipe)
+    set_t(model, t)
+    lr = lr_at(step, data.steps, recipe)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    first = step * data.seqs_per_step
+    count = min(data.seqs_per_step, data.n_sequences - first)
+    batch = data.train.get(first, count)[rank::world]
+    model.train()
+    loss = _accumulate(model, batch, recipe.micro_batch, accelerator.backward)
+    if recipe.grad_clip > 0:
+        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], recipe.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    done_tokens = (first + count) * L
+    record["steps"].append({
+        "step": step, "chunk": chunk, "t": t if math.isfinite(t) else "inf", "lr": lr, "loss": loss,
+        "tokens": done_tokens, "tokens_per_s": count * L / dt, "wall_s": dt,
+    })
+    record["tokens"]["trained"] = done_tokens
+    if progress:
+        progress.update(task, completed=step + 1,
+                        info=f"chunk {chunk + 1}/{recipe.chunks}  t {t:.3g}  loss {loss:.3f}  {count * L / dt:,.0f} tok/s")
+
+
+class _StopOnInterrupt:
+    """Ctrl-C asks the loop to stop after the step in flight (a second Ctrl-C aborts)."""
+
+    def __enter__(self):
+        self.requested = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _save(workdir, model, optimizer, accelerator, record, recipe, phase, step):
+    if accelerator is None or accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model) if accelerator else model
+        save_checkpoint(workdir, unwrapped, optimizer,
+                        {"phase": phase, "step": step, "recipe": recipe.to_dict(), "record": record})
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def save_converted(model, tokenizer, recipe: Recipe, record: dict, workdir: Path, layer_names: list[str]) -> None:
+    """Latent weights + St, Sa, Sl (safetensors), HF config, tokenizer, binarize.json."""
+    from .quantizers import analytic_scale
+
+    set_t(model, math.inf)
+    save_model(model, str(workdir / "model.safetensors"))
+    extra = {}
+    for name, q in quant_layers(model).items():
+        extra[f"{name}.sa"] = analytic_scale(q.weight.detach().float()).view(-1).contiguous()
+    from safetensors.torch import save_file
+
+    save_file(extra, str(workdir / "scales_sa.safetensors"))
+    model.config.save_pretrained(workdir)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(workdir)
+    tokenizer.save_pretrained(workdir)
+    write_json(workdir / "binarize.json", {
+        "format": "binarize-latent", "format_version": FORMAT_VERSION, "binarize_version": __version__,
+        "method": recipe.method, "quantized_layers": layer_names,
+        "weight_formula": "W_eff = Sl * Sa * sign(W~/Sa) * St (Sa = per-row mean|W~|; sign(0) = +1)",
+        "scaling": recipe.scaling, "recipe": recipe.to_dict(),
+    })
+    write_json(workdir / "run.json", record)
+    plot_loss(record, workdir / "loss.png")
+
+
+def plot_loss(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = record["steps"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if steps:
+        tok = [s["tokens"] for s in steps]
+        ax.plot(tok, [s["loss"] for s in steps], label="QAT loss", color="tab:blue")
+        ax2 = ax.twinx()
+        ax2.step(tok, [float(s["t"]) if s["t"] != "inf" else float("nan") for s in steps], where="post",
+                 color="tab:orange", alpha=0.6, label="t")
+        ax2.set_ylabel("t (progressive sharpness)")
+    bai = record.get("bai")
+    if bai:
+        ax.axhline(bai["loss_before"], ls=":", color="gray", label=f"before BaI {bai['loss_before']:.2f}")
+        ax.axhline(bai["loss_after"], ls="--", color="gray", label=f"after BaI {bai['loss_after']:.2f}")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("next-token loss")
+    ax.set_title(f"binarize convert: {record['recipe']['name']}")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _check_out(job: ConvertJob, work: Path) -> None:
+    out = job.out
+    if job.resume:
+        if out.exists() and any(out.iterdir()) and not work.exists():
+            raise BinarizeError(f"{out} is a finished run; nothing to resume")
+        if not (work / CHECKPOINT / "state.json").exists():
+            raise BinarizeError(f"nothing to resume: no checkpoint in {work}")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not job.overwrite:
+        raise BinarizeError(f"output {out} exists and is not empty (use --overwrite, or --resume)")
+    if work.exists() and not job.overwrite:
+        raise BinarizeError(f"an interrupted run is in {work} (use --resume to continue it, or --overwrite)")
+
+
+def convert(job: ConvertJob) -> Path:
+    from accelerate import Accelerator
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    work = job.out.with_name(job.out.name + ".partial")
+    _check_out(job, work)
+    state = read_checkpoint_state(work) if job.resume else None
+    recipe = Recipe(**state["recipe"]).validate() if state else job.recipe
+    tokens = state["record"]["tokens"]["requested"] if state else job.tokens
+
+    model, tokenizer, src = load_model(job.model)
+    limit = max_positions(model.config)
+    if limit and recipe.seq_len > limit:
+        raise BinarizeError(f"seq_len {recipe.seq_len} exceeds the model's maximum of {limit} positions")
+    data = prepare_data(tokenizer, recipe, tokens)
+
+    if not job.resume:
+        for d in (job.out, work):
+            if d.exists():
+                shutil.rmtree(d) if d.is_dir() else d.unlink()
+        work.mkdir(parents=True)
+    torch.manual_seed(recipe.seed)
+    names = quantize_(model, ste=recipe.quantizer == "ste", sa_grad=recipe.sa_grad, st_min=recipe.st_min)
+    record = state["record"] if state else {
+        "binarize_version": __version__, "model": src.spec, "recipe": recipe.to_dict(),
+        "quantized_layers": len(names), "data": data.info, "steps": [], "bai": None,
+        "tokens": {"requested": tokens, "seq_len": recipe.seq_len, "sequences": data.n_sequences,
+                   "budget_used": data.n_sequences * recipe.seq_len, "dropped_remainder": tokens % recipe.seq_len,
+                   "per_step": data.seqs_per_step * recipe.seq_len, "optimizer_steps": data.steps, "trained": 0},
+        "wall_s": 0.0,
+    }
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    model.to(accelerator.device)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    t_start = time.perf_counter()
+    with Progress(*columns, disable=not job.progress or not accelerator.is_main_process, transient=False) as progress:
+        if state is None or state["phase"] == "bai":
+            if recipe.bai:
+                record["bai"] = binary_aware_init(model, data.calib.to(accelerator.device), recipe, progress)
+            else:
+                for q in quant_layers(model).values():
+                    q.fold_st()
+        else:
+            for q in quant_layers(model).values():
+                q.folded = True
+        if recipe.scaling == "learnable":
+            for q in quant_layers(model).values():
+                q.use_learnable_scale()
+        start_step = 0
+        if not job.bai_only:
+            optimizer = torch.optim.AdamW(trainable_groups(model, recipe), lr=recipe.lr, betas=tuple(recipe.betas))
+            if state is not None and state["phase"] == "qat":
+                load_checkpoint(work, model, optimizer)
+                start_step = state["step"]
+                del record["steps"][start_step:]
+            model, optimizer = accelerator.prepare(model, optimizer)
+            if state is None:
+                _save(work, model, optimizer, accelerator, record, recipe, "qat", 0)
+            train_qat(model, data, recipe, work, record, start_step=start_step, optimizer=optimizer,
+                      accelerator=accelerator, progress=progress, on_step=job.on_step)
+            model = accelerator.unwrap_model(model)
+    record["wall_s"] += time.perf_counter() - t_start
+    if accelerator.is_main_process:
+        save_converted(model.float().cpu(), tokenizer, recipe, record, work, names)
+        shutil.rmtree(work / CHECKPOINT, ignore_errors=True)
+        work.rename(job.out)
+    return job.out

@@ -1,0 +1,67 @@
+"""Loading a ``binarize convert`` output directory back as a runnable model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as st_load_model
+
+from .errors import BinarizeError
+from .models import load_model
+from .qlinear import quant_layers, quantize_
+
+
+def is_converted_dir(path: str | Path | None) -> bool:
+    return path is not None and (Path(path) / "binarize.json").is_file()
+
+
+def load_converted(path: str | Path):
+    """(model, tokenizer, meta): the QuantLinear model at hard sign (t = inf)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    try:
+        meta = json.loads((path / "binarize.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BinarizeError(f"{path}: unreadable binarize.json ({exc})") from None
+    if meta.get("format") != "binarize-latent":
+        raise BinarizeError(f"{path}: unknown format {meta.get('format')!r}")
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.to_empty(device="cpu")
+    names = quantize_(model, st_min=meta["recipe"]["st_min"])
+    if sorted(names) != sorted(meta["quantized_layers"]):
+        raise BinarizeError(f"{path}: quantized layers in binarize.json do not match the architecture")
+    if meta.get("scaling") == "learnable":
+        for q in quant_layers(model).values():
+            q.use_learnable_scale()
+    model.tie_weights()
+    try:
+        missing, unexpected = st_load_model(model, str(path / "model.safetensors"), strict=False)
+    except Exception as exc:  # safetensors raises several types for truncated/corrupt files
+        raise BinarizeError(f"{path / 'model.safetensors'}: cannot load ({str(exc).splitlines()[0]})") from None
+    shared: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(p.data_ptr(), []).append(n)
+    aliases = {n for names in shared.values() if len(names) > 1 for n in names}  # tied embeddings
+    bad = [m for m in missing if "rotary" not in m and m not in aliases]
+    if bad or unexpected:
+        raise BinarizeError(f"{path}: weights do not match the config (missing {bad[:3]}, unexpected {unexpected[:3]})")
+    model.model.rotary_emb.__init__(config=config)  # recompute non-persistent buffers after to_empty
+    for q in quant_layers(model).values():
+        q.folded = True
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, meta
+
+
+def load_any(spec: str | None):
+    """A converted run directory or any full-precision model spec."""
+    if is_converted_dir(spec):
+        model, tok, meta = load_converted(spec)
+        return model, tok, f"{spec} (converted, {meta['recipe']['name']})"
+    model, tok, src = load_model(spec)
+    return model, tok, src.spec

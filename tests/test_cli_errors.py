@@ -1,0 +1,126 @@
+"""Bad input: one clear error line, a non-zero exit, no traceback, nothing written."""
+
+import json
+
+import pytest
+
+from binarize.cli import main
+
+
+def run_cli(capsys, *argv):
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    err = capsys.readouterr().err
+    return exc.value.code, err
+
+
+def assert_one_line_error(code, err, needle):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code not in (0, None), err
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+
+
+@pytest.fixture()
+def base(tiny_model_dir, small_text, tmp_path):
+    out = tmp_path / "out"
+    return out, [str(tiny_model_dir), "--data", str(small_text), "--out", str(out), "--seq-len", "64",
+                 "--batch-tokens", "256", "--chunks", "4", "--no-progress"]
+
+
+@pytest.mark.parametrize("tokens,needle", [("0", "positive"), ("-5", "positive"), ("lots", "cannot parse"),
+                                           ("-2B", "positive")])
+def test_bad_token_budget(capsys, base, tokens, needle):
+    out, args = base
+    assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", tokens), needle)
+    assert not out.exists() and not out.with_name("out.partial").exists()
+
+
+def test_missing_model_path(capsys, tmp_path):
+    code, err = run_cli(capsys, "convert", str(tmp_path / "nope"), "--tokens", "1k", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "model path not found")
+    code, err = run_cli(capsys, "convert", str(tmp_path / "nope.gguf"), "--tokens", "1k", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "model file not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_directory_that_is_not_a_model(capsys, tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    code, err = run_cli(capsys, "convert", str(tmp_path / "notamodel"), "--tokens", "1k")
+    assert_one_line_error(code, err, "not a model directory")
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    from transformers import GPT2Config
+
+    d = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(d)
+    code, err = run_cli(capsys, "convert", str(d), "--tokens", "1k", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "unsupported architecture 'gpt2'")
+
+
+def test_unknown_hub_id_offline(capsys, tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    code, err = run_cli(capsys, "convert", "nobody-xyz/no-such-model", "--tokens", "1k", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "cannot load model 'nobody-xyz/no-such-model'")
+
+
+def test_recipe_errors(capsys, base, tmp_path):
+    out, args = base
+    assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "1k", "--recipe", "nope"), "unknown recipe")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 1e-4\nlearning_rate: 3\n")
+    assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "1k", "--recipe", str(bad)),
+                          "unknown recipe key 'learning_rate'")
+    bad.write_text("lr: [oops\n")
+    assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "1k", "--recipe", str(bad)),
+                          "malformed recipe")
+    assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "1k", "--set", "chunks=many"), "needs a int")
+    assert not out.exists()
+
+
+def test_seq_len_above_model_maximum(capsys, base):
+    out, args = base
+    args = [a if a != "64" else "512" for a in args] + ["--batch-tokens", "512"]
+    assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "10k"), "exceeds the model's maximum of 256")
+    assert not out.exists()
+
+
+def test_budget_too_small_for_the_chunks(capsys, base):
+    out, args = base
+    assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "500"), "fewer than the 4 chunks")
+    assert not out.exists()
+
+
+def test_existing_output_and_nothing_to_resume(capsys, base):
+    out, args = base
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "10k"), "exists and is not empty")
+    assert (out / "keep.txt").read_text() == "mine"
+    fresh = out.with_name("fresh")
+    args = [str(fresh) if a == str(out) else a for a in args]
+    assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "10k", "--resume"), "nothing to resume")
+
+
+@pytest.mark.parametrize("content,needle", [(None, "data source not found"), ("   \n\n", "empty")])
+def test_missing_or_empty_data(capsys, base, tmp_path, content, needle):
+    out, args = base
+    data = tmp_path / "d.txt"
+    if content is not None:
+        data.write_text(content)
+    args = [str(data) if a.endswith("ptb.valid.txt") else a for a in args]
+    assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "10k"), needle)
+    assert not out.exists() and not out.with_name("out.partial").exists()
+
+
+def test_good_run_through_the_cli(capsys, base):
+    out, args = base
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", *args, "--tokens", "3k", "--bai-steps", "2", "--bai-batch-tokens", "64",
+              "--set", "calib_sequences=4"])
+    assert exc.value.code in (0, None)
+    assert "wrote" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["tokens"]["trained"] == (3000 // 64) * 64

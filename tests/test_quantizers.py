@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+
+from binarize.quantizers import (analytic_scale, binary_codes, binary_weight, hard_sign, naive_sign, progressive,
+                                 progressive_grad)
+
+
+def test_hard_sign_maps_zero_to_plus_one():
+    x = torch.tensor([-2.0, -0.0, 0.0, 1e-30, 3.0])
+    assert hard_sign(x).tolist() == [-1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_progressive_limits():
+    x = torch.randn(1000, dtype=torch.float64) * 3
+    assert torch.equal(progressive(x, 0.0), x)  # t = 0 is exactly the identity
+    small = progressive(x, 1e-6)
+    assert torch.allclose(small, x, rtol=1e-9, atol=1e-9)  # and continuous there
+    # F(x, t) = x (1 + t^2 (1 - x^2) / 3 + O(t^4)): a relative deviation of ~t^2 x^2 / 3
+    assert torch.allclose(progressive(x, 1e-3), x, rtol=1e-6 * float(x.abs().max()) ** 2, atol=0)
+    big = progressive(x, 1e4)
+    far = x.abs() > 1e-3
+    assert torch.equal(big[far], hard_sign(x)[far])
+    assert torch.equal(progressive(x, math.inf), hard_sign(x))
+    # F(1, t) = 1 for every t (the normalisation by tanh(t))
+    for t in (0.1, 1.0, 5.0, 80.0):
+        assert progressive(torch.tensor([1.0, -1.0], dtype=torch.float64), t).tolist() == pytest.approx([1, -1])
+
+
+@pytest.mark.parametrize("t", [1e-4, 0.3, 2.0, 20.0])
+def test_progressive_grad_is_exact_derivative(t):
+    x = (torch.randn(200, dtype=torch.float64) * 2).requires_grad_(True)
+    (torch.tanh(t * x) / math.tanh(t)).sum().backward()
+    assert torch.allclose(progressive_grad(x.detach(), t), x.grad, rtol=1e-10, atol=1e-12)
+    assert torch.equal(progressive_grad(x.detach(), 0.0), torch.ones_like(x))
+
+
+def _inputs(out=5, inp=7, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    w = torch.randn(out, inp, dtype=torch.float64, generator=g).requires_grad_(True)
+    sl = (torch.rand(out, dtype=torch.float64, generator=g) + 0.5).requires_grad_(True)
+    st = (torch.rand(inp, dtype=torch.float64, generator=g) + 0.5).requires_grad_(True)
+    return w, sl, st
+
+
+@pytest.mark.parametrize("t", [0.0, 0.5, 3.0, 25.0])
+def test_binary_weight_gradcheck(t):
+    """With the gradient through Sa, the fused backward is the true derivative (finite differences)."""
+    w, sl, st = _inputs()
+    fn = lambda w, sl, st: binary_weight(w, sl, st, t, sa_grad=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (w, sl, st), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.5, 3.0, 25.0])
+def test_binary_weight_gradcheck_constant_sa(t):
+    """Without it, Sa is a per-step constant: finite differences with Sa held fixed agree."""
+    w, sl, st = _inputs()
+    sa = analytic_scale(w.detach())
+    fn = lambda w, sl, st: binary_weight(w, sl, st, t, sa_grad=False)  # noqa: E731
+    const = lambda w, sl, st: sl[:, None] * sa * (torch.tanh(t * w / sa) / math.tanh(t) if t else w / sa) * st  # noqa: E731
+    gy = torch.randn(w.shape, dtype=torch.float64)
+    a = torch.autograd.grad((fn(w, sl, st) * gy).sum(), (w, sl, st))
+    b = torch.autograd.grad((const(w, sl, st) * gy).sum(), (w, sl, st))
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, rtol=1e-9, atol=1e-12)
+
+
+def test_binary_weight_matches_plain_autograd_composition():
+    w, sl, st = _inputs()
+    t = 1.7
+    ref = lambda w, sl, st: sl[:, None] * analytic_scale(w) * torch.tanh(t * w / analytic_scale(w)) / math.tanh(t) * st  # noqa: E731
+    gy = torch.randn(w.shape, dtype=torch.float64)
+    a = torch.autograd.grad((binary_weight(w, sl, st, t, sa_grad=True) * gy).sum(), (w, sl, st))
+    b = torch.autograd.grad((ref(w, sl, st) * gy).sum(), (w, sl, st))
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, rtol=1e-9, atol=1e-12)
+
+
+def test_t_zero_reproduces_the_original_layer():
+    w, sl, st = _inputs()
+    with torch.no_grad():
+        eff = binary_weight(w, torch.ones_like(sl), st, 0.0)
+    assert torch.allclose(eff, w * st, rtol=1e-12)
+
+
+def test_ste_is_sign_forward_identity_backward():
+    w, sl, st = _inputs()
+    out = binary_weight(w, sl, st, 0.0, ste=True)
+    expected = sl[:, None] * analytic_scale(w) * hard_sign(w) * st
+    assert torch.allclose(out, expected)
+    gy = torch.randn(w.shape, dtype=torch.float64)
+    (gw,) = torch.autograd.grad((out * gy).sum(), (w,))
+    assert torch.allclose(gw, gy * sl[:, None] * st)  # d sign/du := 1, Sa cancels
+
+
+def test_hard_weight_equals_export_codes():
+    w, sl, st = _inputs()
+    with torch.no_grad():
+        eff = binary_weight(w, sl, st, math.inf)
+        signs, scale = binary_codes(w, sl)
+    assert set(signs.unique().tolist()) <= {-1.0, 1.0}
+    assert torch.allclose(eff, scale[:, None] * signs * st, rtol=1e-12)
+    # naive sign = same quantizer with Sl = St = 1
+    assert torch.allclose(naive_sign(w.detach()), binary_weight(w.detach(), torch.ones(5, dtype=w.dtype),
+                                                                torch.ones(7, dtype=w.dtype), math.inf))
+
+
+def test_sa_is_recomputed_from_current_latent():
+    from binarize.qlinear import QuantLinear
+
+    lin = torch.nn.Linear(16, 4, bias=False)
+    q = QuantLinear.from_linear(lin)
+    q.fold_st()
+    w0 = q.effective_weight().detach().clone()
+    with torch.no_grad():
+        q.weight.mul_(3.0)  # same signs, 3x the magnitudes: Sa must follow
+    w1 = q.effective_weight().detach()
+    assert torch.allclose(w1, 3.0 * w0, rtol=1e-6)
+    expected_rows = q.weight.abs().mean(1)
+    assert torch.allclose(w1.abs().mean(1), expected_rows, rtol=1e-6)
