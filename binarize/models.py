@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,15 +91,29 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
     src = resolve_model(spec)
     config = load_config(src)
     check_supported(config)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.path, **src.kwargs())
         model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **src.kwargs())
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise BinarizeError(f"cannot load model {src.spec!r}: {first}") from None
+    if src.gguf_file:
+        _forget_gguf(model)
     model.eval()
     return model, tokenizer, src
+
+
+def _forget_gguf(model) -> None:
+    """GGUF tensors are de-quantized to ``dtype`` on load; drop the GGUF quantizer marks so the
+    model trains, casts and saves as the plain float model it now is."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

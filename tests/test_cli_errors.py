@@ -77,7 +77,7 @@ def test_recipe_errors(capsys, base, tmp_path):
     bad.write_text("lr: [oops\n")
     assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "1k", "--recipe", str(bad)),
                           "malformed recipe")
-    assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "1k", "--set", "chunks=many"), "needs a int")
+    assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "1k", "--set", "bai_lr=fast"), "needs a float")
     assert not out.exists()
 
 
