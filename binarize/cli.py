@@ -69,6 +69,52 @@ def convert(
     typer.echo(f"wrote {path}")
 
 
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A binarize convert output directory."),
+    out: Path = typer.Option(..., "--out", help="Directory for the packed model."),
+    fmt: str = typer.Option("binary", "--format", help="binary | ternary2 | ternary-b3"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size"),
+    cpu_cache: str = typer.Option("bf16", "--cpu-cache", help="Default CPU unpack cache: none | bf16 | fp32."),
+):
+    """Pack a converted model's weights (1 bit, 2 bits or 1.6 bits per weight plus scales)."""
+    import json as _json
+
+    from .export import export as run
+
+    path = run(run_dir, out, fmt, overwrite=overwrite, max_shard_size=max_shard_size, cpu_cache=cpu_cache)
+    meta = _json.loads((path / "binarize.json").read_text())
+    size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    typer.echo(f"{fmt}: {meta['bits_per_weight']:.4f} bits per converted weight (codes {meta['code_bits_per_weight']:.3f}), "
+               f"{meta['converted_weights']:,} weights, safetensors {size / 2**20:.1f} MiB")
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def chat(
+    model: Optional[str] = typer.Argument(None, help="Exported dir, convert run dir, hub id, local dir, .gguf (default model)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="One-shot: print the reply and exit."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (default)."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    cpu_cache: Optional[str] = typer.Option(None, "--cpu-cache", help="Packed layers on CPU: none | bf16 | fp32."),
+):
+    """Streaming chat with the tokenizer's chat template (greedy unless --temperature > 0)."""
+    from .chat import ChatSession
+
+    if max_new_tokens <= 0 or temperature < 0 or not 0 < top_p <= 1:
+        raise BinarizeError("--max-new-tokens must be positive, --temperature >= 0 and --top-p in (0, 1]")
+    session = ChatSession.load(model, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, seed=seed, cpu_cache=cpu_cache)
+    if prompt is not None:
+        session.reply(prompt)
+        return
+    session.interactive()
+
+
 @app.command("eval")
 def eval_(
     model: Optional[str] = typer.Argument(None, help="Hub id, local dir, .gguf, convert run dir (default model if omitted)."),
@@ -90,7 +136,7 @@ def eval_(
     if ptq not in ("none", "sign"):
         raise BinarizeError(f"--ptq must be none or sign, got {ptq!r}")
     names = [d.strip() for d in datasets.split(",") if d.strip()]
-    m, tok, desc = load_any(model)
+    m, tok, desc = load_any(model, cpu_cache="fp32")
     limit_pos = max_positions(m.config)
     if limit_pos and seq_len > limit_pos:
         raise BinarizeError(f"seq_len {seq_len} exceeds the model's maximum of {limit_pos} positions")

@@ -104,7 +104,7 @@ def prepare_data(tokenizer, recipe: Recipe, tokens: int) -> RunData:
 # ----------------------------------------------------------------------------- BaI
 
 
-def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None) -> dict:
+def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None, log=None) -> dict:
     """Search per-input-channel St by next-token loss under hard-sign weights, weights frozen."""
     layers = quant_layers(model)
     set_t(model, math.inf)
@@ -128,8 +128,12 @@ def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None)
         losses.append(loss)
         if progress:
             progress.update(task, advance=1, info=f"loss {loss:.3f}")
+        if log and _log_now(step, recipe.bai_steps):
+            log(f"BaI step {step + 1}/{recipe.bai_steps}  loss {loss:.3f}")
     model.eval()
     after = mean_loss(model, eval_set, recipe.micro_batch)
+    if log:
+        log(f"BaI loss on {eval_set.shape[0]} calibration sequences: {before:.3f} -> {after:.3f}")
     for q in layers.values():
         q.st.requires_grad_(False)
         q.fold_st()
@@ -138,6 +142,11 @@ def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None)
     return {"loss_before": before, "loss_after": after, "losses": losses, "steps": recipe.bai_steps,
             "lr": recipe.bai_lr, "eval_sequences": int(eval_set.shape[0]),
             "tokens": recipe.bai_steps * per_step * recipe.seq_len}
+
+
+def _log_now(step: int, steps: int, lines: int = 25) -> bool:
+    """About ``lines`` evenly spaced log lines per phase (plus the last step)."""
+    return (step + 1) % max(1, steps // lines) == 0 or step + 1 == steps
 
 
 def _accumulate(model, batch: torch.Tensor, micro_batch: int, backward) -> float:
@@ -200,7 +209,7 @@ def step_t(step: int, steps: int, recipe: Recipe) -> tuple[int, float]:
 
 
 def train_qat(model, data: RunData, recipe: Recipe, workdir: Path, record: dict, *, start_step: int,
-              optimizer, accelerator, progress=None, on_step=None) -> None:
+              optimizer, accelerator, progress=None, on_step=None, log=None) -> None:
     steps = data.steps
     rank, world = accelerator.process_index, accelerator.num_processes
     task = progress.add_task("QAT", total=steps, completed=start_step, info="") if progress else None
@@ -208,6 +217,11 @@ def train_qat(model, data: RunData, recipe: Recipe, workdir: Path, record: dict,
         with _StopOnInterrupt() as stop:
             for step in range(start_step, steps):
                 _train_step(model, data, recipe, record, optimizer, accelerator, step, rank, world, progress, task)
+                if log and _log_now(step, steps):
+                    r = record["steps"][-1]
+                    t = r["t"] if isinstance(r["t"], str) else f"{r['t']:.3g}"
+                    log(f"QAT step {step + 1}/{steps}  chunk {r['chunk'] + 1}/{recipe.chunks}  t {t}  "
+                        f"loss {r['loss']:.3f}  lr {r['lr']:.2e}  {r['tokens_per_s']:,.0f} tok/s")
                 if on_step:
                     on_step(step)
                 if stop.requested:
@@ -337,6 +351,11 @@ def plot_loss(record: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
+def _plain_log(msg: str) -> None:
+    """--no-progress: timestamped lines for log files instead of a live bar."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
 def _check_out(job: ConvertJob, work: Path) -> None:
     out = job.out
     if job.resume:
@@ -388,10 +407,11 @@ def convert(job: ConvertJob) -> Path:
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     t_start = time.perf_counter()
+    log = None if job.progress or not accelerator.is_main_process else _plain_log
     with Progress(*columns, disable=not job.progress or not accelerator.is_main_process, transient=False) as progress:
         if state is None or state["phase"] == "bai":
             if recipe.bai:
-                record["bai"] = binary_aware_init(model, data.calib.to(accelerator.device), recipe, progress)
+                record["bai"] = binary_aware_init(model, data.calib.to(accelerator.device), recipe, progress, log)
             else:
                 for q in quant_layers(model).values():
                     q.fold_st()
@@ -412,7 +432,7 @@ def convert(job: ConvertJob) -> Path:
             if state is None:
                 _save(work, model, optimizer, accelerator, record, recipe, "qat", 0)
             train_qat(model, data, recipe, work, record, start_step=start_step, optimizer=optimizer,
-                      accelerator=accelerator, progress=progress, on_step=job.on_step)
+                      accelerator=accelerator, progress=progress, on_step=job.on_step, log=log)
             model = accelerator.unwrap_model(model)
     record["wall_s"] += time.perf_counter() - t_start
     if accelerator.is_main_process:

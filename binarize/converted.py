@@ -58,8 +58,13 @@ def load_converted(path: str | Path):
     return model, tokenizer, meta
 
 
-def load_any(spec: str | None):
-    """A converted run directory or any full-precision model spec."""
+def load_any(spec: str | None, cpu_cache: str | None = None):
+    """A packed export, a convert run directory or any full-precision model spec."""
+    from .export import is_packed_dir, load_packed
+
+    if is_packed_dir(spec):
+        model, tok, meta = load_packed(spec, cpu_cache)
+        return model, tok, f"{spec} (packed {meta['packing']}, {meta['bits_per_weight']:.3f} bits/weight)"
     if is_converted_dir(spec):
         model, tok, meta = load_converted(spec)
         return model, tok, f"{spec} (converted, {meta['recipe']['name']})"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +99,8 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.path, **src.kwargs())
-        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **src.kwargs())
+        with _quiet_gguf():
+            model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **src.kwargs())
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise BinarizeError(f"cannot load model {src.spec!r}: {first}") from None
@@ -105,6 +108,25 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
         _forget_gguf(model)
     model.eval()
     return model, tokenizer, src
+
+
+@contextlib.contextmanager
+def _quiet_gguf():
+    """transformers' GGUF reader draws its own tqdm bar, outside its progress-bar switch."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _forget_gguf(model) -> None:

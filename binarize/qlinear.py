@@ -63,10 +63,16 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def fold_st(self) -> None:
-        """End of BaI: the latent becomes W / St and St is frozen (recipe: train_st)."""
+        """End of BaI: the latent becomes W / St and St is frozen (recipe: train_st).
+
+        St is rounded to the nearest fp16 first, so the packed export can store it in 16 bits
+        and still give back this layer's weights exactly (the rounding is ~5e-4 relative and
+        is absorbed by the latent, which is divided by the rounded value).
+        """
         if not self.folded:
-            self.weight.copy_(self.weight / self.scale_in())
-            self.st.copy_(self.scale_in())
+            st = self.scale_in().half().float()
+            self.weight.copy_(self.weight / st)
+            self.st.copy_(st)
             self.folded = True
 
     @torch.no_grad()

@@ -16,7 +16,8 @@ Binary weights follow BinaryLLM (arXiv 2508.06974):
 
 Choices the paper leaves open (each a recipe option):
 
-* ``hard_sign(0) = +1`` so every weight fits in one bit (``torch.sign`` would give 0).
+* ``hard_sign`` is the float's sign bit: +1 for x >= +0, -1 for x <= -0, so every weight
+  fits in one bit (``torch.sign`` would give 0) and packing reads the bit directly.
 * ``t == 0`` is the exact identity (value and gradient), avoiding 0/0; ``t == inf`` is the
   hard sign with zero gradient through the sign (BaI uses that; its gradient reaches St
   through Sa and the column scale).
@@ -36,13 +37,17 @@ _TINY_T = 1e-12
 
 
 def hard_sign(x: torch.Tensor) -> torch.Tensor:
-    """Sign with sign(0) = +1, so it is exactly representable in one bit."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    """+1 where the float's sign bit is clear (x >= +0), -1 where it is set (x <= -0).
+
+    The sign bit is what a 1-bit code stores, so packing needs no comparison and
+    ``sign(0) = +1`` keeps every weight representable (``torch.sign`` would give 0).
+    """
+    return torch.copysign(torch.ones((), dtype=x.dtype, device=x.device), x)
 
 
 def analytic_scale(w: torch.Tensor) -> torch.Tensor:
     """Sa: per-output-row mean |w|, shape (out, 1). Clamped so an all-zero row stays finite."""
-    return w.abs().mean(dim=1, keepdim=True).clamp_min(1e-12)
+    return (torch.linalg.vector_norm(w, 1, dim=1, keepdim=True) / w.shape[1]).clamp_min(1e-12)
 
 
 def progressive(x: torch.Tensor, t: float) -> torch.Tensor:
@@ -73,7 +78,8 @@ class _BinaryWeight(torch.autograd.Function):
     """Fused W_eff = scale * F(W~/Sa, t) * St with the exact backward.
 
     Saves only its inputs (parameters that are alive anyway) and recomputes the rest in
-    backward, so QAT costs one weight-sized tensor per layer over full-precision training.
+    backward. The weight-sized work is memory-bound, so it is written as few in-place passes
+    over the weight as the math allows (this is the QAT overhead over full precision).
     """
 
     @staticmethod
@@ -81,12 +87,20 @@ class _BinaryWeight(torch.autograd.Function):
         f = _compute_dtype(latent)
         w = latent.to(f)
         sa = analytic_scale(w) if sa_fixed is None else sa_fixed.to(f)
-        u = w / sa
-        q = hard_sign(u) if ste else progressive(u, t)
         row = sl.to(f).view(-1, 1) * (sa if sa_fixed is None else 1.0)
+        stf = st.to(f).view(1, -1)
+        if ste or math.isinf(t):
+            out = row * stf
+            torch.copysign(out, w, out=out)  # row * hard_sign(w) * st in one pass
+        elif t <= _TINY_T:
+            out = w / sa * (row * stf)
+        else:
+            out = w * (t / sa)
+            out.tanh_()
+            out.mul_(row / math.tanh(t)).mul_(stf)
         ctx.save_for_backward(latent, sl, st, sa_fixed)
         ctx.t, ctx.ste, ctx.sa_grad = t, ste, sa_grad
-        return (row * q * st.to(f).view(1, -1)).to(latent.dtype)
+        return out.to(latent.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -95,29 +109,49 @@ class _BinaryWeight(torch.autograd.Function):
         f = _compute_dtype(latent)
         w = latent.to(f)
         g = grad_out.to(f)
+        n = w.shape[1]
         sa = analytic_scale(w) if sa_fixed is None else sa_fixed.to(f)
-        u = w / sa
-        q = hard_sign(u) if ste else progressive(u, t)
-        dq = torch.ones_like(u) if ste else progressive_grad(u, t)
         slf, stf = sl.to(f).view(-1, 1), st.to(f).view(1, -1)
+        outer = sa if sa_fixed is None else torch.ones_like(sa)
+        hard = ste or math.isinf(t)
+        # q = F(u, t) (or sign) and dq = F'(u, t) with u = w / Sa; tanh(t u) is shared by both.
+        if hard:
+            q = hard_sign(w)
+        elif t <= _TINY_T:
+            q = w / sa
+        else:
+            th = w * (t / sa)
+            th.tanh_()
+            q = th / math.tanh(t)
+        need_w, need_sl, need_st = ctx.needs_input_grad[:3]
         grad_latent = grad_sl = grad_st = None
-        outer = sa if sa_fixed is None else 1.0
-        if ctx.needs_input_grad[0]:
-            gs = g * slf * stf  # dL/d(outer * q)
-            if sa_fixed is None:
-                grad_latent = gs * dq  # Sa cancels: d(Sa*F(w/Sa))/dw = F'(u)
-                if ctx.sa_grad:
-                    # Sa = mean|w|: d/dw_ik adds sign(w_ik)/n * sum_j gs_ij (F(u_ij) - u_ij F'(u_ij))
-                    inner = (gs * (q - u * dq)).sum(dim=1, keepdim=True)
-                    grad_latent = grad_latent + torch.sign(w) * inner / w.shape[1]
+        gq = g * q if (need_sl or need_st or (need_w and ctx.sa_grad and sa_fixed is None)) else None
+        if need_w:
+            if ste or t <= _TINY_T:
+                dq = g * (slf * stf)  # F' = 1
+            elif math.isinf(t):
+                dq = torch.zeros_like(w)
             else:
-                grad_latent = gs * dq / sa
-            grad_latent = grad_latent.to(latent.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_sl = (g * q * stf).sum(dim=1).mul(outer.view(-1) if sa_fixed is None else 1.0)
-            grad_sl = grad_sl.to(sl.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_st = (g * slf * outer * q).sum(dim=0).to(st.dtype)
+                dq = th.mul_(th).neg_().add_(1.0).mul_(t / math.tanh(t))  # F'(u) = t (1 - tanh^2) / tanh t
+                dq.mul_(g).mul_(slf * stf)
+            # dq now holds dL/dq * F'(u) * Sl * St; d(Sa F(w/Sa))/dw = F'(u) (Sa cancels)
+            if sa_fixed is not None:
+                dq.div_(sa)
+            elif ctx.sa_grad:
+                # Sa = mean|w| adds sign(w_ik)/n * sum_j g_ij Sl_i St_j (F(u_ij) - u_ij F'(u_ij))
+                fu = (gq * stf).sum(dim=1, keepdim=True) * slf
+                if ste or t <= _TINY_T:
+                    ufu = (g * (w / sa) * stf).sum(dim=1, keepdim=True) * slf
+                elif math.isinf(t):
+                    ufu = 0.0
+                else:
+                    ufu = (dq * w).sum(dim=1, keepdim=True) / sa
+                dq.add_(torch.sign(w) * ((fu - ufu) / n))
+            grad_latent = dq.to(latent.dtype)
+        if need_sl:
+            grad_sl = (gq @ st.to(f)).mul_(outer.view(-1)).to(sl.dtype)
+        if need_st:
+            grad_st = ((slf * outer).view(1, -1) @ gq).view(-1).to(st.dtype)
         return grad_latent, grad_sl, grad_st, None, None, None, None
 
 
@@ -154,3 +188,16 @@ def naive_sign(weight: torch.Tensor) -> torch.Tensor:
     """Round-to-nearest binarization baseline: mean|W| per row times sign(W)."""
     w = weight.to(_compute_dtype(weight))
     return (analytic_scale(w) * hard_sign(w)).to(weight.dtype)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, st: torch.Tensor | None = None) -> torch.Tensor:
+    """W = scale_i * code_ij * St_j: the reference every packed layer and kernel is checked against.
+
+    ``codes`` holds {-1, +1} (binary) or {-1, 0, +1} (ternary) in any dtype; the product is
+    formed in the same order as ``binary_weight``'s hard-sign forward, so a binary layer's
+    export gives back its converted weight bit for bit.
+    """
+    f = _compute_dtype(scale)
+    row = scale.to(f).view(-1, 1)
+    w = row * (st.to(f).view(1, -1) if st is not None else torch.ones((), dtype=f, device=row.device))
+    return w * codes.to(f)

@@ -78,3 +78,15 @@ def trained_tiny_dir(tmp_path_factory, tiny_model_dir, small_text):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def converted_tiny_dir(tmp_path_factory, trained_tiny_dir, small_text):
+    """A short binaryllm conversion of the trained tiny LLaMA (a convert run directory)."""
+    from binarize.convert import ConvertJob, convert
+    from binarize.recipe import load_recipe
+
+    recipe = load_recipe("binaryllm", dict(seq_len=64, batch_tokens=256, bai_batch_tokens=128, bai_steps=3,
+                                           calib_sequences=8, chunks=4, data=str(small_text), lr=1e-3))
+    out = tmp_path_factory.mktemp("converted") / "run"
+    return convert(ConvertJob(model=str(trained_tiny_dir), tokens=2048, out=out, recipe=recipe, progress=False))

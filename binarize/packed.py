@@ -1,0 +1,66 @@
+"""PackedLinear: a converted linear layer whose weights stay packed in memory.
+
+y = scale * (codes @ (St * x)) (+ bias). On CUDA the Triton kernel computes it from the packed
+bytes. On CPU there is no such kernel, so the layer unpacks: ``cpu_cache`` chooses the
+trade-off between memory and decode speed:
+
+* ``"none"``: unpack on every forward (packed size in memory; slow),
+* ``"bf16"``: keep the codes unpacked as bf16 (+-1 and 0 are exact in bf16; 2 bytes/weight,
+  half of FP32) and run a bf16 matmul on St * x, then scale in fp32. Activations are rounded
+  to bf16, so logits differ from the fp32 reference by ~1e-2 relative,
+* ``"fp32"``: keep the dequantized fp32 weight (same memory as the FP model; exact).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .packing import packed_shape, unpack
+from .quantizers import dequantize
+
+CPU_CACHE_MODES = ("none", "bf16", "fp32")
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, fmt: str, *, bias: bool = False, has_st: bool = True,
+                 cpu_cache: str = "bf16"):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.register_buffer("qweight", torch.zeros(packed_shape(fmt, out_features, in_features), dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features))
+        self.register_buffer("st", torch.ones(in_features) if has_st else None)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.cpu_cache = cpu_cache
+        self._cache: torch.Tensor | None = None
+
+    def codes(self) -> torch.Tensor:
+        return unpack(self.qweight, self.fmt, self.out_features, self.in_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight this layer stands for (the quantizer module's reference)."""
+        return dequantize(self.codes(), self.scale, self.st)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from .kernels import packed_matmul
+
+            y = packed_matmul(x, self.qweight, self.scale, self.st, self.fmt, self.out_features)
+        elif self.cpu_cache == "bf16":
+            if self._cache is None:
+                self._cache = self.codes().to(torch.bfloat16)
+            xs = x if self.st is None else x * self.st.to(x.dtype)
+            y = (F.linear(xs.to(torch.bfloat16), self._cache).float() * self.scale).to(x.dtype)
+        else:
+            if self.cpu_cache == "fp32" and self._cache is None:
+                self._cache = self.dequantized()
+            w = self._cache if self._cache is not None else self.dequantized()
+            y = F.linear(x, w.to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def set_cpu_cache(self, mode: str) -> None:
+        self.cpu_cache, self._cache = mode, None
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, format={self.fmt}, st={self.st is not None}"

@@ -1,0 +1,140 @@
+"""Packed export: exact round trips, exact reload, transformers integration, damaged files."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from binarize.cli import main
+from binarize.converted import load_converted
+from binarize.errors import BinarizeError
+from binarize.export import export, load_packed, resident_bytes
+from binarize.packed import PackedLinear
+from binarize.packing import FORMATS, pack, packed_shape, unpack
+from binarize.quantizers import dequantize
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (16, 64), (33, 100), (96, 40)])
+def test_pack_unpack_is_exact(fmt, shape):
+    values = torch.tensor([-1, 1] if fmt == "binary" else [-1, 0, 1], dtype=torch.int8)
+    codes = values[torch.randint(len(values), shape)]  # fresh random codes every run
+    packed = pack(codes, fmt)
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == packed_shape(fmt, *shape)
+    assert torch.equal(unpack(packed, fmt, *shape), codes)
+
+
+def test_ternary2_is_transformers_bitnet_layout():
+    from transformers.integrations.bitnet import pack_weights
+
+    for out in (8, 10, 13):
+        codes = torch.tensor([-1, 0, 1], dtype=torch.int8)[torch.randint(3, (out, 24))]
+        assert torch.equal(pack(codes, "ternary2"), pack_weights(codes.float().clone()).to(torch.uint8))
+
+
+def test_pack_rejects_codes_outside_the_format():
+    with pytest.raises(BinarizeError):
+        pack(torch.zeros(4, 8, dtype=torch.int8), "binary")  # 0 has no binary code
+    with pytest.raises(BinarizeError):
+        pack(torch.full((4, 5), 2, dtype=torch.int8), "ternary-b3")
+
+
+def test_bits_per_weight_on_real_shapes():
+    # SmolLM2-135M shapes: 1 bit of codes per weight for binary, 2 for ternary2, 1.6 for ternary-b3
+    # (576 = 5 * 115.2: the last base-3 byte of a row is part padding)
+    o, i = 1536, 576
+    got = {fmt: torch.Size(packed_shape(fmt, o, i)).numel() * 8 / (o * i) for fmt in FORMATS}
+    assert got["binary"] == 1.0 and got["ternary2"] == 2.0
+    assert got["ternary-b3"] == 116 * 8 / 576
+
+
+@pytest.fixture(scope="module")
+def exported(converted_tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exported")
+    return {fmt: export(converted_tiny_dir, root / fmt, fmt) for fmt in FORMATS}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_exported_model_matches_converted_logits(exported, converted_tiny_dir, fmt):
+    ref, tok, _ = load_converted(converted_tiny_dir)
+    x = torch.randint(0, len(tok), (2, 24))
+    with torch.no_grad():
+        want = ref(input_ids=x).logits
+    for cache in ("none", "fp32"):
+        model, _, meta = load_packed(exported[fmt], cache)
+        layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+        assert len(layers) == 14 and all(m.qweight.dtype == torch.uint8 for m in layers)
+        with torch.no_grad():
+            got = model(input_ids=x).logits
+        assert (got - want).abs().max() < 1e-4
+    # every packed layer dequantizes to its converted layer's hard-sign weight bit for bit
+    from binarize.qlinear import quant_layers
+
+    for name, q in quant_layers(ref).items():
+        p = model.get_submodule(name)
+        assert torch.equal(p.dequantized(), q.effective_weight().detach())
+        assert torch.equal(dequantize(p.codes(), p.scale, p.st), p.dequantized())
+
+
+def test_plain_transformers_loads_the_export(exported):
+    import binarize  # noqa: F401  (registers quant_method "binarize")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(exported["binary"])
+    assert isinstance(model.model.layers[0].mlp.down_proj, PackedLinear)
+    assert json.loads((exported["binary"] / "config.json").read_text())["quantization_config"]["format"] == "binary"
+
+
+def test_packed_model_is_smaller_in_memory(exported, converted_tiny_dir):
+    packed, _, _ = load_packed(exported["binary"], "none")
+    ref, _, _ = load_converted(converted_tiny_dir)
+    linear_bytes = sum(m.qweight.numel() for m in packed.modules() if isinstance(m, PackedLinear))
+    assert linear_bytes * 8 == sum(q.weight.numel() for q in ref.modules() if hasattr(q, "sl"))
+    assert resident_bytes(packed) < sum(p.numel() * 4 for p in ref.parameters())
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_damaged_exports_give_one_clear_error(exported, tmp_path):
+    d = _copy(exported["binary"], tmp_path / "trunc")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(BinarizeError, match="checksum mismatch"):
+        load_packed(d)
+
+    d = _copy(exported["binary"], tmp_path / "version")
+    meta = json.loads((d / "binarize.json").read_text())
+    meta["format_version"] = 99
+    (d / "binarize.json").write_text(json.dumps(meta))
+    with pytest.raises(BinarizeError, match="format version 99"):
+        load_packed(d)
+
+    d = _copy(exported["binary"], tmp_path / "shape")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 96  # the packed tensors no longer fit the config
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BinarizeError, match="has shape"):
+        load_packed(d)
+
+    d = _copy(exported["binary"], tmp_path / "notok")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (d / name).unlink()
+    with pytest.raises(BinarizeError, match="no tokenizer"):
+        load_packed(d)
+
+
+def test_export_cli_errors(capsys, exported, converted_tiny_dir, tmp_path):
+    def run(*argv):
+        with pytest.raises(SystemExit) as exc:
+            main(list(argv))
+        return exc.value.code, capsys.readouterr().err.strip().splitlines()
+
+    code, err = run("export", str(exported["binary"]), "--out", str(tmp_path / "x"))
+    assert code == 2 and len(err) == 1 and "not a binarize convert run directory" in err[0]
+    code, err = run("export", str(converted_tiny_dir), "--out", str(tmp_path / "y"), "--format", "nibble")
+    assert code == 2 and len(err) == 1 and "unknown packed format 'nibble'" in err[0]
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
