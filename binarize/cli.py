@@ -37,12 +37,18 @@ def convert(
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in OUT.partial."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
     bai_only: bool = typer.Option(False, "--bai-only", help="Stop after binary-aware initialization."),
+    export_format: str = typer.Option("binary", "--export", help="Pack the result into OUT/packed: binary | "
+                                      "ternary2 | ternary-b3 | none."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Binary-aware initialization, then consistent progressive QAT (BinaryLLM)."""
     from .convert import ConvertJob, Interrupted, convert as run
     from .recipe import load_recipe, parse_set, parse_tokens
 
+    from .packing import FORMATS
+
+    if export_format not in (*FORMATS, "none"):
+        raise BinarizeError(f"--export must be one of {', '.join(FORMATS)}, none; got {export_format!r}")
     n_tokens = parse_tokens(tokens)
     overrides = parse_set(set_)
     flags = {"data": data, "calib": calib, "seq_len": seq_len, "bai_steps": bai_steps, "chunks": chunks,
@@ -67,6 +73,12 @@ def convert(
         typer.echo(f"QAT: {record['tokens']['trained']:,} tokens in {len(record['steps'])} steps, "
                    f"final loss {record['steps'][-1]['loss']:.3f}")
     typer.echo(f"wrote {path}")
+    if export_format != "none":
+        from .export import export as pack_run
+
+        packed = pack_run(path, path / "packed", export_format, overwrite=True)
+        bits = json.loads((packed / "binarize.json").read_text())["bits_per_weight"]
+        typer.echo(f"packed ({export_format}, {bits:.3f} bits per converted weight): {packed}")
 
 
 @app.command()

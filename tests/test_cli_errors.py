@@ -124,3 +124,4 @@ def test_good_run_through_the_cli(capsys, base):
     assert exc.value.code in (0, None)
     assert "wrote" in capsys.readouterr().out
     assert json.loads((out / "run.json").read_text())["tokens"]["trained"] == (3000 // 64) * 64
+    assert json.loads((out / "packed" / "binarize.json").read_text())["packing"] == "binary"  # exported by default

@@ -138,3 +138,20 @@ def test_export_cli_errors(capsys, exported, converted_tiny_dir, tmp_path):
     code, err = run("export", str(converted_tiny_dir), "--out", str(tmp_path / "y"), "--format", "nibble")
     assert code == 2 and len(err) == 1 and "unknown packed format 'nibble'" in err[0]
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_chat_one_shot_on_packed_and_fp_models(capsys, exported, trained_tiny_dir):
+    from binarize.chat import ChatSession
+
+    outs = []
+    for spec in (exported["binary"], exported["binary"], trained_tiny_dir):
+        session = ChatSession.load(str(spec), max_new_tokens=6)
+        session.reply("Hello there")
+        assert session.history[0] == {"role": "user", "content": "Hello there"}
+        assert session.history[1]["role"] == "assistant"
+        assert session._inputs().shape[1] > 6  # the chat template wrapped both turns
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1]  # greedy by default: the same reply twice
+    with pytest.raises(SystemExit) as exc:
+        main(["chat", str(exported["binary"]), "--prompt", "Hi", "--max-new-tokens", "3"])
+    assert exc.value.code in (0, None)
