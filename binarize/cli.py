@@ -20,7 +20,9 @@ def convert(
     model: Optional[str] = typer.Argument(None, help="Hub id, local HF dir or .gguf file (default: SmolLM2-135M-Instruct)."),
     tokens: str = typer.Option(..., "--tokens", help="QAT token budget: 200k, 500M, 2B or an integer."),
     recipe: str = typer.Option("binaryllm", "--recipe", help="Recipe name in recipes/ or a YAML path."),
-    data: Optional[str] = typer.Option(None, "--data", help="Training text: ptb, wikitext2:test, FILE, hf:ID[:CONFIG[:SPLIT]]."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training text: ptb, wikitext2:test, FILE, hf:ID[:CONFIG[:SPLIT]], "
+                                       "self (the model's own samples), self+SOURCE:FRACTION, auto (default: PTB "
+                                       "train if found locally, else self)."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text for BaI (same forms as --data)."),
     out: Path = typer.Option(Path("runs/convert"), "--out", help="Output directory."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len"),
@@ -127,46 +129,79 @@ def chat(
     session.interactive()
 
 
+@app.command("generate-data")
+def generate_data(
+    model: Optional[str] = typer.Argument(None, help="Hub id, local dir or .gguf (default: SmolLM2-135M-Instruct)."),
+    tokens: str = typer.Option(..., "--tokens", help="Tokens to generate: 200k, 5M or an integer."),
+    out: Path = typer.Option(..., "--out", help="Output .jsonl or .jsonl.gz (records with a text field)."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Longest sequence (each also ends at EOS)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    greedy_prefix: int = typer.Option(4, "--greedy-prefix", help="Top-1 tokens after the random first token."),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Sample training text from the full-precision model itself (LLM-QAT's data-free recipe)."""
+    from .calibration.selfgen import SelfGenConfig, generate_to_file
+    from .models import load_model
+    from .recipe import parse_tokens
+
+    if not out.name.endswith((".jsonl", ".jsonl.gz")):
+        raise BinarizeError(f"--out must end in .jsonl or .jsonl.gz, got {out.name}")
+    if out.exists() and not overwrite:
+        raise BinarizeError(f"{out} exists (use --overwrite)")
+    cfg = SelfGenConfig(tokens=parse_tokens(tokens), seq_len=seq_len, batch_size=batch_size, temperature=temperature,
+                        top_p=top_p, greedy_prefix=greedy_prefix, seed=seed)
+    cfg.check()
+    from .calibration.selfgen import check_disk
+
+    check_disk(out.parent if str(out.parent) else Path("."), cfg.tokens)
+    m, tok, src = load_model(model)
+    meta = generate_to_file(m, tok, cfg, out, src.spec, progress)
+    typer.echo(f"{meta['tokens']:,} tokens in {meta['sequences']} sequences, {meta['seconds']:.0f} s, "
+               f"{meta['tokens_per_s']:.0f} tok/s (batch {batch_size}): {out}")
+
+
 @app.command("eval")
 def eval_(
-    model: Optional[str] = typer.Argument(None, help="Hub id, local dir, .gguf, convert run dir (default model if omitted)."),
-    datasets: str = typer.Option("wikitext2", "--datasets", help="Comma list of wikitext2, c4, ptb."),
+    models: Optional[List[str]] = typer.Argument(None, help="Hub id, local dir, .gguf, convert run dir or packed "
+                                                 "dir; several with --compare (default model if omitted)."),
+    datasets: str = typer.Option("wikitext2", "--datasets", help="Comma list of wikitext2, c4, ptb ('' for none)."),
     seq_len: int = typer.Option(2048, "--seq-len"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N windows."),
-    batch_size: int = typer.Option(1, "--batch-size"),
-    ptq: str = typer.Option("none", "--ptq", help="none | sign: evaluate a round-to-nearest binarized copy."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Windows per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16."),
+    ptq: str = typer.Option("none", "--ptq", help="none | sign | ternary: evaluate a round-to-nearest copy."),
+    compare: bool = typer.Option(False, "--compare", help="Evaluate all MODELS; add the ratio to the first."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks, e.g. boolq,piqa,hellaswag,winogrande,"
+                                        "arc_easy,arc_challenge,openbookqa."),
+    tasks_include: Optional[Path] = typer.Option(None, "--tasks-include", help="Folder of extra lm-eval task YAMLs."),
+    tasks_limit: Optional[int] = typer.Option(None, "--tasks-limit", help="Examples per task (quick runs)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON here."),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the results table here."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
-    """Perplexity over non-overlapping windows of seq_len tokens."""
-    import torch
+    """Perplexity by the GPTQ/OmniQuant protocol (and lm-eval zero-shot tasks) for one or more models."""
+    from .evaluate import EvalOptions, evaluate_models, markdown_table
 
-    from .converted import load_any
-    from .evaluate import eval_tokens, perplexity
-    from .models import max_positions
-    from .quantizers import naive_sign
-
-    if ptq not in ("none", "sign"):
-        raise BinarizeError(f"--ptq must be none or sign, got {ptq!r}")
-    names = [d.strip() for d in datasets.split(",") if d.strip()]
-    m, tok, desc = load_any(model, cpu_cache="fp32")
-    limit_pos = max_positions(m.config)
-    if limit_pos and seq_len > limit_pos:
-        raise BinarizeError(f"seq_len {seq_len} exceeds the model's maximum of {limit_pos} positions")
-    if ptq == "sign":
-        from .models import target_linears
-
-        with torch.no_grad():
-            for lin in target_linears(m).values():
-                lin.weight.copy_(naive_sign(lin.weight))
-        desc += " + naive sign"
-    results = []
-    for name in names:
-        ids, info = eval_tokens(tok, name)
-        res = perplexity(m, ids, seq_len, limit, batch_size)
-        results.append({"model": desc, **info, **res})
-        typer.echo(f"{name:10s} ppl {res['ppl']:12.3f}  ({res['windows']} windows x {seq_len})  {desc}")
+    specs = list(models or []) or [None]
+    if len(specs) > 1 and not compare:
+        raise BinarizeError("several models given: add --compare to evaluate them side by side")
+    opts = EvalOptions(datasets=[d.strip() for d in datasets.split(",") if d.strip()], seq_len=seq_len,
+                       limit=limit, batch_size=batch_size, device=device, dtype=dtype, ptq=ptq,
+                       tasks=[t.strip() for t in (tasks or "").split(",") if t.strip()],
+                       tasks_include=tasks_include, tasks_limit=tasks_limit, progress=progress)
+    opts.check()
+    rows = evaluate_models(specs, opts, echo=typer.echo)
+    table = markdown_table(rows, ratio=compare)
+    typer.echo(table)
     if json_out:
-        json_out.write_text(json.dumps(results, indent=2))
+        json_out.write_text(json.dumps(rows, indent=2))
+    if markdown_out:
+        markdown_out.write_text(table + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_model
 
+from binarize.calibration.datasets import DATASETS, local_file
 from binarize.calibration.streams import TokenBlocks, TrainStream, load_documents, tokenize_documents
 
 from . import __version__
@@ -26,7 +27,7 @@ from .errors import BinarizeError
 from .evaluate import mean_loss
 from .models import load_model, max_positions
 from .qlinear import quant_layers, quantize_, set_t
-from .recipe import Recipe
+from .recipe import Recipe, parse_mix
 from .schedules import chunk_t
 
 FORMAT_VERSION = 1
@@ -63,7 +64,41 @@ class RunData:
     info: dict
 
 
-def prepare_data(tokenizer, recipe: Recipe, tokens: int) -> RunData:
+def resolve_auto(spec: str) -> str:
+    """``auto``: PTB train when its local file exists (the offline default), else ``self``."""
+    if spec != "auto":
+        return spec
+    return "ptb" if local_file(DATASETS["ptb"].splits["train"]) is not None else "self"
+
+
+def _self_tokens(spec: str, n_tokens: int, L: int) -> int:
+    real, frac = parse_mix(spec)
+    return 0 if frac == 0 else (round(n_tokens * frac / L) if real else math.ceil(n_tokens / L)) * L + L
+
+
+def _blocks_from(spec: str, n_tokens: int, L: int, tokenizer, self_text) -> tuple[TokenBlocks, str]:
+    """Blocks of L tokens for a data spec; ``self+SPEC:F`` mixes F self-generated tokens with SPEC."""
+    real, frac = parse_mix(spec)
+    parts, wheres = [], []
+    n_self = round(n_tokens * frac / L) if real else math.ceil(n_tokens / L)
+    if frac > 0:
+        if self_text is None:
+            raise BinarizeError("self-generated data needs the model (convert builds it)")
+        docs, where = self_text.take(n_self * L + L)  # one spare block: documents end mid-block
+        blocks = TokenBlocks.from_stream(tokenize_documents(tokenizer, docs), L)
+        parts.append(blocks.blocks[:n_self])
+        wheres.append(f"{where} ({parts[-1].shape[0]} blocks)")
+    if real:
+        n_real = math.ceil(n_tokens / L) - n_self if frac > 0 else None
+        docs, where = load_documents(real, max_chars=n_tokens * 8)
+        blocks = TokenBlocks.from_stream(tokenize_documents(tokenizer, docs), L)
+        parts.append(blocks.blocks[:n_real] if n_real is not None else blocks.blocks)
+        wheres.append(f"{where} ({parts[-1].shape[0]} blocks)" if frac > 0 else where)
+    return TokenBlocks(torch.cat(parts)), " + ".join(wheres)
+
+
+def prepare_data(tokenizer, recipe: Recipe, tokens: int, self_text: "SelfText | None" = None) -> RunData:
+    """Training stream and calibration set; ``self_text`` supplies text for ``self`` specs."""
     L = recipe.seq_len
     n_seq = tokens // L
     if n_seq == 0:
@@ -75,10 +110,15 @@ def prepare_data(tokenizer, recipe: Recipe, tokens: int) -> RunData:
             f"{tokens} tokens make {steps} optimizer steps, fewer than the {recipe.chunks} chunks: "
             "raise --tokens or lower --batch-tokens / --chunks"
         )
-    docs, where = load_documents(recipe.data, max_chars=tokens * 8)
-    train_blocks = TokenBlocks.from_stream(tokenize_documents(tokenizer, docs), L)
+    data_spec, calib_spec = resolve_auto(recipe.data), resolve_auto(recipe.calib)
     n_calib = recipe.calib_sequences if recipe.bai else 0
-    if recipe.calib == recipe.data:
+    same = calib_spec == data_spec
+    if self_text is not None:
+        self_text.reserve(_self_tokens(data_spec, n_seq * L + (n_calib * L if same else 0), L))
+        if not same:
+            self_text.reserve(_self_tokens(calib_spec, n_calib * L, L))
+    train_blocks, where = _blocks_from(data_spec, n_seq * L + (n_calib * L if same else 0), L, tokenizer, self_text)
+    if same:
         # Same source: hold the tail out of training so calibration text is never trained on.
         if len(train_blocks) <= n_calib:
             raise BinarizeError(f"{where} has {len(train_blocks)} blocks of {L} tokens, too few to hold out "
@@ -87,8 +127,7 @@ def prepare_data(tokenizer, recipe: Recipe, tokens: int) -> RunData:
         train_blocks = TokenBlocks(train_blocks.blocks[: len(train_blocks) - n_calib])
         calib_where = f"{where} (last {n_calib} blocks, held out of training)"
     else:
-        cdocs, calib_where = load_documents(recipe.calib, max_chars=n_calib * L * 8)
-        cblocks = TokenBlocks.from_stream(tokenize_documents(tokenizer, cdocs), L)
+        cblocks, calib_where = _blocks_from(calib_spec, n_calib * L, L, tokenizer, self_text)
         if n_calib and len(cblocks) == 0:
             raise BinarizeError(f"calibration data {calib_where} is shorter than one sequence of {L} tokens")
         g = torch.Generator().manual_seed(recipe.seed + 17)
@@ -99,6 +138,41 @@ def prepare_data(tokenizer, recipe: Recipe, tokens: int) -> RunData:
         "epochs_over_train_data": n_seq / len(train_blocks) if len(train_blocks) else None,
     }
     return RunData(TrainStream(train_blocks, recipe.seed), calib, n_seq, steps, per_step, info)
+
+
+class SelfText:
+    """Self-generated documents for prepare_data: generated (or found in the cache) once for
+    everything reserved, then handed out in order, so training and calibration never share text."""
+
+    def __init__(self, model, tokenizer, src, recipe: Recipe, progress: bool = False, log=None):
+        self.model, self.tokenizer, self.src, self.recipe = model, tokenizer, src, recipe
+        self.progress, self.log = progress, log
+        self.reserved, self.docs, self.cursor, self.path, self.meta = 0, None, 0, None, None
+
+    def reserve(self, n_tokens: int) -> None:
+        self.reserved += n_tokens
+
+    def take(self, n_tokens: int) -> tuple[list[str], str]:
+        import gzip
+        import json
+
+        from binarize.calibration.selfgen import SelfGenConfig, cached_self_data
+
+        if self.docs is None:
+            r = self.recipe
+            cfg = SelfGenConfig(tokens=max(self.reserved, n_tokens), seq_len=r.seq_len, batch_size=r.self_batch,
+                                temperature=r.self_temperature, top_p=r.self_top_p,
+                                greedy_prefix=r.self_greedy_prefix, seed=r.seed)
+            self.path, self.meta = cached_self_data(self.model, self.tokenizer, self.src, cfg, self.progress, self.log)
+            with gzip.open(self.path, "rt", encoding="utf-8") as f:
+                self.docs = [json.loads(line) for line in f]
+        out, got, first = [], 0, self.cursor
+        while got < n_tokens and self.cursor < len(self.docs):
+            rec = self.docs[self.cursor]
+            out.append(rec["text"])
+            got += len(rec["ids"]) + 1  # + the EOS the loader puts between documents
+            self.cursor += 1
+        return out, f"self-generated {self.path} [docs {first}:{self.cursor}]"
 
 
 # ----------------------------------------------------------------------------- BaI
@@ -384,7 +458,12 @@ def convert(job: ConvertJob) -> Path:
     limit = max_positions(model.config)
     if limit and recipe.seq_len > limit:
         raise BinarizeError(f"seq_len {recipe.seq_len} exceeds the model's maximum of {limit} positions")
-    data = prepare_data(tokenizer, recipe, tokens)
+    if torch.cuda.is_available():
+        model.to("cuda")  # self-generation, if any, runs where training will
+    self_text = SelfText(model, tokenizer, src, recipe, job.progress, None if job.progress else _plain_log)
+    data = prepare_data(tokenizer, recipe, tokens, self_text)
+    if self_text.meta is not None:
+        data.info["self_generation"] = {"file": str(self_text.path), **self_text.meta}
 
     if not job.resume:
         for d in (job.out, work):

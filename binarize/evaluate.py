@@ -1,8 +1,17 @@
-"""Perplexity over non-overlapping windows (the GPTQ / OmniQuant protocol)."""
+"""Perplexity over non-overlapping windows: the protocol of GPTQ, OmniQuant and ParetoQ.
+
+Each set is joined into one text as those codebases do, tokenized once and cut into
+non-overlapping windows of seq_len; perplexity = exp(mean next-token NLL over all windows).
+C4 takes the first 1100 documents of validation shard 0 (our local copy holds 1025) joined
+with a space and keeps at most 256 windows, as GPTQ's ``get_c4`` does.
+"""
 
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -10,11 +19,20 @@ import torch.nn.functional as F
 from binarize.calibration.streams import named_rows
 from binarize.errors import BinarizeError
 
+
+@dataclass(frozen=True)
+class EvalSet:
+    split: str
+    join: str
+    max_rows: int | None = None
+    max_windows: int | None = None
+
+
 # How each benchmark's rows are joined before tokenizing, as the GPTQ codebase does.
 EVAL_SPLITS = {
-    "wikitext2": ("test", "\n\n"),
-    "ptb": ("test", " "),
-    "c4": ("validation", " "),
+    "wikitext2": EvalSet("test", "\n\n"),
+    "ptb": EvalSet("test", " "),
+    "c4": EvalSet("validation", " ", max_rows=1100, max_windows=256),
 }
 
 
@@ -22,17 +40,25 @@ def eval_tokens(tokenizer, dataset: str) -> tuple[torch.Tensor, dict]:
     """Token ids of an evaluation set and a description of how they were made."""
     if dataset not in EVAL_SPLITS:
         raise BinarizeError(f"unknown eval dataset {dataset!r} (known: {', '.join(EVAL_SPLITS)})")
-    split, join = EVAL_SPLITS[dataset]
-    rows, where = named_rows(dataset, split)
-    ids = tokenizer(join.join(rows), return_tensors="pt")["input_ids"][0]
-    return ids, {"dataset": dataset, "split": split, "join": join, "source": where, "rows": len(rows),
-                 "tokens": int(ids.numel())}
+    spec = EVAL_SPLITS[dataset]
+    rows, where = named_rows(dataset, spec.split)
+    rows = rows[: spec.max_rows] if spec.max_rows else rows
+    ids = tokenizer(spec.join.join(rows), return_tensors="pt")["input_ids"][0]
+    return ids, {"dataset": dataset, "split": spec.split, "join": spec.join, "source": where, "rows": len(rows),
+                 "tokens": int(ids.numel()), "max_windows": spec.max_windows}
 
 
 @torch.inference_mode()
-def perplexity(model, ids: torch.Tensor, seq_len: int, limit: int | None = None, batch_size: int = 1) -> dict:
-    """exp(mean next-token NLL) over the first ``limit`` non-overlapping windows of seq_len."""
+def perplexity(model, ids: torch.Tensor, seq_len: int, limit: int | None = None, batch_size: int = 1,
+               max_windows: int | None = None, on_batch=None) -> dict:
+    """exp(mean next-token NLL) over the first ``limit`` non-overlapping windows of seq_len.
+
+    Only logits are asked of the model (no labels), and the NLL is summed in fp32 per batch,
+    so batching windows changes nothing but speed. ``on_batch(n)`` reports progress.
+    """
     n = ids.numel() // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
     if limit is not None:
         n = min(n, limit)
     if n == 0:
@@ -46,6 +72,8 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, limit: int | None = None,
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
         total += float(nll)
         count += x[:, 1:].numel()
+        if on_batch is not None:
+            on_batch(x.shape[0])
     return {"ppl": math.exp(total / count), "nll": total / count, "windows": n, "seq_len": seq_len,
             "predicted_tokens": count}
 
@@ -60,3 +88,140 @@ def mean_loss(model, blocks: torch.Tensor, micro_batch: int = 1) -> float:
         total += float(model(input_ids=x, labels=x).loss) * x.shape[0]
         count += x.shape[0]
     return total / count
+
+
+@dataclass
+class EvalOptions:
+    """What ``binarize eval`` measures, for every model it is given."""
+
+    datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
+    seq_len: int = 2048
+    limit: int | None = None
+    batch_size: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    ptq: str = "none"  # none | sign | ternary
+    tasks: list[str] = field(default_factory=list)
+    tasks_include: Path | None = None
+    tasks_limit: int | None = None
+    progress: bool = True
+
+    def check(self) -> None:
+        """Reject bad options before any model is loaded."""
+        unknown = [d for d in self.datasets if d not in EVAL_SPLITS]
+        if unknown:
+            raise BinarizeError(f"unknown eval dataset {unknown[0]!r} (known: {', '.join(EVAL_SPLITS)})")
+        if not self.datasets and not self.tasks:
+            raise BinarizeError("nothing to evaluate: give --datasets and/or --tasks")
+        if self.ptq not in ("none", "sign", "ternary"):
+            raise BinarizeError(f"--ptq must be none, sign or ternary, got {self.ptq!r}")
+        if self.dtype not in DTYPES:
+            raise BinarizeError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name, v in (("--seq-len", self.seq_len), ("--batch-size", self.batch_size), ("--limit", self.limit),
+                        ("--tasks-limit", self.tasks_limit)):
+            if v is not None and v <= 0:
+                raise BinarizeError(f"{name} must be positive, got {v}")
+        if self.device != "auto" and self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise BinarizeError(f"--device {self.device}: CUDA is not available on this machine")
+
+
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _placement(opts: EvalOptions) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if opts.device == "auto" else opts.device)
+    dtype = DTYPES[opts.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
+
+
+def apply_ptq(model, method: str) -> None:
+    """Replace every converted-to-be linear's weight by its round-to-nearest sign/ternary copy."""
+    from .models import target_linears
+    from .quantizers import naive_sign, naive_ternary
+
+    fn = {"sign": naive_sign, "ternary": naive_ternary}[method]
+    with torch.no_grad():
+        for lin in target_linears(model).values():
+            lin.weight.copy_(fn(lin.weight))
+
+
+def evaluate_models(specs: list[str | None], opts: EvalOptions, echo=print) -> list[dict]:
+    """One result row per model: perplexity per dataset (with its protocol) and task metrics."""
+    from .converted import is_converted_dir, load_any
+    from .export import is_packed_dir
+    from .models import max_positions
+
+    device, dtype = _placement(opts)
+    token_cache: dict[tuple[str, str], tuple[torch.Tensor, dict]] = {}
+    rows = []
+    for spec in specs:
+        if opts.ptq != "none" and (is_packed_dir(spec) or is_converted_dir(spec)):
+            raise BinarizeError(f"--ptq applies to full-precision models; {spec} is already converted")
+        model, tok, desc = load_any(spec, cpu_cache="fp32" if device.type == "cpu" else None)
+        limit_pos = max_positions(model.config)
+        if opts.datasets and limit_pos and opts.seq_len > limit_pos:
+            raise BinarizeError(f"seq_len {opts.seq_len} exceeds the model's maximum of {limit_pos} positions")
+        if opts.ptq != "none":
+            apply_ptq(model, opts.ptq)
+            desc += f" + naive {opts.ptq}"
+        model.to(device=device, dtype=dtype).eval()
+        row = {"model": desc, "spec": spec, "ptq": opts.ptq, "device": str(device), "dtype": str(dtype).split(".")[-1],
+               "perplexity": {}, "tasks": {}}
+        for name in opts.datasets:
+            key = (tok.name_or_path, name)
+            if key not in token_cache:  # models sharing a tokenizer tokenize once
+                token_cache[key] = eval_tokens(tok, name)
+            ids, info = token_cache[key]
+            start = time.perf_counter()
+            res = _with_progress(opts, name, ids, info, lambda cb: perplexity(
+                model, ids, opts.seq_len, opts.limit, opts.batch_size, info["max_windows"], cb))
+            res["seconds"] = round(time.perf_counter() - start, 2)
+            row["perplexity"][name] = {**info, **res}
+            echo(f"{name:10s} ppl {res['ppl']:12.3f}  ({res['windows']} windows x {opts.seq_len}, "
+                 f"{res['seconds']:.0f} s)  {desc}")
+        if opts.tasks:
+            from .zeroshot import run_tasks
+
+            out = run_tasks(model, tok, opts.tasks, include=opts.tasks_include, limit=opts.tasks_limit,
+                            batch_size=opts.batch_size)
+            row["tasks"] = out["results"]
+            for task, metrics in out["results"].items():
+                echo(f"{task:10s} " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"  {desc}")
+        rows.append(row)
+        del model
+    return rows
+
+
+def _with_progress(opts: EvalOptions, name: str, ids: torch.Tensor, info: dict, run):
+    if not opts.progress:
+        return run(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    n = ids.numel() // opts.seq_len
+    n = min(n, *(v for v in (info["max_windows"], opts.limit) if v is not None))
+    with Progress(TextColumn(f"{name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        task = bar.add_task(name, total=n)
+        return run(lambda k: bar.advance(task, k))
+
+
+def markdown_table(rows: list[dict], ratio: bool = False) -> str:
+    """Perplexity per dataset and task metrics; with ``ratio``, each value over the first model's."""
+    datasets = list(dict.fromkeys(d for r in rows for d in r["perplexity"]))
+    metrics = list(dict.fromkeys((t, m) for r in rows for t, ms in r["tasks"].items() for m in ms))
+    head = ["model", *(f"{d} ppl" for d in datasets), *(f"{t} {m}" for t, m in metrics)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = rows[0]
+    for r in rows:
+        cells = [r["model"]]
+        for d in datasets:
+            v = r["perplexity"].get(d, {}).get("ppl")
+            b = base["perplexity"].get(d, {}).get("ppl")
+            cells.append("" if v is None else f"{v:.3f}" + (f" ({v / b:.2f}x)" if ratio and b else ""))
+        for t, m in metrics:
+            v = r["tasks"].get(t, {}).get(m)
+            b = base["tasks"].get(t, {}).get(m)
+            cells.append("" if v is None else f"{v:.4f}" + (f" ({v / b:.2f}x)" if ratio and b else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

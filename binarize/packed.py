@@ -1,7 +1,7 @@
 """PackedLinear: a converted linear layer whose weights stay packed in memory.
 
-y = scale * (codes @ (St * x)) (+ bias). On CUDA the Triton kernel computes it from the packed
-bytes. On CPU there is no such kernel, so the layer unpacks: ``cpu_cache`` chooses the
+y = scale * (codes @ (St * x)) (+ bias). On CUDA the Triton kernel computes it from packed
+bits (re-packed once into the kernel's layout, same bits per weight; see kernels/triton_packed). On CPU there is no such kernel, so the layer unpacks: ``cpu_cache`` chooses the
 trade-off between memory and decode speed:
 
 * ``"none"``: unpack on every forward (packed size in memory; slow),
@@ -34,6 +34,7 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.cpu_cache = cpu_cache
         self._cache: torch.Tensor | None = None
+        self._kernel_w: torch.Tensor | None = None  # GPU kernel layout, built at the first CUDA forward
 
     def codes(self) -> torch.Tensor:
         return unpack(self.qweight, self.fmt, self.out_features, self.in_features)
@@ -44,9 +45,11 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            from .kernels import packed_matmul
+            from .kernels import prepare, prepared_matmul
 
-            y = packed_matmul(x, self.qweight, self.scale, self.st, self.fmt, self.out_features)
+            if self._kernel_w is None or self._kernel_w.device != self.qweight.device:
+                self._kernel_w = prepare(self.qweight, self.fmt, self.out_features, self.in_features)
+            y = prepared_matmul(x, self._kernel_w, self.scale, self.st, self.fmt, self.out_features)
         elif self.cpu_cache == "bf16":
             if self._cache is None:
                 self._cache = self.codes().to(torch.bfloat16)
@@ -61,6 +64,10 @@ class PackedLinear(nn.Module):
 
     def set_cpu_cache(self, mode: str) -> None:
         self.cpu_cache, self._cache = mode, None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = self._kernel_w = None  # new weights: both derived copies are stale
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, format={self.fmt}, st={self.st is not None}"

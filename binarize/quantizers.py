@@ -201,3 +201,29 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, st: torch.Tensor | None
     row = scale.to(f).view(-1, 1)
     w = row * (st.to(f).view(1, -1) if st is not None else torch.ones((), dtype=f, device=row.device))
     return w * codes.to(f)
+
+
+def ternary_scale(w: torch.Tensor, method: str = "absmean", per_row: bool = False, eps: float = 1e-5) -> torch.Tensor:
+    """BitNet b1.58's gamma: mean|W| (AbsMean) or median|W| (AbsMedian), per tensor as in the
+    papers or per output row; eps keeps an all-zero tensor from dividing by zero."""
+    a = w.abs()
+    if method == "absmean":
+        g = a.mean(dim=1, keepdim=True) if per_row else a.mean()
+    elif method == "absmedian":
+        g = a.median(dim=1, keepdim=True).values if per_row else a.flatten().median()
+    else:
+        raise ValueError(f"unknown ternary scale {method!r} (absmean | absmedian)")
+    return g.clamp_min(eps)
+
+
+def ternary_codes(weight: torch.Tensor, method: str = "absmean", per_row: bool = False):
+    """(codes in {-1,0,1}, scale): RoundClip(W / gamma, -1, 1) with gamma from ``ternary_scale``."""
+    w = weight.to(_compute_dtype(weight))
+    gamma = ternary_scale(w, method, per_row)
+    return (w / gamma).round().clamp_(-1, 1), gamma
+
+
+def naive_ternary(weight: torch.Tensor, method: str = "absmean", per_row: bool = False) -> torch.Tensor:
+    """Round-to-nearest ternary baseline (BitNet b1.58 quantizer applied once, no training)."""
+    codes, gamma = ternary_codes(weight, method, per_row)
+    return (codes * gamma).to(weight.dtype)

@@ -53,8 +53,12 @@ class Recipe:
     micro_batch: int = 1  # sequences per forward; the rest is gradient accumulation
     train_fp: str = "norms"  # which full-precision params train too: none | norms | all
     # --- data ---
-    data: str = "ptb"
-    calib: str = "ptb"
+    data: str = "auto"  # auto: PTB train when its local file is found, else self-generated text
+    calib: str = "auto"
+    self_batch: int = 16  # --data self: sequences generated at once
+    self_temperature: float = 1.0  # LLM-QAT samples from the full softmax
+    self_top_p: float = 1.0
+    self_greedy_prefix: int = 4  # top-1 tokens after the random first token (LLM-QAT: 3-5)
     seed: int = 0
     save_every: int = 0  # steps between checkpoints; 0: only on Ctrl-C and at the end
 
@@ -82,6 +86,11 @@ class Recipe:
             raise BinarizeError(f"batch_tokens {self.batch_tokens} is not a multiple of seq_len {self.seq_len}")
         if self.bai_batch_tokens % self.seq_len:
             raise BinarizeError(f"bai_batch_tokens {self.bai_batch_tokens} is not a multiple of seq_len {self.seq_len}")
+        for key in ("data", "calib"):
+            parse_mix(getattr(self, key))  # raises on bad mix syntax
+        if self.self_batch <= 0 or self.self_temperature < 0 or not 0 < self.self_top_p <= 1 or self.self_greedy_prefix < 0:
+            raise BinarizeError(f"recipe {self.name}: self_batch > 0, self_temperature >= 0, self_top_p in (0, 1] "
+                                "and self_greedy_prefix >= 0 are required")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise BinarizeError(f"recipe {self.name}: betas must be two numbers in [0, 1), got {self.betas}")
         return self
@@ -177,3 +186,25 @@ def parse_tokens(text: str | int) -> int:
     if n <= 0 or n != int(n):
         raise BinarizeError(f"token budget must be a positive whole number of tokens, got {text!r}")
     return int(n)
+
+
+def parse_mix(spec: str) -> tuple[str, float]:
+    """``self+SPEC:F`` -> (SPEC, F): F of the tokens self-generated, the rest from SPEC.
+
+    Any other spec is returned as (spec, 0.0), or (``""``, 1.0) for plain ``self``.
+    """
+    if spec == "self":
+        return "", 1.0
+    if not spec.startswith("self+"):
+        if "+" in spec.split("#")[0] and not Path(spec).exists():
+            raise BinarizeError(f"unknown data mix {spec!r}: use self+SOURCE:FRACTION, e.g. self+ptb:0.5")
+        return spec, 0.0
+    rest, _, frac = spec[5:].rpartition(":")
+    try:
+        f = float(frac)
+    except ValueError:
+        f = -1.0
+    if not rest or not 0 < f < 1:
+        raise BinarizeError(f"unknown data mix {spec!r}: use self+SOURCE:FRACTION with 0 < FRACTION < 1 "
+                            "(the share of self-generated tokens)")
+    return rest, f

@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 
 from binarize.kernels import packed_matmul, packed_matmul_reference  # noqa: E402
 from binarize.packed import PackedLinear  # noqa: E402
-from binarize.packing import FORMATS, pack  # noqa: E402
+from binarize.packing import FORMATS, pack, unpack  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -75,3 +75,21 @@ def test_packed_linear_uses_the_kernel_on_gpu():
     want = layer(x)  # CPU path
     got = layer.cuda()(x.cuda()).cpu()
     assert torch.allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_layout_holds_every_code_once(fmt):
+    """Decode the GPU layout in torch: bit group j of word w must be column j * KW + w."""
+    from binarize.kernels.triton_packed import kernel_bits, prepare
+
+    n, k = 24, 200
+    q, _, _ = random_layer(fmt, n, k)
+    codes = unpack(q, fmt, n, k)
+    kw = prepare(q, fmt, n, k)
+    bits = kernel_bits(fmt)
+    cpw = 32 // bits
+    words = kw.to(torch.int64) & 0xFFFFFFFF
+    groups = torch.stack([(words >> (j * bits)) & ((1 << bits) - 1) for j in range(cpw)])  # [cpw, KW, N]
+    decoded = (1 - 2 * groups) if bits == 1 else groups - 1
+    decoded = decoded.reshape(cpw * kw.shape[0], n).t()[:, :k]
+    assert torch.equal(decoded.to(torch.int8), codes)

@@ -2,7 +2,7 @@
 
 from .reference import packed_matmul_reference
 
-__all__ = ["packed_matmul", "packed_matmul_reference", "triton_available"]
+__all__ = ["packed_matmul", "packed_matmul_reference", "prepare", "prepared_matmul", "triton_available"]
 
 
 def triton_available() -> bool:
@@ -18,3 +18,17 @@ def packed_matmul(x, qweight, scale, st, fmt, out_features):
     from .triton_packed import packed_matmul as run
 
     return run(x, qweight, scale, st, fmt, out_features)
+
+
+def prepare(qweight, fmt, out_features, in_features):
+    """The packed weight re-packed once into the kernels' int32 layout (same bits per weight)."""
+    from .triton_packed import prepare as run
+
+    return run(qweight, fmt, out_features, in_features)
+
+
+def prepared_matmul(x, kw, scale, st, fmt, out_features):
+    """packed_matmul on a weight already passed through ``prepare``."""
+    from .triton_packed import prepared_matmul as run
+
+    return run(x, kw, scale, st, fmt, out_features)

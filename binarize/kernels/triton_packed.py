@@ -1,97 +1,183 @@
-"""Triton kernel: y = scale * (codes @ (St * x)) straight from packed bytes.
+"""Triton kernels: y = scale * (codes @ (St * x)) from bit-packed weights.
 
-One kernel for the three packed layouts (``FMT``: 0 binary, 1 ternary2, 2 ternary-b3). Each
-program owns a BLOCK_M x BLOCK_N tile of y; it walks K, decodes a BLOCK_N x BLOCK_K tile of
-codes from the bytes in registers (never materialising the weight in memory), multiplies the
-activations by St on load, and accumulates with ``tl.dot`` in fp32. The per-row scale is applied
-once at the end. Codes are exact in fp16/bf16, so the dot runs in the activations' dtype
-(tensor cores); fp32 activations use IEEE fp32 (no TF32), which is what the CPU interpreter
-tests compare against the reference.
+**Kernel layout.** The on-disk formats pack codes along K (binary, ternary-b3) or along N
+(ternary2, transformers' BitNet layout); decoding those in a kernel needs one load per weight
+element, which measured 5-20x slower than bf16 on an H100. So on the GPU each layer's codes are
+re-packed once, at its first forward, into int32 words [KW, N] (KW = ceil(K / CPW)): bit group
+j of word (w, n) holds the code of row n, column j * KW + w, ``BITS`` bits each (binary: 1 bit,
+set = -1, CPW = 32; ternary: 2 bits, code + 1, CPW = 16). N is the contiguous dimension (loads
+of a [BLOCK_KW, BLOCK_N] word tile are coalesced), every word is loaded once and its CPW codes
+are expanded in registers, and for a fixed j the columns of a word tile are contiguous, so the
+matching activations load contiguously too. Memory: binary and ternary2 stay at 1 / 2 bits
+per weight; ternary-b3 (1.6 bits on disk) takes 2 bits on the GPU.
+
+* ``_gemv_kernel`` (one activation row, the decode case): a [BLOCK_KW, BLOCK_N] fp32
+  accumulator of code * x, summed once at the end; no tensor cores.
+* ``_dot_kernel`` (M >= 2): BLOCK_M x BLOCK_N tiles, one ``tl.dot`` per bit group with the
+  decoded codes in the activations' dtype (codes are exact in fp16/bf16; tensor cores), fp32
+  accumulation; fp32 activations use IEEE fp32 (no TF32), which the CPU-interpreter tests
+  compare against.
+
+St multiplies the activations on load, the per-row scale is applied once at the end. On CUDA
+both kernels are autotuned over a few tile shapes keyed on the problem shape; under
+``TRITON_INTERPRET=1`` a single small configuration runs.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ..packing import check_format, packed_shape
+from ..packing import check_format, packed_shape, unpack
 
-_FMT = {"binary": 0, "ternary2": 1, "ternary-b3": 2}
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_bits(fmt: str) -> int:
+    check_format(fmt)
+    return 1 if fmt == "binary" else 2
+
+
+def kernel_layout(codes: torch.Tensor, fmt: str) -> torch.Tensor:
+    """(N, K) codes -> int32 words [KW, N], KW = ceil(K / CPW); bit group j of word w is column
+    j * KW + w (see the module docstring)."""
+    bits = kernel_bits(fmt)
+    cpw = 32 // bits
+    n, k = codes.shape
+    kw = -(-k // cpw)
+    v = (codes < 0).to(torch.int64) if bits == 1 else (codes.to(torch.int64) + 1)
+    v = torch.nn.functional.pad(v, (0, cpw * kw - k)).view(n, cpw, kw)  # padded columns meet x = 0
+    shifts = (torch.arange(cpw, device=codes.device, dtype=torch.int64) * bits).view(1, cpw, 1)
+    words = (v << shifts).sum(dim=1).t()
+    words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement into int32
+    return words.to(torch.int32).contiguous()
+
+
+def prepare(qweight: torch.Tensor, fmt: str, out_features: int, in_features: int) -> torch.Tensor:
+    """Packed on-disk tensor -> kernel layout, on qweight's device (done once per layer)."""
+    return kernel_layout(unpack(qweight, fmt, out_features, in_features), fmt)
+
+
+def _gemv_configs() -> list[triton.Config]:
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_KW": 4}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=w)
+            for bn, bkw, w in [(16, 32, 4), (16, 64, 4), (32, 16, 4), (32, 32, 4), (64, 16, 4), (64, 32, 8),
+                               (8, 64, 2), (128, 8, 4)]]
+
+
+def _dot_configs() -> list[triton.Config]:
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_KW": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=w, num_stages=s)
+            for bm, bn, bkw, w, s in [(16, 32, 16, 4, 3), (16, 64, 16, 4, 3), (16, 64, 32, 4, 3),
+                                      (32, 64, 16, 4, 3), (64, 64, 16, 4, 3), (64, 128, 16, 4, 3),
+                                      (128, 128, 16, 8, 3), (16, 128, 16, 4, 3)]]
 
 
 @triton.jit
-def _decode(w_ptr, offs_n, offs_k, N, K, R, stride_wn, FMT: tl.constexpr):
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    if FMT == 0:  # binary: 8 codes per byte along K, set bit = -1
-        byte = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] // 8, mask=mask, other=0).to(tl.int32)
-        bit = (byte >> (offs_k[None, :] % 8)) & 1
-        return 1.0 - 2.0 * bit.to(tl.float32)
-    elif FMT == 1:  # ternary2: transformers BitNet layout, 4 rows per byte along N
-        byte = tl.load(w_ptr + (offs_n[:, None] % R) * stride_wn + offs_k[None, :], mask=mask, other=0).to(tl.int32)
-        code = (byte >> (2 * (offs_n[:, None] // R))) & 3
-        return code.to(tl.float32) - 1.0
-    else:  # ternary-b3: 5 base-3 digits per byte along K
-        byte = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] // 5, mask=mask, other=0).to(tl.int32)
-        r = offs_k[None, :] % 5
-        div = tl.where(r == 0, 1, tl.where(r == 1, 3, tl.where(r == 2, 9, tl.where(r == 3, 27, 81))))
-        code = (byte // div) % 3
-        return tl.where(mask, code.to(tl.float32) - 1.0, 0.0)
+def _decode(word, J: tl.constexpr, BITS: tl.constexpr):
+    """Codes in {-1, 0, +1} (int32) of bit group J of every word."""
+    c = (word >> (J * BITS)) & ((1 << BITS) - 1)
+    if BITS == 1:
+        return 1 - 2 * c
+    return c - 1
 
 
+@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BITS"])
 @triton.jit
-def _packed_matmul_kernel(x_ptr, w_ptr, scale_ptr, st_ptr, y_ptr, M, N, K, R,
-                          stride_xm, stride_xk, stride_wn, stride_ym, stride_yn,
-                          FMT: tl.constexpr, HAS_ST: tl.constexpr, DOT_FP32: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, st_ptr, y_ptr, N, K, KW, stride_xm, stride_ym,
+                 BITS: tl.constexpr, HAS_ST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    CPW: tl.constexpr = 32 // BITS
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    acc = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
+    for w0 in range(0, KW, BLOCK_KW):
+        offs_w = w0 + tl.arange(0, BLOCK_KW)
+        word = tl.load(w_ptr + offs_w[:, None] * N + offs_n[None, :], mask=(offs_w[:, None] < KW) & nmask[None, :],
+                       other=0)
+        for j in tl.static_range(CPW):  # each word loaded once, its codes expanded in registers
+            offs_k = j * KW + offs_w
+            kmask = (offs_w < KW) & (offs_k < K)
+            x = tl.load(x_ptr + m * stride_xm + offs_k, mask=kmask, other=0.0).to(tl.float32)
+            if HAS_ST:
+                x *= tl.load(st_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)
+            acc += _decode(word, j, BITS).to(tl.float32) * x[:, None]
+    scale = tl.load(scale_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    y = tl.sum(acc, axis=0) * scale
+    tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.autotune(configs=_dot_configs(), key=["M_BUCKET", "N", "K", "BITS"])
+@triton.jit
+def _dot_kernel(x_ptr, w_ptr, scale_ptr, st_ptr, y_ptr, M, N, K, KW, M_BUCKET, stride_xm, stride_ym,
+                BITS: tl.constexpr, HAS_ST: tl.constexpr, DOT_FP32: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    CPW: tl.constexpr = 32 // BITS
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
-        if HAS_ST:
-            st = tl.load(st_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)
-            x = (x.to(tl.float32) * st[None, :]).to(x.dtype)
-        w = _decode(w_ptr, offs_n, offs_k, N, K, R, stride_wn, FMT)
-        if DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w).to(x.dtype))
+    for w0 in range(0, KW, BLOCK_KW):
+        offs_w = w0 + tl.arange(0, BLOCK_KW)
+        word = tl.load(w_ptr + offs_w[:, None] * N + offs_n[None, :],
+                       mask=(offs_w[:, None] < KW) & (offs_n[None, :] < N), other=0)
+        for j in tl.static_range(CPW):  # one [BLOCK_M, BLOCK_KW] x [BLOCK_KW, BLOCK_N] dot per bit group
+            offs_k = j * KW + offs_w
+            kmask = (offs_w < KW) & (offs_k < K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mmask[:, None] & kmask[None, :],
+                        other=0.0)
+            if HAS_ST:
+                st = tl.load(st_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)
+                x = (x.to(tl.float32) * st[None, :]).to(x.dtype)
+            w = _decode(word, j, BITS)
+            if DOT_FP32:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(x, w.to(x.dtype))
     scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
     y = acc * scale[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mmask[:, None] & (offs_n[None, :] < N))
 
 
-def _blocks(m: int) -> tuple[int, int, int]:
-    """Small M (decode) wants wide N tiles; prefill shapes square-ish tiles."""
-    if m <= 16:
-        return 16, 64, 128
-    if m <= 64:
-        return 64, 64, 64
-    return 128, 64, 64
+def prepared_matmul(x: torch.Tensor, kw: torch.Tensor, scale: torch.Tensor, st: torch.Tensor | None, fmt: str,
+                    out_features: int) -> torch.Tensor:
+    """y = x @ W^T for a weight already in kernel layout (``prepare``)."""
+    K = x.shape[-1]
+    bits = kernel_bits(fmt)
+    n_words = -(-K // (32 // bits))
+    if tuple(kw.shape) != (n_words, out_features) or kw.dtype != torch.int32:
+        raise ValueError(f"kernel-layout weight {tuple(kw.shape)} does not fit {out_features}x{K} {fmt}")
+    x2 = x.reshape(-1, K)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    M, N = x2.shape[0], out_features
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    st_arg = st if st is not None else scale
+    if M == 1:
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)  # noqa: E731
+        _gemv_kernel[grid](x2, kw, scale, st_arg, y, N, K, n_words, x2.stride(0), y.stride(0),
+                           BITS=bits, HAS_ST=st is not None)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+        _dot_kernel[grid](x2, kw, scale, st_arg, y, M, N, K, n_words, triton.next_power_of_2(M), x2.stride(0),
+                          y.stride(0),
+                          BITS=bits, HAS_ST=st is not None, DOT_FP32=x.dtype == torch.float32)
+    return y.reshape(*x.shape[:-1], N)
 
 
 def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, st: torch.Tensor | None,
                   fmt: str, out_features: int) -> torch.Tensor:
-    check_format(fmt)
+    """One-off product from the on-disk packing (re-packs every call; layers cache ``prepare``)."""
     K = x.shape[-1]
     if tuple(qweight.shape) != packed_shape(fmt, out_features, K):
         raise ValueError(f"packed weight {tuple(qweight.shape)} does not fit {out_features}x{K} {fmt}")
-    x2 = x.reshape(-1, K)
-    M, N = x2.shape[0], out_features
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    bm, bn, bk = _blocks(M)
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    _packed_matmul_kernel[grid](
-        x2, qweight, scale, st if st is not None else scale, y, M, N, K, qweight.shape[0],
-        x2.stride(0), x2.stride(1), qweight.stride(0), y.stride(0), y.stride(1),
-        FMT=_FMT[fmt], HAS_ST=st is not None, DOT_FP32=x.dtype == torch.float32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-    )
-    return y.reshape(*x.shape[:-1], N)
+    return prepared_matmul(x, prepare(qweight, fmt, out_features, K), scale, st, fmt, out_features)

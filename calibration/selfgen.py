@@ -1,0 +1,194 @@
+"""Self-generated text: the full-precision model writes its own training and calibration data.
+
+Method (LLM-QAT, Liu et al. 2023, section 3.1, also used by OneBit): the first token of each
+sequence is drawn uniformly from the vocabulary (special tokens excluded), the next
+``greedy_prefix`` tokens (default 4; LLM-QAT found 3-5 best) are the model's top-1 choice, and
+the rest are sampled from the model's distribution (``temperature``/``top_p``; LLM-QAT samples
+from the full softmax: 1.0 / 1.0). A sequence ends at EOS or at ``seq_len`` tokens.
+
+Generation is batched with a KV cache and seeded, and the result is cached under
+``$BINARIZE_CACHE`` (else ``~/.cache/binarize``) keyed by a hash of the model files and every
+setting, so a resumed or repeated conversion reuses it. Files are ``.jsonl.gz`` with a ``text``
+field (plus the token ``ids``): the format the data loader reads.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from binarize.errors import BinarizeError
+
+BYTES_PER_TOKEN_ON_DISK = 8  # generous: ~4 chars of text + ids in JSON, before gzip
+
+
+@dataclass(frozen=True)
+class SelfGenConfig:
+    tokens: int
+    seq_len: int = 512
+    batch_size: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy_prefix: int = 4
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.tokens <= 0 or self.seq_len < 2 or self.batch_size <= 0:
+            raise BinarizeError("self-generated data needs tokens > 0, seq_len >= 2 and batch size > 0")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.greedy_prefix < 0:
+            raise BinarizeError("self-generation needs temperature >= 0, top_p in (0, 1] and greedy_prefix >= 0")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BINARIZE_CACHE", Path.home() / ".cache" / "binarize")) / "self-data"
+
+
+def model_fingerprint(src) -> str:
+    """sha256 over the model's weight/config files (a hub id stands for itself)."""
+    path = Path(src.path)
+    if not path.exists():
+        return f"hub:{src.spec}"
+    files = [path / src.gguf_file] if src.gguf_file else sorted(
+        p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".gguf"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def check_disk(folder: Path, tokens: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    need, free = tokens * BYTES_PER_TOKEN_ON_DISK, shutil.disk_usage(folder).free
+    if need > free:
+        raise BinarizeError(f"generating {tokens:,} tokens needs about {need / 2**30:.1f} GiB in {folder}, "
+                            f"only {free / 2**30:.1f} GiB free")
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, g: torch.Generator) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest head whose mass reaches top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=g).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_sequences(model, tokenizer, cfg: SelfGenConfig, on_tokens=None) -> list[list[int]]:
+    """Sequences of token ids (each ends at EOS or seq_len) until ``cfg.tokens`` are written."""
+    from transformers import DynamicCache
+
+    cfg.check()
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    special = set(tokenizer.all_special_ids)
+    allowed = torch.tensor([i for i in range(min(vocab, len(tokenizer))) if i not in special])
+    eos = tokenizer.eos_token_id
+    g = torch.Generator().manual_seed(cfg.seed)
+    out: list[list[int]] = []
+    written = 0
+    while written < cfg.tokens:
+        b = cfg.batch_size
+        first = allowed[torch.randint(len(allowed), (b,), generator=g)]
+        seqs, done = [first], torch.zeros(b, dtype=torch.bool)
+        cache, x = DynamicCache(), first[:, None].to(device)
+        for i in range(1, cfg.seq_len):
+            logits = model(input_ids=x, past_key_values=cache, use_cache=True).logits[:, -1].float().cpu()
+            nxt = logits.argmax(-1) if i <= cfg.greedy_prefix else _sample(logits, cfg.temperature, cfg.top_p, g)
+            seqs.append(nxt)
+            if eos is not None:
+                done |= nxt == eos
+                if bool(done.all()):
+                    break
+            x = nxt[:, None].to(device)
+        batch = torch.stack(seqs, 1).tolist()
+        for s in batch:
+            if eos is not None and eos in s:
+                s = s[: s.index(eos)]  # the loader puts EOS back between documents
+            if len(s) > 1 and written < cfg.tokens:
+                out.append(s)
+                written += len(s)
+                if on_tokens:
+                    on_tokens(len(s))
+    return out
+
+
+def write_jsonl(path: Path, seqs: list[list[int]], tokenizer, meta: dict) -> None:
+    """Atomically write sequences as .jsonl(.gz) records {"text", "ids"} plus PATH.meta.json."""
+    tmp = path.with_name(path.name + ".tmp")
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(tmp, "wt", encoding="utf-8") as f:
+        for s in seqs:
+            f.write(json.dumps({"text": tokenizer.decode(s, skip_special_tokens=True), "ids": s}) + "\n")
+    os.replace(tmp, path)
+    meta_path = path.with_name(path.name + ".meta.json")
+    meta_path.with_name(meta_path.name + ".tmp").write_text(json.dumps(meta, indent=2))
+    os.replace(meta_path.with_name(meta_path.name + ".tmp"), meta_path)
+
+
+def generate_to_file(model, tokenizer, cfg: SelfGenConfig, path: Path, model_id: str, progress: bool = True,
+                     log=None) -> dict:
+    """Generate, write ``path`` and return the meta record (tokens, seconds, tokens/s)."""
+    check_disk(path.parent, cfg.tokens)
+    start = time.perf_counter()
+    if progress:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("self-generating"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tok"),
+                      TextColumn("{task.fields[tps]} tok/s"),
+                      TimeRemainingColumn(), transient=True) as bar:
+            task = bar.add_task("gen", total=cfg.tokens, tps="-")
+
+            def tick(n):
+                bar.advance(task, n)
+                done = bar.tasks[0].completed
+                bar.update(task, tps=f"{done / (time.perf_counter() - start):.0f}")
+
+            seqs = generate_sequences(model, tokenizer, cfg, tick)
+    else:
+        state = {"done": 0, "next": cfg.tokens // 10}
+
+        def tick(n):  # a log line every tenth of the budget, for --no-progress log files
+            state["done"] += n
+            if log and state["done"] >= state["next"]:
+                state["next"] += cfg.tokens // 10
+                log(f"self-generated {state['done']:,}/{cfg.tokens:,} tokens, "
+                    f"{state['done'] / (time.perf_counter() - start):.0f} tok/s")
+
+        seqs = generate_sequences(model, tokenizer, cfg, tick)
+    seconds = time.perf_counter() - start
+    n = sum(len(s) for s in seqs)
+    meta = {"model": model_id, "settings": asdict(cfg), "sequences": len(seqs), "tokens": n,
+            "seconds": round(seconds, 2), "tokens_per_s": round(n / seconds, 1),
+            "method": "LLM-QAT: uniform first token, top-1 prefix, then sampling"}
+    write_jsonl(path, seqs, tokenizer, meta)
+    if log:
+        log(f"self-generated {n:,} tokens in {len(seqs)} sequences: {seconds:.0f} s, "
+            f"{n / seconds:.0f} tok/s (batch {cfg.batch_size})")
+    return meta
+
+
+def cached_self_data(model, tokenizer, src, cfg: SelfGenConfig, progress: bool = True, log=None) -> tuple[Path, dict]:
+    """The cached file for (model files, settings), generating it on first use."""
+    key = hashlib.sha256(json.dumps({"model": model_fingerprint(src), **asdict(cfg)}, sort_keys=True).encode())
+    path = cache_dir() / f"{key.hexdigest()[:24]}.jsonl.gz"
+    meta_path = path.with_name(path.name + ".meta.json")
+    if path.exists() and meta_path.exists():
+        if log:
+            log(f"reusing self-generated data {path}")
+        return path, json.loads(meta_path.read_text())
+    return path, generate_to_file(model, tokenizer, cfg, path, src.spec, progress, log)

@@ -1,0 +1,149 @@
+"""Self-generated data: sampling with a KV cache, caching, mixing, convert --data self."""
+
+import gzip
+import json
+
+import pytest
+import torch
+
+from binarize.calibration.selfgen import SelfGenConfig, cached_self_data, generate_sequences
+from binarize.calibration.streams import load_documents
+from binarize.recipe import parse_mix
+from tests.test_cli_errors import assert_one_line_error, run_cli
+
+
+@pytest.fixture()
+def tok(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BINARIZE_CACHE", str(tmp_path / "cache"))
+
+
+def test_greedy_generation_matches_transformers_generate(trained_tiny_dir, tok):
+    """Temperature 0: our KV-cache loop must reproduce HF generate's greedy continuation exactly."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(trained_tiny_dir, dtype=torch.float32).eval()
+    cfg = SelfGenConfig(tokens=100, seq_len=24, batch_size=4, temperature=0.0, seed=int(torch.randint(1000, ())))
+    seqs = generate_sequences(model, tok, cfg)
+    assert sum(map(len, seqs)) >= 100
+    special = set(tok.all_special_ids)
+    for s in seqs[:4]:
+        assert s[0] not in special
+        ref = model.generate(torch.tensor([s[:1]]), max_new_tokens=23, do_sample=False, temperature=None, top_p=None,
+                             top_k=None, pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)[0].tolist()
+        if tok.eos_token_id in ref:
+            ref = ref[: ref.index(tok.eos_token_id)]
+        assert s == ref
+
+
+def test_sampling_is_seeded_and_keeps_the_greedy_prefix(trained_tiny_dir, tok):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(trained_tiny_dir, dtype=torch.float32).eval()
+    cfg = SelfGenConfig(tokens=200, seq_len=32, batch_size=8, greedy_prefix=3, seed=7)
+    a, b = generate_sequences(model, tok, cfg), generate_sequences(model, tok, cfg)
+    c = generate_sequences(model, tok, SelfGenConfig(tokens=200, seq_len=32, batch_size=8, greedy_prefix=3, seed=8))
+    assert a == b and a != c
+    with torch.no_grad():
+        for s in a[:4]:
+            logits = model(input_ids=torch.tensor([s])).logits[0]
+            assert [int(logits[i].argmax()) for i in range(3)] == s[1:4]  # top-1 after the random first token
+    # a vanishing top-p keeps only the most likely token: sampling becomes greedy
+    greedy = generate_sequences(model, tok, SelfGenConfig(tokens=60, seq_len=16, batch_size=4, temperature=0, seed=3))
+    nucleus = generate_sequences(model, tok, SelfGenConfig(tokens=60, seq_len=16, batch_size=4, top_p=1e-6, seed=3))
+    assert greedy == nucleus
+
+
+def test_cache_is_reused(trained_tiny_dir, tok, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from binarize.calibration import selfgen
+    from binarize.models import resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(trained_tiny_dir, dtype=torch.float32).eval()
+    src = resolve_model(str(trained_tiny_dir))
+    cfg = SelfGenConfig(tokens=150, seq_len=32, batch_size=8)
+    path, meta = cached_self_data(model, tok, src, cfg, progress=False)
+    assert meta["tokens"] >= 150 and meta["tokens_per_s"] > 0
+    docs, _ = load_documents(str(path))
+    with gzip.open(path, "rt") as f:
+        recs = [json.loads(line) for line in f]
+    assert docs == [r["text"] for r in recs if r["text"].strip()] and sum(len(r["ids"]) for r in recs) == meta["tokens"]
+    monkeypatch.setattr(selfgen, "generate_sequences", lambda *a, **k: pytest.fail("cache not used"))
+    again, _ = cached_self_data(model, tok, src, cfg, progress=False)
+    assert again == path
+    with pytest.raises(pytest.fail.Exception):  # different settings: a new file
+        cached_self_data(model, tok, src, SelfGenConfig(tokens=150, seq_len=32, batch_size=8, seed=1), progress=False)
+
+
+@pytest.mark.parametrize("spec,expected", [("self", ("", 1.0)), ("self+ptb:0.25", ("ptb", 0.25)),
+                                           ("self+wikitext2:test:0.5", ("wikitext2:test", 0.5)), ("ptb", ("ptb", 0.0))])
+def test_parse_mix(spec, expected):
+    assert parse_mix(spec) == expected
+
+
+def test_convert_with_self_and_mixed_data(capsys, trained_tiny_dir, tmp_path, small_text):
+    from binarize.cli import main
+
+    out = tmp_path / "self-run"
+    base = [str(trained_tiny_dir), "--tokens", "2048", "--seq-len", "64", "--batch-tokens", "256", "--chunks", "4",
+            "--bai-steps", "2", "--set", "calib_sequences=4", "--no-progress", "--export", "none"]
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", *base, "--data", "self", "--out", str(out)])
+    assert exc.value.code in (0, None)
+    info = json.loads((out / "run.json").read_text())["data"]
+    assert info["train_source"].startswith("self-generated") and info["self_generation"]["tokens"] >= 2048 + 4 * 64
+    assert info["calib_source"].endswith("held out of training)")
+
+    mixed = tmp_path / "mixed-run"
+    with pytest.raises(SystemExit):
+        main(["convert", *base, "--data", f"self+{small_text}:0.25", "--calib", str(small_text), "--out", str(mixed)])
+    info = json.loads((mixed / "run.json").read_text())["data"]
+    self_part, real_part = info["train_source"].split(" + ")
+    n_self, n_real = (int(p.rsplit("(", 1)[1].split()[0]) for p in (self_part, real_part))
+    assert (n_self, n_real) == (8, 24)  # 2048 tokens = 32 blocks of 64: a quarter self-generated
+
+
+@pytest.mark.parametrize("spec", ["self+ptb", "self+ptb:1.5", "ptb+c4", "self+:0.5"])
+def test_bad_mix_syntax(capsys, trained_tiny_dir, tmp_path, spec):
+    out = tmp_path / "o"
+    code, err = run_cli(capsys, "convert", str(trained_tiny_dir), "--tokens", "2048", "--data", spec, "--out", str(out))
+    assert_one_line_error(code, err, "data mix")
+    assert not out.exists()
+
+
+def test_generate_data_cli(capsys, trained_tiny_dir, tmp_path, monkeypatch):
+    from binarize.cli import main
+
+    out = tmp_path / "gen.jsonl"
+    with pytest.raises(SystemExit) as exc:
+        main(["generate-data", str(trained_tiny_dir), "--tokens", "120", "--seq-len", "16", "--out", str(out),
+              "--no-progress"])
+    assert exc.value.code in (0, None) and "tok/s" in capsys.readouterr().out
+    docs, _ = load_documents(str(out))
+    assert len(docs) >= 120 // 16
+    meta = json.loads(out.with_name(out.name + ".meta.json").read_text())
+    assert meta["tokens"] >= 120 and meta["settings"]["seq_len"] == 16
+
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    code, err = run_cli(capsys, "generate-data", str(trained_tiny_dir), "--tokens", "1M", "--out", str(tmp_path / "x.jsonl"))
+    assert_one_line_error(code, err, "GiB free")
+    assert not (tmp_path / "x.jsonl").exists()
+
+    notok = tmp_path / "no-tokenizer"
+    notok.mkdir()
+    for f in trained_tiny_dir.iterdir():
+        if f.name in ("config.json", "model.safetensors", "generation_config.json"):
+            shutil.copy(f, notok / f.name)
+    code, err = run_cli(capsys, "generate-data", str(notok), "--tokens", "100", "--out", str(tmp_path / "y.jsonl"))
+    assert_one_line_error(code, err, "cannot load model")
