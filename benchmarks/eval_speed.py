@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--dataset", default="wikitext2")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=1, help="binarize eval's --batch-size (its default: 1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()

@@ -48,13 +48,46 @@ def eval_tokens(tokenizer, dataset: str) -> tuple[torch.Tensor, dict]:
                  "tokens": int(ids.numel()), "max_windows": spec.max_windows}
 
 
+# Architectures whose causal-LM forward is exactly lm_head(model(...).last_hidden_state): for
+# these the head and the loss run in chunks of positions, so the [B, L, vocab] fp32 logits
+# (400 MB per 2048-token window of a 49k vocabulary) are never materialised. Others (logit
+# scaling or soft-capping, unknown wrappers) take the plain full-logits path.
+_PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+HEAD_CHUNK = 256
+
+
+def _plain_head(model) -> bool:
+    config = getattr(model, "config", None)
+    return (getattr(config, "model_type", None) in _PLAIN_HEAD_TYPES and hasattr(model, "model")
+            and getattr(model, "lm_head", None) is not None
+            and not getattr(config, "final_logit_softcapping", None))
+
+
+def window_nll(model, x: torch.Tensor) -> float:
+    """Summed next-token NLL of a batch of windows (fp32), each window's last token unpredicted."""
+    if _plain_head(model):
+        h = model.model(input_ids=x).last_hidden_state
+        total = 0.0
+        for s in range(0, x.shape[1] - 1, HEAD_CHUNK):
+            e = min(s + HEAD_CHUNK, x.shape[1] - 1)
+            logits = model.lm_head(h[:, s:e]).float()
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, s + 1:e + 1].reshape(-1),
+                                           reduction="sum"))
+        return total
+    logits = model(input_ids=x).logits.float()
+    labels = F.pad(x[:, 1:], (0, 1), value=-100)  # shift the labels, not the logits (a slice would copy them)
+    return float(F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                                 reduction="sum"))
+
+
 @torch.inference_mode()
 def perplexity(model, ids: torch.Tensor, seq_len: int, limit: int | None = None, batch_size: int = 1,
                max_windows: int | None = None, on_batch=None) -> dict:
     """exp(mean next-token NLL) over the first ``limit`` non-overlapping windows of seq_len.
 
-    Only logits are asked of the model (no labels), and the NLL is summed in fp32 per batch,
-    so batching windows changes nothing but speed. ``on_batch(n)`` reports progress.
+    Only hidden states / logits are asked of the model (no labels), and the NLL is summed in
+    fp32 per batch, so batching windows changes nothing but speed. ``on_batch(n)`` reports
+    progress.
     """
     n = ids.numel() // seq_len
     if max_windows is not None:
@@ -68,9 +101,7 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, limit: int | None = None,
     total, count = 0.0, 0
     for i in range(0, n, batch_size):
         x = windows[i : i + batch_size].to(device)
-        logits = model(input_ids=x).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-        total += float(nll)
+        total += window_nll(model, x)
         count += x[:, 1:].numel()
         if on_batch is not None:
             on_batch(x.shape[0])

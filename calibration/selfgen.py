@@ -102,7 +102,9 @@ def generate_sequences(model, tokenizer, cfg: SelfGenConfig, on_tokens=None) -> 
     out: list[list[int]] = []
     written = 0
     while written < cfg.tokens:
-        b = cfg.batch_size
+        # the last batch only as wide as the budget still needs (sequences ending at EOS may
+        # leave a little over, which one more narrow batch fills)
+        b = min(cfg.batch_size, max(1, -(-(cfg.tokens - written) // cfg.seq_len)))
         first = allowed[torch.randint(len(allowed), (b,), generator=g)]
         seqs, done = [first], torch.zeros(b, dtype=torch.bool)
         cache, x = DynamicCache(), first[:, None].to(device)

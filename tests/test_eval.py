@@ -167,3 +167,20 @@ def test_zero_shot_task_through_lm_eval(trained_tiny_dir, tok, tmp_path, monkeyp
 
     ours = [max(range(3), key=lambda c: loglik(d["question"], " " + d["choices"][c])) == d["answer"] for d in docs]
     assert acc == pytest.approx(sum(ours) / len(ours))
+
+
+def test_chunked_head_equals_full_logits(trained_tiny_dir, tok, monkeypatch):
+    """The chunked lm_head + loss path gives the NLL of the plain full-logits path."""
+    from transformers import AutoModelForCausalLM
+
+    import binarize.evaluate as ev
+
+    model = AutoModelForCausalLM.from_pretrained(trained_tiny_dir, dtype=torch.float32).eval()
+    assert ev._plain_head(model)
+    x = torch.randint(0, len(tok), (2, 300), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(ev, "HEAD_CHUNK", 64)  # several chunks and a ragged last one
+    with torch.inference_mode():
+        chunked = ev.window_nll(model, x)
+        monkeypatch.setattr(ev, "_PLAIN_HEAD_TYPES", set())
+        full = ev.window_nll(model, x)
+    assert chunked == pytest.approx(full, rel=1e-5)
