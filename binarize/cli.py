@@ -144,7 +144,7 @@ def generate_data(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Sample training text from the full-precision model itself (LLM-QAT's data-free recipe)."""
-    from .calibration.selfgen import SelfGenConfig, generate_to_file
+    from .calibration.selfgen import SelfGenConfig, check_disk, generate_to_file
     from .models import load_model
     from .recipe import parse_tokens
 
@@ -155,8 +155,6 @@ def generate_data(
     cfg = SelfGenConfig(tokens=parse_tokens(tokens), seq_len=seq_len, batch_size=batch_size, temperature=temperature,
                         top_p=top_p, greedy_prefix=greedy_prefix, seed=seed)
     cfg.check()
-    from .calibration.selfgen import check_disk
-
     check_disk(out.parent if str(out.parent) else Path("."), cfg.tokens)
     m, tok, src = load_model(model)
     meta = generate_to_file(m, tok, cfg, out, src.spec, progress)

@@ -71,20 +71,28 @@ def resolve_auto(spec: str) -> str:
     return "ptb" if local_file(DATASETS["ptb"].splits["train"]) is not None else "self"
 
 
-def _self_tokens(spec: str, n_tokens: int, L: int) -> int:
+def _n_self_blocks(spec: str, n_tokens: int, L: int) -> int:
+    """Blocks of self-generated text in ``n_tokens`` of a data spec (its fraction of them)."""
     real, frac = parse_mix(spec)
-    return 0 if frac == 0 else (round(n_tokens * frac / L) if real else math.ceil(n_tokens / L)) * L + L
+    if frac == 0:
+        return 0
+    return round(n_tokens * frac / L) if real else math.ceil(n_tokens / L)
+
+
+def _self_tokens(spec: str, n_tokens: int, L: int) -> int:
+    n = _n_self_blocks(spec, n_tokens, L)
+    return 0 if n == 0 else n * L + L  # one spare block: documents end mid-block
 
 
 def _blocks_from(spec: str, n_tokens: int, L: int, tokenizer, self_text) -> tuple[TokenBlocks, str]:
     """Blocks of L tokens for a data spec; ``self+SPEC:F`` mixes F self-generated tokens with SPEC."""
     real, frac = parse_mix(spec)
     parts, wheres = [], []
-    n_self = round(n_tokens * frac / L) if real else math.ceil(n_tokens / L)
+    n_self = _n_self_blocks(spec, n_tokens, L)
     if frac > 0:
         if self_text is None:
             raise BinarizeError("self-generated data needs the model (convert builds it)")
-        docs, where = self_text.take(n_self * L + L)  # one spare block: documents end mid-block
+        docs, where = self_text.take(_self_tokens(spec, n_tokens, L))
         blocks = TokenBlocks.from_stream(tokenize_documents(tokenizer, docs), L)
         parts.append(blocks.blocks[:n_self])
         wheres.append(f"{where} ({parts[-1].shape[0]} blocks)")
