@@ -184,3 +184,12 @@ def test_chunked_head_equals_full_logits(trained_tiny_dir, tok, monkeypatch):
         monkeypatch.setattr(ev, "_PLAIN_HEAD_TYPES", set())
         full = ev.window_nll(model, x)
     assert chunked == pytest.approx(full, rel=1e-5)
+
+
+def test_eval_missing_local_file_offline(capsys, trained_tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BINARIZE_DATA_DIR", str(tmp_path))  # a data dir without the eval files
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    code, err = run_cli(capsys, "eval", str(trained_tiny_dir), "--no-progress", "--datasets", "ptb", "--limit", "1",
+                        "--seq-len", "64")
+    assert_one_line_error(code, err, "no local file ptb/ptb.test.txt")
