@@ -25,6 +25,19 @@ Choices the paper leaves open (each a recipe option):
   scale would be; on, the gradient also flows through the mean (BaI turns it on, since
   the loss as a function of St includes Sa's dependence on St).
 * ``ste=True`` is the straight-through baseline: hard sign forward, identity backward.
+
+Ternary weights follow BitNet b1.58 (seeds 000 and 002): gamma = mean|W| (AbsMean) or
+median|W| (AbsMedian), per tensor as in the papers or per output row (an option), codes
+RoundClip(W / gamma, -1, 1), straight-through on the shadow weights. Choices written here:
+
+* the progressive ternary step is ``F3(x, t) = g(x, t) / g(1, t)`` with
+  ``g(x, t) = tanh(t (x + 1/2)) + tanh(t (x - 1/2))``: two tanh steps at the rounding
+  thresholds +-1/2, normalised like BinaryLLM's F so that F3(+-1, t) = +-1 for every t. It is
+  the identity as t -> 0 and RoundClip(x, -1, 1) as t -> inf (at an exact tie x = +-1/2 the
+  finite-t values tend to +-1/2; t = inf itself uses ``torch.round``, which gives 0);
+* gamma is a per-step constant (no gradient through the mean or median), as Sa is;
+* 8-bit activations are absmax per token, as transformers' BitNet ``BitLinear`` does:
+  s = 127 / max|x|, x_q = RoundClip(x s, -128, 127) / s, straight-through backward.
 """
 
 from __future__ import annotations
@@ -227,3 +240,43 @@ def naive_ternary(weight: torch.Tensor, method: str = "absmean", per_row: bool =
     """Round-to-nearest ternary baseline (BitNet b1.58 quantizer applied once, no training)."""
     codes, gamma = ternary_codes(weight, method, per_row)
     return (codes * gamma).to(weight.dtype)
+
+
+def progressive_ternary(x: torch.Tensor, t: float) -> torch.Tensor:
+    """F3(x, t): identity as t -> 0, RoundClip(x, -1, 1) at t = inf (see the module docstring)."""
+    if t <= _TINY_T:
+        return x
+    if math.isinf(t):
+        return x.round().clamp(-1, 1)
+    g1 = math.tanh(1.5 * t) + math.tanh(0.5 * t)
+    return (torch.tanh(t * (x + 0.5)) + torch.tanh(t * (x - 0.5))) / g1
+
+
+def ternary_weight(latent: torch.Tensor, method: str = "absmean", per_row: bool = False, t: float = math.inf,
+                   ste: bool = True) -> torch.Tensor:
+    """The effective ternary weight gamma * Q(W / gamma); differentiable w.r.t. the shadow weight.
+
+    ``t = inf``: RoundClip, with the straight-through estimator (identity backward) when
+    ``ste``; finite ``t``: the progressive step F3 with its exact derivative (autograd).
+    """
+    w = latent.to(_compute_dtype(latent))
+    gamma = ternary_scale(w.detach(), method, per_row)
+    if math.isinf(t):
+        q = (w.detach() / gamma).round().clamp(-1, 1) * gamma
+        out = q + (w - w.detach()) if ste else q  # value exactly q, gradient the identity
+    else:
+        out = progressive_ternary(w / gamma, t) * gamma
+    return out.to(latent.dtype)
+
+
+def quantize_activations_int8(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """BitLinear's 8-bit per-token absmax fake quantization, straight-through backward."""
+    scale = 127.0 / x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(eps)
+    q = (x.detach() * scale).round().clamp(-128, 127) / scale
+    return q + (x - x.detach())
+
+
+def lambda_mix(weight: torch.Tensor, quantized: torch.Tensor, lam: float) -> torch.Tensor:
+    """Continual-switch phase-in: w + lambda (q(w) - w), the difference detached (seed 000)."""
+    return weight + lam * (quantized - weight).detach()
+

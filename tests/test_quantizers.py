@@ -155,3 +155,75 @@ def test_fixed_sa_learnable_scale_gradcheck(t):
     assert torch.autograd.gradcheck(fn, (w, sl, st), eps=1e-6, atol=1e-6)
     ref = sl[:, None] * (torch.tanh(t * w / sa_fixed) / math.tanh(t) if t else w / sa_fixed) * st
     assert torch.allclose(fn(w, sl, st), ref, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- ternary (BitNet b1.58)
+
+def test_progressive_ternary_limits():
+    from binarize.quantizers import progressive_ternary
+
+    x = torch.linspace(-2, 2, 4001, dtype=torch.float64)
+    assert torch.allclose(progressive_ternary(x, 1e-4), x, rtol=1e-6, atol=1e-7)  # t -> 0: identity
+    away = (x.abs() - 0.5).abs() > 0.05  # away from the rounding ties
+    rc = x.round().clamp(-1, 1)
+    assert torch.allclose(progressive_ternary(x, 400.0)[away], rc[away], atol=1e-12)  # t large: RoundClip
+    assert torch.equal(progressive_ternary(x, math.inf), rc)
+    for t in (0.3, 2.0, 9.0):  # normalised like F: +-1 stay +-1
+        ends = progressive_ternary(torch.tensor([-1.0, 1.0], dtype=torch.float64), t)
+        assert torch.allclose(ends, torch.tensor([-1.0, 1.0], dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda v: progressive_ternary(v, 3.0),
+                                    (torch.randn(20, dtype=torch.float64, requires_grad=True),))
+
+
+@pytest.mark.parametrize("method", ["absmean", "absmedian"])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_ternary_weight_values_and_ste(method, per_row):
+    from binarize.quantizers import ternary_scale, ternary_weight
+
+    w = torch.randn(16, 64, requires_grad=True)
+    q = ternary_weight(w, method, per_row)
+    gamma = ternary_scale(w.detach(), method, per_row)
+    want_gamma = (w.detach().abs().median(dim=1, keepdim=True).values if per_row else w.detach().abs().median()) \
+        if method == "absmedian" else (w.detach().abs().mean(dim=1, keepdim=True) if per_row else w.detach().abs().mean())
+    assert torch.allclose(gamma, want_gamma)
+    codes = q.detach() / gamma
+    assert torch.equal(codes, (w.detach() / gamma).round().clamp(-1, 1))
+    assert set(codes.unique().tolist()) == {-1.0, 0.0, 1.0}
+    c = torch.randn_like(w)
+    (q * c).sum().backward()
+    assert torch.equal(w.grad, c)  # straight-through: identity backward on the shadow weight
+
+
+def test_absmedian_zeroes_fewer_weights_than_absmean_on_heavy_tails():
+    """A heavy-tailed tensor: mean|W| > median|W|, so AbsMean rounds more weights to 0."""
+    from binarize.quantizers import ternary_codes
+
+    w = torch.distributions.StudentT(2.0).sample((64, 256))
+    zeros = {m: float((ternary_codes(w, m)[0] == 0).float().mean()) for m in ("absmean", "absmedian")}
+    assert zeros["absmedian"] < zeros["absmean"]
+
+
+def test_int8_activation_quantization():
+    from binarize.quantizers import quantize_activations_int8
+
+    x = torch.randn(4, 7, 96) * torch.rand(4, 7, 1) * 10
+    x.requires_grad_(True)
+    q = quantize_activations_int8(x)
+    step = x.detach().abs().amax(-1, keepdim=True) / 127
+    assert ((q.detach() - x.detach()).abs() <= step / 2 + 1e-6).all()
+    levels = (q.detach() / step).round()
+    assert torch.allclose(q.detach() / step, levels, atol=1e-4) and levels.abs().max() <= 127
+    q.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_lambda_mix_phases_quantization_in():
+    from binarize.quantizers import lambda_mix, ternary_weight
+
+    w = torch.randn(8, 32, requires_grad=True)
+    qw = ternary_weight(w.detach())
+    assert torch.equal(lambda_mix(w, qw, 0.0), w) and torch.allclose(lambda_mix(w, qw, 1.0), qw)
+    mid = lambda_mix(w, qw, 0.25)
+    assert torch.allclose(mid, w + 0.25 * (qw - w))
+    mid.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
