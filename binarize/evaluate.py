@@ -36,10 +36,19 @@ EVAL_SPLITS = {
 }
 
 
+def _check_dataset(name: str) -> None:
+    if name not in EVAL_SPLITS:
+        raise BinarizeError(f"unknown eval dataset {name!r} (known: {', '.join(EVAL_SPLITS)})")
+
+
+def window_count(n_tokens: int, seq_len: int, max_windows: int | None = None, limit: int | None = None) -> int:
+    """Non-overlapping windows evaluated: as many as fit, capped by the set and by --limit."""
+    return min(n_tokens // seq_len, *(v for v in (max_windows, limit) if v is not None))
+
+
 def eval_tokens(tokenizer, dataset: str) -> tuple[torch.Tensor, dict]:
     """Token ids of an evaluation set and a description of how they were made."""
-    if dataset not in EVAL_SPLITS:
-        raise BinarizeError(f"unknown eval dataset {dataset!r} (known: {', '.join(EVAL_SPLITS)})")
+    _check_dataset(dataset)
     spec = EVAL_SPLITS[dataset]
     rows, where = named_rows(dataset, spec.split)
     rows = rows[: spec.max_rows] if spec.max_rows else rows
@@ -89,11 +98,7 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, limit: int | None = None,
     fp32 per batch, so batching windows changes nothing but speed. ``on_batch(n)`` reports
     progress.
     """
-    n = ids.numel() // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if limit is not None:
-        n = min(n, limit)
+    n = window_count(ids.numel(), seq_len, max_windows, limit)
     if n == 0:
         raise BinarizeError(f"evaluation text has fewer than {seq_len} tokens")
     device = next(model.parameters()).device
@@ -139,9 +144,8 @@ class EvalOptions:
 
     def check(self) -> None:
         """Reject bad options before any model is loaded."""
-        unknown = [d for d in self.datasets if d not in EVAL_SPLITS]
-        if unknown:
-            raise BinarizeError(f"unknown eval dataset {unknown[0]!r} (known: {', '.join(EVAL_SPLITS)})")
+        for d in self.datasets:
+            _check_dataset(d)
         if not self.datasets and not self.tasks:
             raise BinarizeError("nothing to evaluate: give --datasets and/or --tasks")
         if self.ptq not in ("none", "sign", "ternary"):
@@ -229,8 +233,7 @@ def _with_progress(opts: EvalOptions, name: str, ids: torch.Tensor, info: dict, 
         return run(None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    n = ids.numel() // opts.seq_len
-    n = min(n, *(v for v in (info["max_windows"], opts.limit) if v is not None))
+    n = window_count(ids.numel(), opts.seq_len, info["max_windows"], opts.limit)
     with Progress(TextColumn(f"{name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   transient=True) as bar:
         task = bar.add_task(name, total=n)

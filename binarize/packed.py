@@ -1,8 +1,9 @@
 """PackedLinear: a converted linear layer whose weights stay packed in memory.
 
 y = scale * (codes @ (St * x)) (+ bias). On CUDA the Triton kernel computes it from packed
-bits (re-packed once into the kernel's layout, same bits per weight; see kernels/triton_packed). On CPU there is no such kernel, so the layer unpacks: ``cpu_cache`` chooses the
-trade-off between memory and decode speed:
+bits (re-packed once into the kernel's layout, same bits per weight; see kernels/triton_packed).
+On CPU there is no such kernel, so the layer unpacks: ``cpu_cache`` chooses the trade-off
+between memory and decode speed:
 
 * ``"none"``: unpack on every forward (packed size in memory; slow),
 * ``"bf16"``: keep the codes unpacked as bf16 (+-1 and 0 are exact in bf16; 2 bytes/weight,

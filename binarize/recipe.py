@@ -88,9 +88,14 @@ class Recipe:
             raise BinarizeError(f"bai_batch_tokens {self.bai_batch_tokens} is not a multiple of seq_len {self.seq_len}")
         for key in ("data", "calib"):
             parse_mix(getattr(self, key))  # raises on bad mix syntax
-        if self.self_batch <= 0 or self.self_temperature < 0 or not 0 < self.self_top_p <= 1 or self.self_greedy_prefix < 0:
-            raise BinarizeError(f"recipe {self.name}: self_batch > 0, self_temperature >= 0, self_top_p in (0, 1] "
-                                "and self_greedy_prefix >= 0 are required")
+        from binarize.calibration.selfgen import SelfGenConfig
+
+        try:  # the self-generation settings, checked where generation checks them
+            SelfGenConfig(tokens=1, batch_size=self.self_batch, temperature=self.self_temperature,
+                          top_p=self.self_top_p, greedy_prefix=self.self_greedy_prefix).check()
+        except BinarizeError as exc:
+            raise BinarizeError(f"recipe {self.name}: {exc} (keys self_batch, self_temperature, self_top_p, "
+                                "self_greedy_prefix)") from None
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise BinarizeError(f"recipe {self.name}: betas must be two numbers in [0, 1), got {self.betas}")
         return self

@@ -13,9 +13,6 @@ from pathlib import Path
 
 from .errors import BinarizeError
 
-PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-
-
 def run_tasks(model, tokenizer, tasks: list[str], *, include: str | Path | None = None, limit: int | None = None,
               batch_size: int = 1, num_fewshot: int | None = None, log_samples: bool = False) -> dict:
     """{"results": {task: {metric: value}}, "samples": ...} from ``lm_eval.simple_evaluate``."""
