@@ -56,7 +56,7 @@ def run_mode(args) -> dict:
 
     from binarize.convert import _accumulate, trainable_groups
     from binarize.models import load_model, target_linears
-    from binarize.qlinear import quant_layers, quantize_, set_t
+    from binarize.qlinear import LayerSpec, quant_layers, quantize_, set_t
     from binarize.recipe import load_recipe
     from binarize.schedules import chunk_t
 
@@ -66,7 +66,7 @@ def run_mode(args) -> dict:
     model, _, _ = load_model(args.model)
     recipe = load_recipe(args.recipe, {"micro_batch": args.micro_batch})
     if args.mode == "qat":
-        quantize_(model, ste=recipe.quantizer == "ste", sa_grad=recipe.sa_grad, st_min=recipe.st_min)
+        quantize_(model, LayerSpec.from_recipe(recipe))
         for q in quant_layers(model).values():
             q.fold_st()
         set_t(model, chunk_t(recipe.scheduler, recipe.chunks // 2, recipe.chunks, recipe.schedule_span))

@@ -35,33 +35,49 @@ def convert(
     scheduler: Optional[str] = typer.Option(None, "--scheduler"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
+    switch_at: Optional[float] = typer.Option(None, "--switch-at", help="Continual switch: train in full precision, "
+                                              "quantize from this step (>= 1) or fraction of the steps (< 1)."),
+    retain_optimizer: Optional[bool] = typer.Option(None, "--retain-optimizer/--fresh-optimizer",
+                                                    help="Keep or reset AdamW state at the switch."),
+    phase_in: Optional[str] = typer.Option(None, "--phase-in", help="abrupt | linear | sigmoid quantization strength "
+                                           "after the switch (length: --set phase_in_len=...)."),
+    distill: Optional[float] = typer.Option(None, "--distill", help="Distil from the frozen original: loss = CE + "
+                                            "ALPHA * KL (temperature: --set distill_temperature=...)."),
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="Train a new random LLaMA of --config's shape "
+                                      "(MODEL only supplies the tokenizer)."),
+    config: str = typer.Option("tiny", "--config", help="Shape for --from-scratch: tiny | small | medium."),
     set_: List[str] = typer.Option([], "--set", help="Override any recipe key: --set key=value."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in OUT.partial."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
     bai_only: bool = typer.Option(False, "--bai-only", help="Stop after binary-aware initialization."),
-    export_format: str = typer.Option("binary", "--export", help="Pack the result into OUT/packed: binary | "
-                                      "ternary2 | ternary-b3 | none."),
+    export_format: str = typer.Option("auto", "--export", help="Pack the result into OUT/packed: binary | "
+                                      "ternary2 | ternary-b3 | none | auto (binary, or ternary2 for ternary recipes)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
-    """Binary-aware initialization, then consistent progressive QAT (BinaryLLM)."""
+    """Convert a model by a recipe: BinaryLLM (BaI + progressive QAT, the default), BitNet b1.58 or the
+    continual 16->1.58-bit switch; or train one from scratch (--from-scratch)."""
     from .convert import ConvertJob, Interrupted, convert as run
     from .recipe import load_recipe, parse_set, parse_tokens
 
     from .packing import FORMATS
 
-    if export_format not in (*FORMATS, "none"):
-        raise BinarizeError(f"--export must be one of {', '.join(FORMATS)}, none; got {export_format!r}")
+    if export_format not in (*FORMATS, "none", "auto"):
+        raise BinarizeError(f"--export must be one of {', '.join(FORMATS)}, none, auto; got {export_format!r}")
     n_tokens = parse_tokens(tokens)
     overrides = parse_set(set_)
     flags = {"data": data, "calib": calib, "seq_len": seq_len, "bai_steps": bai_steps, "chunks": chunks,
              "batch_tokens": batch_tokens, "bai_batch_tokens": bai_batch_tokens, "micro_batch": micro_batch,
-             "lr": lr, "scheduler": scheduler, "seed": seed, "save_every": save_every}
+             "lr": lr, "scheduler": scheduler, "seed": seed, "save_every": save_every, "switch_at": switch_at,
+             "retain_optimizer": retain_optimizer, "phase_in": phase_in, "distill_alpha": distill}
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if data is not None and calib is None:
         overrides.setdefault("calib", data)
     rec = load_recipe(recipe, overrides)
+    if export_format == "auto":
+        export_format = "ternary2" if rec.method == "ternary" else "binary"
     job = ConvertJob(model=model, tokens=n_tokens, out=out, recipe=rec, resume=resume, overwrite=overwrite,
-                     bai_only=bai_only, progress=progress)
+                     bai_only=bai_only, progress=progress, from_scratch=config if from_scratch else None,
+                     export=export_format)
     try:
         path = run(job)
     except Interrupted as exc:
@@ -87,7 +103,8 @@ def convert(
 def export(
     run_dir: Path = typer.Argument(..., help="A binarize convert output directory."),
     out: Path = typer.Option(..., "--out", help="Directory for the packed model."),
-    fmt: str = typer.Option("binary", "--format", help="binary | ternary2 | ternary-b3"),
+    fmt: str = typer.Option("binary", "--format", help="binary | ternary2 | ternary-b3 | bitnet (transformers' "
+                            "stock BitNet layout, for bitnet-b158 recipes)"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     max_shard_size: str = typer.Option("2GB", "--max-shard-size"),
     cpu_cache: str = typer.Option("bf16", "--cpu-cache", help="Default CPU unpack cache: none | bf16 | fp32."),
@@ -98,7 +115,7 @@ def export(
     from .export import export as run
 
     path = run(run_dir, out, fmt, overwrite=overwrite, max_shard_size=max_shard_size, cpu_cache=cpu_cache)
-    meta = _json.loads((path / "binarize.json").read_text())
+    meta = _json.loads((path / ("binarize_export.json" if fmt == "bitnet" else "binarize.json")).read_text())
     size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     typer.echo(f"{fmt}: {meta['bits_per_weight']:.4f} bits per converted weight (codes {meta['code_bits_per_weight']:.3f}), "
                f"{meta['converted_weights']:,} weights, safetensors {size / 2**20:.1f} MiB")
@@ -200,6 +217,30 @@ def eval_(
         json_out.write_text(json.dumps(rows, indent=2))
     if markdown_out:
         markdown_out.write_text(table + "\n")
+
+
+@app.command()
+def ablate(
+    plan: str = typer.Argument(..., help="Plan name in recipes/ablations/ (seed003-bai, ...) or a plan YAML path."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results directory (default runs/ablate/PLAN)."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", help="Override the plan's token budget."),
+    only: Optional[str] = typer.Option(None, "--only", help="Comma list of run names to (re)run now."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the plan and print the commands only."),
+):
+    """Run a plan's recipes on the same model, data, budget and seed; write table.md and plot.png."""
+    from .ablate import convert_command, load_plan, run_plan
+
+    p = load_plan(plan, tokens)
+    out = out or Path("runs/ablate") / p.name
+    if dry_run:
+        for m in p.members:
+            typer.echo(" ".join(convert_command(p, m, out / "runs" / m.name, resume=False)))
+        return
+    results = run_plan(p, out, echo=typer.echo, only=[n.strip() for n in only.split(",")] if only else None)
+    typer.echo((out / "table.md").read_text())
+    typer.echo(f"wrote {out / 'table.md'} and {out / 'plot.png'}")
+    if any(r["status"] == "failed" for r in results):
+        raise typer.Exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

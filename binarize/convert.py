@@ -6,6 +6,8 @@ rename once everything is written, so OUT is either absent or complete.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import shutil
 import signal
@@ -25,18 +27,24 @@ from . import __version__
 from .checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, save_checkpoint, write_json
 from .errors import BinarizeError
 from .evaluate import mean_loss
-from .models import load_model, max_positions
-from .qlinear import quant_layers, quantize_, set_t
+from .models import (SCRATCH_CONFIGS, check_supported, load_config, load_model, max_positions, resolve_model,
+                     scratch_model)
+from .qlinear import LayerSpec, QuantLinear, quant_layers, quantize_, set_t
 from .recipe import Recipe, parse_mix
-from .schedules import chunk_t
+from .schedules import chunk_t, phase_lambda, resolve_steps
 
 FORMAT_VERSION = 1
+WEIGHT_FORMULAS = {
+    "binary": "W_eff = Sl * Sa * sign(W~/Sa) * St (Sa = per-row mean|W~|; sign(0) = +1)",
+    "ternary": "W_eff = Sl * gamma * RoundClip(W~/gamma, -1, 1) * St (gamma = mean or median |W~|, per tensor "
+               "or per row: recipe ternary_scale, per_row)",
+}
 BAI_EVAL_SEQUENCES = 8
 
 
 @dataclass
 class ConvertJob:
-    model: str | None
+    model: str | None  # the model to convert; with from_scratch, only its tokenizer is used
     tokens: int
     out: Path
     recipe: Recipe
@@ -44,7 +52,62 @@ class ConvertJob:
     overwrite: bool = False
     bai_only: bool = False
     progress: bool = True
+    from_scratch: str | None = None  # a SCRATCH_CONFIGS name: train a new random model of that shape
+    export: str | None = None  # packed format the caller will export to (checked before training)
     on_step: Callable[[int], None] | None = field(default=None, repr=False)  # test hook
+
+
+@dataclass
+class Budget:
+    """How a token budget maps onto optimizer steps, and where the continual switch falls."""
+
+    n_sequences: int
+    steps: int
+    seqs_per_step: int
+    switch: int  # first quantized step
+    phase_len: int  # linear/sigmoid phase-in length in steps
+
+
+def plan_budget(recipe: Recipe, tokens: int) -> Budget:
+    """Steps, switch and phase-in of a budget; an impossible combination is one error line."""
+    L = recipe.seq_len
+    n_seq = tokens // L
+    if n_seq == 0:
+        raise BinarizeError(f"token budget {tokens} is less than one sequence of {L} tokens")
+    per_step = recipe.batch_tokens // L
+    steps = math.ceil(n_seq / per_step)
+    switch = resolve_steps(recipe.switch_at, steps)
+    if switch >= steps:
+        raise BinarizeError(f"switch_at {recipe.switch_at:g} is step {switch}, but the budget has only {steps} "
+                            "optimizer steps: nothing would be trained quantized")
+    if recipe.quantizer == "progressive" and steps - switch < recipe.chunks:
+        after = f" after the switch at step {switch}" if switch else ""
+        raise BinarizeError(
+            f"{tokens} tokens make {steps - switch} optimizer steps{after}, fewer than the {recipe.chunks} chunks: "
+            "raise --tokens or lower --batch-tokens / --chunks"
+        )
+    return Budget(n_seq, steps, per_step, switch, max(1, resolve_steps(recipe.phase_in_len, steps)))
+
+
+def check_job(recipe: Recipe, tokens: int, from_scratch: str | None = None, export: str | None = None) -> Budget:
+    """Every check that needs no model or data, so bad combinations fail before any work."""
+    budget = plan_budget(recipe, tokens)
+    if from_scratch is not None:
+        if from_scratch not in SCRATCH_CONFIGS:
+            raise BinarizeError(f"unknown --config {from_scratch!r} (known: {', '.join(SCRATCH_CONFIGS)})")
+        if recipe.bai:
+            raise BinarizeError("--from-scratch starts from random weights, so BaI has nothing to initialise: "
+                                "use a recipe with bai: false (e.g. continual-16to158) or --set bai=false")
+        if recipe.distill_alpha > 0:
+            raise BinarizeError("distillation needs a pretrained teacher: it cannot be combined with --from-scratch")
+    if export is not None and export != "none":
+        from .packing import check_format
+
+        check_format(export)
+        if recipe.method == "ternary" and export == "binary":
+            raise BinarizeError(f"recipe {recipe.name} is ternary: the binary format cannot store its zero weights "
+                                "(use --export ternary2 or ternary-b3)")
+    return budget
 
 
 class Interrupted(Exception):
@@ -62,6 +125,8 @@ class RunData:
     steps: int
     seqs_per_step: int
     info: dict
+    switch: int = 0
+    phase_len: int = 1
 
 
 def resolve_auto(spec: str) -> str:
@@ -108,16 +173,8 @@ def _blocks_from(spec: str, n_tokens: int, L: int, tokenizer, self_text) -> tupl
 def prepare_data(tokenizer, recipe: Recipe, tokens: int, self_text: "SelfText | None" = None) -> RunData:
     """Training stream and calibration set; ``self_text`` supplies text for ``self`` specs."""
     L = recipe.seq_len
-    n_seq = tokens // L
-    if n_seq == 0:
-        raise BinarizeError(f"token budget {tokens} is less than one sequence of {L} tokens")
-    per_step = recipe.batch_tokens // L
-    steps = math.ceil(n_seq / per_step)
-    if recipe.quantizer == "progressive" and steps < recipe.chunks:
-        raise BinarizeError(
-            f"{tokens} tokens make {steps} optimizer steps, fewer than the {recipe.chunks} chunks: "
-            "raise --tokens or lower --batch-tokens / --chunks"
-        )
+    budget = plan_budget(recipe, tokens)
+    n_seq, per_step, steps = budget.n_sequences, budget.seqs_per_step, budget.steps
     data_spec, calib_spec = resolve_auto(recipe.data), resolve_auto(recipe.calib)
     n_calib = recipe.calib_sequences if recipe.bai else 0
     same = calib_spec == data_spec
@@ -145,7 +202,8 @@ def prepare_data(tokenizer, recipe: Recipe, tokens: int, self_text: "SelfText | 
         "train_blocks_available": len(train_blocks), "calib_sequences": int(calib.shape[0]),
         "epochs_over_train_data": n_seq / len(train_blocks) if len(train_blocks) else None,
     }
-    return RunData(TrainStream(train_blocks, recipe.seed), calib, n_seq, steps, per_step, info)
+    return RunData(TrainStream(train_blocks, recipe.seed), calib, n_seq, steps, per_step, info,
+                   budget.switch, budget.phase_len)
 
 
 class SelfText:
@@ -204,7 +262,7 @@ def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None,
     model.train()
     for step in range(recipe.bai_steps):
         idx = [(step * per_step + i) % calib.shape[0] for i in range(per_step)]
-        loss = _accumulate(model, calib[idx], recipe.micro_batch, lambda l: l.backward())
+        loss, _ = _accumulate(model, calib[idx], recipe.micro_batch, lambda l: l.backward())
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss)
@@ -231,16 +289,48 @@ def _log_now(step: int, steps: int, lines: int = 25) -> bool:
     return (step + 1) % max(1, steps // lines) == 0 or step + 1 == steps
 
 
-def _accumulate(model, batch: torch.Tensor, micro_batch: int, backward) -> float:
-    """Mean loss over ``batch``, gradients accumulated over micro-batches as one batch."""
+@dataclass
+class Distill:
+    """Knowledge distillation from the frozen original: loss = CE + alpha * tau^2 * KL(p_T || p_S).
+
+    KL is taken per position over the full vocabulary at temperature tau (Hinton et al.; the
+    tau^2 keeps its gradient scale independent of tau) and averaged over positions like CE.
+    Memory cost: a second full-precision copy of the model plus the teacher's logits and two
+    log-softmaxes per micro-batch (3 x micro_batch x seq_len x vocab floats).
+    """
+
+    teacher: torch.nn.Module
+    alpha: float
+    temperature: float
+
+    def kl(self, x: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+        tau = self.temperature
+        with torch.no_grad():
+            t_logp = torch.log_softmax(self.teacher(input_ids=x).logits.float() / tau, dim=-1)
+        s_logp = torch.log_softmax(student_logits.float() / tau, dim=-1)
+        kl = torch.nn.functional.kl_div(s_logp.flatten(0, -2), t_logp.flatten(0, -2), log_target=True,
+                                        reduction="batchmean")
+        return kl * tau * tau
+
+
+def _accumulate(model, batch: torch.Tensor, micro_batch: int, backward, distill: Distill | None = None):
+    """Mean next-token loss over ``batch`` (and the mean KD term, or None), gradients
+    accumulated over micro-batches as one batch."""
     device = next(model.parameters()).device
-    total = 0.0
+    total = kd_total = 0.0
     for i in range(0, batch.shape[0], micro_batch):
         x = batch[i : i + micro_batch].to(device)
-        loss = model(input_ids=x, labels=x).loss
+        out = model(input_ids=x, labels=x)
+        ce = loss = out.loss
+        if distill is not None:
+            kd = distill.kl(x, out.logits)
+            kd_total += float(kd.detach()) * x.shape[0]
+            loss = ce + distill.alpha * kd
+        del out
         backward(loss * (x.shape[0] / batch.shape[0]))
-        total += float(loss.detach()) * x.shape[0]
-    return total / batch.shape[0]
+        total += float(ce.detach()) * x.shape[0]
+    n = batch.shape[0]
+    return total / n, (kd_total / n if distill is not None else None)
 
 
 # ----------------------------------------------------------------------------- QAT
@@ -262,6 +352,8 @@ def trainable_groups(model, recipe: Recipe) -> list[dict]:
     qparams = {id(p) for p in decay + no_decay}
     if recipe.train_fp != "none":
         for name, mod in model.named_modules():
+            if isinstance(mod, QuantLinear):
+                continue  # its scales train only as the recipe says (above)
             if recipe.train_fp == "all" or "norm" in type(mod).__name__.lower():
                 no_decay.extend(p for p in mod.parameters(recurse=False) if id(p) not in qparams)
     seen, groups = set(), []
@@ -282,28 +374,38 @@ def lr_at(step: int, steps: int, recipe: Recipe) -> float:
     return recipe.min_lr + (recipe.lr - recipe.min_lr) * 0.5 * (1 + math.cos(math.pi * p))
 
 
-def step_t(step: int, steps: int, recipe: Recipe) -> tuple[int, float]:
-    """(chunk, t) for a step; the straight-through recipe is hard sign throughout."""
-    chunk = step * recipe.chunks // steps
+def step_t(step: int, steps: int, recipe: Recipe, switch: int = 0) -> tuple[int, float]:
+    """(chunk, t) for a step; the straight-through recipe is hard throughout. The progressive
+    schedule's chunks span the quantized steps (from the switch on); before it chunk is -1."""
+    if step < switch:
+        return -1, math.inf
+    chunk = (step - switch) * recipe.chunks // (steps - switch)
     if recipe.quantizer == "ste":
         return chunk, math.inf
     return chunk, chunk_t(recipe.scheduler, chunk, recipe.chunks, recipe.schedule_span)
 
 
 def train_qat(model, data: RunData, recipe: Recipe, workdir: Path, record: dict, *, start_step: int,
-              optimizer, accelerator, progress=None, on_step=None, log=None) -> None:
+              optimizer, accelerator, progress=None, on_step=None, log=None, distill: Distill | None = None) -> None:
     steps = data.steps
     rank, world = accelerator.process_index, accelerator.num_processes
     task = progress.add_task("QAT", total=steps, completed=start_step, info="") if progress else None
     try:
         with _StopOnInterrupt() as stop:
             for step in range(start_step, steps):
-                _train_step(model, data, recipe, record, optimizer, accelerator, step, rank, world, progress, task)
+                if step == data.switch and step > 0 and not recipe.retain_optimizer:
+                    getattr(optimizer, "optimizer", optimizer).state.clear()  # fresh AdamW moments
+                    if log:
+                        log(f"switch to quantized training at step {step + 1}: fresh optimizer state")
+                _train_step(model, data, recipe, record, optimizer, accelerator, step, rank, world, progress, task,
+                            distill)
                 if log and _log_now(step, steps):
                     r = record["steps"][-1]
                     t = r["t"] if isinstance(r["t"], str) else f"{r['t']:.3g}"
+                    kd = f"  kd {r['kd']:.3f}" if r.get("kd") is not None else ""
                     log(f"QAT step {step + 1}/{steps}  chunk {r['chunk'] + 1}/{recipe.chunks}  t {t}  "
-                        f"loss {r['loss']:.3f}  lr {r['lr']:.2e}  {r['tokens_per_s']:,.0f} tok/s")
+                        f"lam {r['lambda']:.3g}  loss {r['loss']:.3f}{kd}  lr {r['lr']:.2e}  "
+                        f"{r['tokens_per_s']:,.0f} tok/s")
                 if on_step:
                     on_step(step)
                 if stop.requested:
@@ -316,11 +418,13 @@ def train_qat(model, data: RunData, recipe: Recipe, workdir: Path, record: dict,
             progress.remove_task(task)
 
 
-def _train_step(model, data, recipe, record, optimizer, accelerator, step, rank, world, progress, task):
+def _train_step(model, data, recipe, record, optimizer, accelerator, step, rank, world, progress, task,
+                distill=None):
     t0 = time.perf_counter()
     L = recipe.seq_len
-    chunk, t = step_t(step, data.steps, recipe)
-    set_t(model, t)
+    chunk, t = step_t(step, data.steps, recipe, data.switch)
+    lam = phase_lambda(step, data.switch, recipe.phase_in, data.phase_len, recipe.phase_in_steepness)
+    set_t(model, t, lam)
     lr = lr_at(step, data.steps, recipe)
     for g in optimizer.param_groups:
         g["lr"] = lr
@@ -328,7 +432,7 @@ def _train_step(model, data, recipe, record, optimizer, accelerator, step, rank,
     count = min(data.seqs_per_step, data.n_sequences - first)
     batch = data.train.get(first, count)[rank::world]
     model.train()
-    loss = _accumulate(model, batch, recipe.micro_batch, accelerator.backward)
+    loss, kd = _accumulate(model, batch, recipe.micro_batch, accelerator.backward, distill)
     if recipe.grad_clip > 0:
         accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], recipe.grad_clip)
     optimizer.step()
@@ -336,13 +440,14 @@ def _train_step(model, data, recipe, record, optimizer, accelerator, step, rank,
     dt = time.perf_counter() - t0
     done_tokens = (first + count) * L
     record["steps"].append({
-        "step": step, "chunk": chunk, "t": t if math.isfinite(t) else "inf", "lr": lr, "loss": loss,
-        "tokens": done_tokens, "tokens_per_s": count * L / dt, "wall_s": dt,
+        "step": step, "chunk": chunk, "t": t if math.isfinite(t) else "inf", "lambda": lam, "lr": lr, "loss": loss,
+        "kd": kd, "tokens": done_tokens, "tokens_per_s": count * L / dt, "wall_s": dt,
     })
     record["tokens"]["trained"] = done_tokens
     if progress:
         progress.update(task, completed=step + 1,
-                        info=f"chunk {chunk + 1}/{recipe.chunks}  t {t:.3g}  loss {loss:.3f}  {count * L / dt:,.0f} tok/s")
+                        info=f"chunk {chunk + 1}/{recipe.chunks}  t {t:.3g}  lam {lam:.2g}  loss {loss:.3f}  "
+                             f"{count * L / dt:,.0f} tok/s")
 
 
 class _StopOnInterrupt:
@@ -382,12 +487,12 @@ def save_converted(model, tokenizer, recipe: Recipe, record: dict, workdir: Path
 
     set_t(model, math.inf)
     save_model(model, str(workdir / "model.safetensors"))
-    extra = {}
-    for name, q in quant_layers(model).items():
-        extra[f"{name}.sa"] = analytic_scale(q.weight.detach().float()).view(-1).contiguous()
-    from safetensors.torch import save_file
+    if recipe.method == "binary":
+        from safetensors.torch import save_file
 
-    save_file(extra, str(workdir / "scales_sa.safetensors"))
+        extra = {f"{name}.sa": analytic_scale(q.weight.detach().float()).view(-1).contiguous()
+                 for name, q in quant_layers(model).items()}
+        save_file(extra, str(workdir / "scales_sa.safetensors"))
     model.config.save_pretrained(workdir)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(workdir)
@@ -395,7 +500,7 @@ def save_converted(model, tokenizer, recipe: Recipe, record: dict, workdir: Path
     write_json(workdir / "binarize.json", {
         "format": "binarize-latent", "format_version": FORMAT_VERSION, "binarize_version": __version__,
         "method": recipe.method, "quantized_layers": layer_names,
-        "weight_formula": "W_eff = Sl * Sa * sign(W~/Sa) * St (Sa = per-row mean|W~|; sign(0) = +1)",
+        "weight_formula": WEIGHT_FORMULAS[recipe.method], "act_bits": recipe.act_bits,
         "scaling": recipe.scaling, "recipe": recipe.to_dict(),
     })
     write_json(workdir / "run.json", record)
@@ -433,6 +538,18 @@ def plot_loss(record: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
+def peak_memory_mib() -> dict:
+    """Peak resident memory of this process (and peak CUDA allocation), for the run record."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    out = {"cpu_rss": round(rss, 1)}
+    if torch.cuda.is_available():
+        out["cuda_allocated"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
 def _plain_log(msg: str) -> None:
     """--no-progress: timestamped lines for log files instead of a live bar."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -462,7 +579,16 @@ def convert(job: ConvertJob) -> Path:
     recipe = Recipe(**state["recipe"]).validate() if state else job.recipe
     tokens = state["record"]["tokens"]["requested"] if state else job.tokens
 
-    model, tokenizer, src = load_model(job.model)
+    from_scratch = state["record"].get("from_scratch") if state else job.from_scratch
+    if from_scratch and recipe.train_fp != "all":
+        recipe = dataclasses.replace(recipe, train_fp="all")  # random embeddings, norms and head must learn too
+    if not from_scratch:  # a missing model or unsupported architecture is reported first
+        check_supported(load_config(resolve_model(job.model)))
+    check_job(recipe, tokens, from_scratch, None if state else job.export)
+    if from_scratch:
+        model, tokenizer, src = scratch_model(job.model, from_scratch, recipe.seed)
+    else:
+        model, tokenizer, src = load_model(job.model)
     limit = max_positions(model.config)
     if limit and recipe.seq_len > limit:
         raise BinarizeError(f"seq_len {recipe.seq_len} exceeds the model's maximum of {limit} positions")
@@ -479,9 +605,13 @@ def convert(job: ConvertJob) -> Path:
                 shutil.rmtree(d) if d.is_dir() else d.unlink()
         work.mkdir(parents=True)
     torch.manual_seed(recipe.seed)
-    names = quantize_(model, ste=recipe.quantizer == "ste", sa_grad=recipe.sa_grad, st_min=recipe.st_min)
+    distill = None
+    if recipe.distill_alpha > 0:
+        teacher = copy.deepcopy(model).requires_grad_(False).eval()
+        distill = Distill(teacher, recipe.distill_alpha, recipe.distill_temperature)
+    names = quantize_(model, LayerSpec.from_recipe(recipe))
     record = state["record"] if state else {
-        "binarize_version": __version__, "model": src.spec, "recipe": recipe.to_dict(),
+        "binarize_version": __version__, "model": src.spec, "from_scratch": from_scratch, "recipe": recipe.to_dict(),
         "quantized_layers": len(names), "data": data.info, "steps": [], "bai": None,
         "tokens": {"requested": tokens, "seq_len": recipe.seq_len, "sequences": data.n_sequences,
                    "budget_used": data.n_sequences * recipe.seq_len, "dropped_remainder": tokens % recipe.seq_len,
@@ -491,6 +621,8 @@ def convert(job: ConvertJob) -> Path:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision="bf16" if torch.cuda.is_available() else "no")
     model.to(accelerator.device)
+    if distill is not None:
+        distill.teacher.to(accelerator.device)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     t_start = time.perf_counter()
@@ -519,9 +651,10 @@ def convert(job: ConvertJob) -> Path:
             if state is None:
                 _save(work, model, optimizer, accelerator, record, recipe, "qat", 0)
             train_qat(model, data, recipe, work, record, start_step=start_step, optimizer=optimizer,
-                      accelerator=accelerator, progress=progress, on_step=job.on_step, log=log)
+                      accelerator=accelerator, progress=progress, on_step=job.on_step, log=log, distill=distill)
             model = accelerator.unwrap_model(model)
     record["wall_s"] += time.perf_counter() - t_start
+    record["peak_memory_mib"] = peak_memory_mib()
     if accelerator.is_main_process:
         save_converted(model.float().cpu(), tokenizer, recipe, record, work, names)
         shutil.rmtree(work / CHECKPOINT, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,11 +11,18 @@ from safetensors.torch import load_model as st_load_model
 
 from .errors import BinarizeError
 from .models import load_model
-from .qlinear import quant_layers, quantize_
+from .qlinear import LayerSpec, quant_layers, quantize_
+from .recipe import Recipe
 
 
 def is_converted_dir(path: str | Path | None) -> bool:
     return path is not None and (Path(path) / "binarize.json").is_file()
+
+
+def recipe_of(meta: dict) -> Recipe:
+    """The recipe a run was made with (keys this version does not know are ignored)."""
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    return Recipe(**{k: v for k, v in meta.get("recipe", {}).items() if k in known})
 
 
 def load_converted(path: str | Path):
@@ -32,7 +40,7 @@ def load_converted(path: str | Path):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model.to_empty(device="cpu")
-    names = quantize_(model, st_min=meta["recipe"]["st_min"])
+    names = quantize_(model, LayerSpec.from_recipe(recipe_of(meta)))
     if sorted(names) != sorted(meta["quantized_layers"]):
         raise BinarizeError(f"{path}: quantized layers in binarize.json do not match the architecture")
     if meta.get("scaling") == "learnable":

@@ -2,8 +2,9 @@
 
 St placement: a layer's St is folded into the RMSNorm weight in front of it when every layer
 reading that norm has the same St (q/k/v after ``input_layernorm``, gate/up after
-``post_attention_layernorm``; the ``share_st`` recipe option makes this so). Otherwise (the
-default binaryllm recipe learns one St per layer, and o_proj/down_proj never follow a norm)
+``post_attention_layernorm``; so it is when no St was learned, as in the ternary recipes without
+BaI, where St = 1). Otherwise (the default binaryllm recipe learns one St per layer, and
+o_proj/down_proj never follow a norm)
 St stays an explicit per-input vector, stored in fp16 when that is exact (``fold_st`` rounds
 it so) and fp32 otherwise. ``binarize.json`` lists where each St went.
 """
@@ -25,7 +26,6 @@ from .hf_quantizer import BinarizeConfig, register
 from .packed import CPU_CACHE_MODES, PackedLinear
 from .packing import check_format, pack, packed_shape
 from .qlinear import quant_layers
-from .quantizers import binary_codes
 
 PACKED_FORMAT = "binarize-packed"
 PACKED_VERSION = 1
@@ -77,10 +77,10 @@ def pack_model_(model, fmt: str, cpu_cache: str = "bf16") -> dict:
     st_layers, st_dtypes = [], {}
     for name, q in qlayers.items():
         with torch.no_grad():
-            codes, scale = binary_codes(q.weight.detach(), q.sl.detach(), q.sa_fixed)
-            has_st = name not in folded
+            codes, scale = q.codes()
+            has_st = name not in folded and not bool(torch.all(q.st == 1))  # St = 1: nothing to store
             p = PackedLinear(q.in_features, q.out_features, fmt, bias=q.bias is not None, has_st=has_st,
-                             cpu_cache=cpu_cache)
+                             cpu_cache=cpu_cache, act_bits=q.spec.act_bits)
             p.qweight.copy_(pack(codes, fmt))
             p.scale = scale.float().contiguous()
             if has_st:
@@ -114,7 +114,8 @@ def storage_bits(model, layers: list[str]) -> dict:
 def export(run_dir: str | Path, out: str | Path, fmt: str = "binary", *, overwrite: bool = False,
            max_shard_size: str = "2GB", cpu_cache: str = "bf16") -> Path:
     run_dir, out = Path(run_dir), Path(out)
-    check_format(fmt)
+    if fmt != "bitnet":
+        check_format(fmt)
     if cpu_cache not in CPU_CACHE_MODES:
         raise BinarizeError(f"--cpu-cache must be one of {', '.join(CPU_CACHE_MODES)}, got {cpu_cache!r}")
     if not is_converted_dir(run_dir) or is_packed_dir(run_dir):
@@ -122,14 +123,17 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "binary", *, overwri
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise BinarizeError(f"output {out} exists and is not empty (use --overwrite)")
     model, tokenizer, meta = load_converted(run_dir)
-    if meta.get("method", "binary") != "binary":
-        raise BinarizeError(f"{run_dir}: method {meta.get('method')!r} has no {fmt} export yet")
+    if meta.get("method", "binary") == "ternary" and fmt == "binary":
+        raise BinarizeError(f"{run_dir} is a ternary model: the binary format cannot store its zero weights "
+                            "(use --format ternary2 or ternary-b3)")
+    if fmt == "bitnet":
+        return _export_bitnet(model, tokenizer, meta, run_dir, out, max_shard_size)
     layout = pack_model_(model, fmt, cpu_cache)
     bits = storage_bits(model, layout["layers"])
     qcfg = BinarizeConfig(format=fmt, format_version=PACKED_VERSION, bits=bits["bits_per_weight"],
                           layers=layout["layers"], st_layers=layout["st_layers"],
                           st_folded_into_norm=layout["st_folded_into_norm"], recipe=meta.get("recipe", {}),
-                          cpu_cache=cpu_cache)
+                          cpu_cache=cpu_cache, act_bits=meta.get("act_bits", 0))
     model.config.quantization_config = qcfg
     register()
     from transformers.utils import logging as hf_logging
@@ -149,7 +153,28 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "binary", *, overwri
             "packing": fmt, "method": meta.get("method", "binary"), "source_run": str(run_dir),
             "checksums": {f: sha256(tmp / f) for f in files}, **bits,
             "st_layout": {k: layout[k] for k in ("st_layers", "st_folded_into_norm", "st_dtypes")},
-            "weight_formula": "W = scale[i] * code[i, j] * st[j] (st = 1 where folded into the norm)",
+            "weight_formula": "W = scale[i] * code[i, j] * st[j] (st = 1 where folded into the norm or not stored)",
+            "act_bits": meta.get("act_bits", 0),
+        })
+    return out
+
+
+def _export_bitnet(model, tokenizer, meta: dict, run_dir: Path, out: Path, max_shard_size: str) -> Path:
+    """transformers' stock BitNet layout (see export_bitnet); provenance in binarize_export.json,
+    not binarize.json, so every loader (ours included) treats it as the plain HF model it is."""
+    from .export_bitnet import export_bitnet
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with atomic_dir(out) as tmp:
+        info = export_bitnet(model, tokenizer, meta, tmp, max_shard_size)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        write_json(tmp / "binarize_export.json", {
+            "format": "transformers-bitnet", "binarize_version": __version__, "source_run": str(run_dir),
+            "method": meta.get("method"), "act_bits": meta.get("act_bits"), "recipe": meta.get("recipe", {}), **info,
+            "weight_formula": "W = code[i, j] / weight_scale (one scale per tensor); activations int8 per token",
         })
     return out
 

@@ -21,7 +21,7 @@ class BinarizeConfig(QuantizationConfigMixin):
     def __init__(self, format: str = "binary", format_version: int = 1, bits: float = 1.0,
                  layers: list[str] | None = None, st_layers: list[str] | None = None,
                  st_folded_into_norm: list[str] | None = None, scale_layout: str | None = None,
-                 recipe: dict | None = None, cpu_cache: str = "bf16", **kwargs: Any):
+                 recipe: dict | None = None, cpu_cache: str = "bf16", act_bits: int = 0, **kwargs: Any):
         self.quant_method = QUANT_METHOD
         self.format, self.format_version, self.bits = format, format_version, bits
         self.layers = list(layers or [])
@@ -30,6 +30,7 @@ class BinarizeConfig(QuantizationConfigMixin):
         self.scale_layout = scale_layout or "scale: fp32 per output row (Sl*Sa); st: per input column (fp16 or fp32)"
         self.recipe = recipe or {}
         self.cpu_cache = cpu_cache
+        self.act_bits = act_bits  # 8: inputs pass through BitLinear's per-token int8 quantizer
 
 
 class BinarizeHfQuantizer(HfQuantizer):
@@ -46,7 +47,7 @@ class BinarizeHfQuantizer(HfQuantizer):
             lin = getattr(parent, child)
             setattr(parent, child, PackedLinear(lin.in_features, lin.out_features, cfg.format,
                                                 bias=lin.bias is not None, has_st=name in with_st,
-                                                cpu_cache=cfg.cpu_cache))
+                                                cpu_cache=cfg.cpu_cache, act_bits=getattr(cfg, "act_bits", 0)))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         return model

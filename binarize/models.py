@@ -78,6 +78,46 @@ def load_config(src: ModelSource):
         raise BinarizeError(f"cannot load model {src.spec!r}: {first}") from None
 
 
+# Small LLaMA shapes for --from-scratch (seed 000's 16-bit -> 1.58-bit experiment at CPU scale).
+# The vocabulary is the tokenizer's; embeddings are tied as in SmolLM2.
+SCRATCH_CONFIGS = {
+    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4),
+    "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=4),
+    "medium": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                   num_key_value_heads=4),
+}
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def scratch_model(tokenizer_spec: str | None, name: str, seed: int = 0):
+    """(model, tokenizer, source): a randomly initialised LLaMA of a SCRATCH_CONFIGS shape that
+    uses the tokenizer of ``tokenizer_spec`` (a model spec; the default model's if None)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if name not in SCRATCH_CONFIGS:
+        raise BinarizeError(f"unknown --config {name!r} (known: {', '.join(SCRATCH_CONFIGS)})")
+    tok_dir = Path(tokenizer_spec).expanduser() if tokenizer_spec else None
+    if tok_dir is not None and tok_dir.is_dir() and any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
+        src = ModelSource(str(tokenizer_spec), str(tok_dir))  # a tokenizer alone is enough here
+    else:
+        src = resolve_model(tokenizer_spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src.path, **src.kwargs())
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise BinarizeError(f"cannot load the tokenizer of {src.spec!r}: {first}") from None
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, max_position_embeddings=2048,
+                         tie_word_embeddings=True, **SCRATCH_CONFIGS[name])
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    return model, tokenizer, ModelSource(f"from scratch: {name} (tokenizer of {src.spec})", src.path, src.gguf_file)
+
+
 def check_supported(config) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:

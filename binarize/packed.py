@@ -19,21 +19,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .packing import packed_shape, unpack
-from .quantizers import dequantize
+from .quantizers import dequantize, quantize_activations_int8
 
 CPU_CACHE_MODES = ("none", "bf16", "fp32")
 
 
 class PackedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, fmt: str, *, bias: bool = False, has_st: bool = True,
-                 cpu_cache: str = "bf16"):
+                 cpu_cache: str = "bf16", act_bits: int = 0):
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
         self.register_buffer("qweight", torch.zeros(packed_shape(fmt, out_features, in_features), dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(out_features))
         self.register_buffer("st", torch.ones(in_features) if has_st else None)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self.cpu_cache = cpu_cache
+        self.cpu_cache, self.act_bits = cpu_cache, act_bits
         self._cache: torch.Tensor | None = None
         self._kernel_w: torch.Tensor | None = None  # GPU kernel layout, built at the first CUDA forward
 
@@ -45,6 +45,8 @@ class PackedLinear(nn.Module):
         return dequantize(self.codes(), self.scale, self.st)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits == 8:
+            x = quantize_activations_int8(x)
         if x.is_cuda:
             from .kernels import prepare, prepared_matmul
 
@@ -71,4 +73,5 @@ class PackedLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, format={self.fmt}, st={self.st is not None}"
+        return (f"{self.in_features}, {self.out_features}, format={self.fmt}, st={self.st is not None}, "
+                f"act_bits={self.act_bits}")

@@ -1,28 +1,53 @@
-"""QuantLinear and the torchao-style module swap: ``quantize_(model, recipe)``."""
+"""QuantLinear and the torchao-style module swap: ``quantize_(model, LayerSpec)``."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .models import target_linears
-from .quantizers import analytic_scale, binary_weight
+from .quantizers import (analytic_scale, binary_codes, binary_weight, lambda_mix, quantize_activations_int8,
+                         ternary_codes, ternary_weight)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What each swapped layer computes (the recipe's per-layer part)."""
+
+    method: str = "binary"  # binary | ternary
+    ste: bool = False  # hard quantizer with a straight-through backward from step 0
+    sa_grad: bool = False
+    st_min: float = 1e-2
+    ternary_scale: str = "absmean"  # absmean | absmedian
+    per_row: bool = False  # ternary gamma per output row instead of per tensor
+    act_bits: int = 0  # 0: full-precision activations; 8: BitLinear per-token absmax int8
+
+    @classmethod
+    def from_recipe(cls, r) -> "LayerSpec":
+        return cls(method=r.method, ste=r.quantizer == "ste", sa_grad=r.sa_grad, st_min=r.st_min,
+                   ternary_scale=r.ternary_scale, per_row=r.per_row, act_bits=r.act_bits)
 
 
 class QuantLinear(nn.Module):
-    """A binary linear layer: y = (Sl * Sa * F(W~/Sa, t) * St) x.
+    """A quantized linear layer: y = (Sl * S * Q(W~/S, t) * St) x.
 
+    Binary (BinaryLLM): S = Sa = mean|W~| per row and Q = F(., t). Ternary (BitNet b1.58):
+    S = gamma (AbsMean or AbsMedian, per tensor or per row) and Q = F3(., t) or RoundClip.
     Before BaI finishes, ``weight`` holds the original W and the latent is W / St (so St
     is searched with W frozen); ``fold_st()`` then stores W~ = W / St as the weight that
     QAT trains. St is applied on the weight's input columns rather than on x, which is the
     same product but saves an activation copy per layer.
+
+    ``lam`` is the continual switch's quantization strength (seed 000): 0 runs the
+    full-precision weight W~ * St, 1 the quantized one, in between w + lam (q(w) - w) with the
+    difference detached. With 8-bit activations the same lam phases activation quantization in.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
-                 ste: bool = False, sa_grad: bool = False, st_min: float = 1e-2):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, spec: LayerSpec = LayerSpec()):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
@@ -30,8 +55,10 @@ class QuantLinear(nn.Module):
         self.st = nn.Parameter(torch.ones(in_features), requires_grad=False)
         self.sl = nn.Parameter(torch.ones(out_features))
         self.register_buffer("sa_fixed", None)  # set for the "learnable" (Sl-only) scaling
-        self.ste, self.sa_grad, self.st_min = ste, sa_grad, st_min
-        self.t = math.inf  # hard sign unless a schedule says otherwise
+        self.spec = spec
+        self.ste, self.sa_grad, self.st_min = spec.ste, spec.sa_grad, spec.st_min
+        self.t = math.inf  # hard quantizer unless a schedule says otherwise
+        self.lam = 1.0
         self.folded = True
 
     @classmethod
@@ -49,7 +76,14 @@ class QuantLinear(nn.Module):
     def latent(self) -> torch.Tensor:
         return self.weight if self.folded else self.weight / self.scale_in()
 
-    def effective_weight(self) -> torch.Tensor:
+    def full_precision_weight(self) -> torch.Tensor:
+        return self.latent() * self.scale_in() if self.folded else self.weight
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.spec.method == "ternary":
+            w = ternary_weight(self.latent(), self.spec.ternary_scale, self.spec.per_row, self.t,
+                               ste=self.ste or math.isinf(self.t))
+            return (self.sl.view(-1, 1) * w * self.scale_in()).to(self.weight.dtype)
         return binary_weight(
             self.latent(), self.sl, self.scale_in(), self.t,
             ste=self.ste and not math.isinf(self.t),
@@ -57,7 +91,27 @@ class QuantLinear(nn.Module):
             sa_fixed=self.sa_fixed,
         )
 
+    def effective_weight(self) -> torch.Tensor:
+        if self.lam <= 0:
+            return self.full_precision_weight()
+        if self.lam >= 1:
+            return self.quantized_weight()
+        return lambda_mix(self.full_precision_weight(), self.quantized_weight(), self.lam)
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Export view at the hard quantizer: (codes, merged per-row scale); the effective
+        weight is exactly ``dequantize(codes, scale, St)``."""
+        w = self.latent().detach()
+        if self.spec.method == "ternary":
+            codes, gamma = ternary_codes(w, self.spec.ternary_scale, self.spec.per_row)
+            scale = self.sl.detach().to(gamma.dtype).view(-1, 1) * gamma
+            return codes, scale.expand(self.out_features, 1).reshape(-1)
+        return binary_codes(w, self.sl.detach(), self.sa_fixed)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.act_bits == 8 and self.lam > 0:
+            xq = quantize_activations_int8(x)
+            x = xq if self.lam >= 1 else lambda_mix(x, xq, self.lam)
         w = self.effective_weight()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
@@ -82,16 +136,17 @@ class QuantLinear(nn.Module):
         self.sl.copy_(self.sa_fixed.view(-1))
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, t={self.t:.3g}, ste={self.ste}"
+        return (f"{self.in_features}, {self.out_features}, {self.spec.method}, t={self.t:.3g}, ste={self.ste}, "
+                f"lam={self.lam:.3g}, act_bits={self.spec.act_bits}")
 
 
-def quantize_(model: nn.Module, *, ste: bool = False, sa_grad: bool = False, st_min: float = 1e-2) -> list[str]:
+def quantize_(model: nn.Module, spec: LayerSpec = LayerSpec()) -> list[str]:
     """Swap every linear in the decoder blocks for a QuantLinear, in place; returns their names."""
     names = []
     for name, lin in target_linears(model).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, QuantLinear.from_linear(lin, ste=ste, sa_grad=sa_grad, st_min=st_min))
+        setattr(parent, child, QuantLinear.from_linear(lin, spec=spec))
         names.append(name)
     return names
 
@@ -100,17 +155,19 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def set_t(model: nn.Module, t: float) -> None:
+def set_t(model: nn.Module, t: float, lam: float = 1.0) -> None:
+    """The progressive sharpness t and the continual switch's strength lam, for every layer."""
     for m in quant_layers(model).values():
-        m.t = t
+        m.t, m.lam = t, lam
 
 
 @torch.no_grad()
 def unswap_(model: nn.Module) -> None:
-    """Replace each QuantLinear by a plain nn.Linear holding its hard-sign effective weight."""
+    """Replace each QuantLinear by a plain nn.Linear holding its hard-quantizer effective weight
+    (weights only: 8-bit activations are not kept by a plain nn.Linear)."""
     for name, q in quant_layers(model).items():
         parent_name, _, child = name.rpartition(".")
-        q.t = math.inf
+        q.t, q.lam = math.inf, 1.0
         lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
         lin.weight.copy_(q.effective_weight())
         if q.bias is not None:

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from .errors import BinarizeError
-from .schedules import SCHEDULERS
+from .schedules import PHASE_INS, SCHEDULERS
 
 
 @dataclass
@@ -26,8 +26,11 @@ class Recipe:
     name: str = "binaryllm"
     description: str = ""
     # --- weight quantizer ---
-    method: str = "binary"  # binary (1 bit); ternary recipes arrive with their own methods
-    quantizer: str = "progressive"  # progressive: F(x,t) fwd+bwd | ste: hard sign, straight-through
+    method: str = "binary"  # binary (1 bit) | ternary (1.58 bits, BitNet b1.58)
+    quantizer: str = "progressive"  # progressive: F(x,t) (ternary: F3) fwd+bwd | ste: hard, straight-through
+    ternary_scale: str = "absmean"  # ternary gamma: absmean (BitNet b1.58) | absmedian (b1.58 Reloaded)
+    per_row: bool = False  # ternary gamma per output row (the papers: one per tensor)
+    act_bits: int = 0  # 0: full-precision activations | 8: per-token absmax int8 (BitLinear)
     scheduler: str = "exponential"
     chunks: int = 20
     schedule_span: float = 20.0  # c' = span*c/chunks in the exponential formula
@@ -61,11 +64,22 @@ class Recipe:
     self_greedy_prefix: int = 4  # top-1 tokens after the random first token (LLM-QAT: 3-5)
     seed: int = 0
     save_every: int = 0  # steps between checkpoints; 0: only on Ctrl-C and at the end
+    # --- continual switch (seed 000): full precision first, quantized from switch_at ---
+    switch_at: float = 0.0  # a step (>= 1) or a fraction of the optimizer steps (< 1); 0: quantized throughout
+    retain_optimizer: bool = True  # keep AdamW moments across the switch (False: fresh optimizer)
+    phase_in: str = "abrupt"  # quantization strength after the switch: abrupt | linear | sigmoid
+    phase_in_len: float = 0.1  # linear/sigmoid length: steps (>= 1) or a fraction of the steps (< 1)
+    phase_in_steepness: float = 10.0  # sigmoid slope k (see schedules.phase_lambda)
+    # --- knowledge distillation from the frozen original model ---
+    distill_alpha: float = 0.0  # loss = CE + alpha * tau^2 * KL(teacher || student); 0: off
+    distill_temperature: float = 1.0
 
     def validate(self) -> "Recipe":
         choices = {
-            "method": ("binary",),
+            "method": ("binary", "ternary"),
             "quantizer": ("progressive", "ste"),
+            "ternary_scale": ("absmean", "absmedian"),
+            "phase_in": PHASE_INS,
             "scheduler": SCHEDULERS,
             "scaling": ("dual", "analytic", "learnable"),
             "train_fp": ("none", "norms", "all"),
@@ -77,7 +91,20 @@ class Recipe:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise BinarizeError(f"recipe {self.name}: {key} must be positive, got {getattr(self, key)}")
-        for key in ("bai_steps", "warmup_steps", "save_every", "min_lr", "weight_decay", "grad_clip", "schedule_span"):
+        if self.act_bits not in (0, 8):
+            raise BinarizeError(f"recipe {self.name}: act_bits must be 0 (full precision) or 8, got {self.act_bits}")
+        if self.method == "ternary" and self.scaling == "learnable":
+            raise BinarizeError(f"recipe {self.name}: scaling=learnable (Sl only) is binary-only; ternary "
+                                "recipes use analytic (gamma) or dual (Sl * gamma)")
+        for key in ("phase_in_len", "phase_in_steepness", "distill_temperature"):
+            if getattr(self, key) <= 0:
+                raise BinarizeError(f"recipe {self.name}: {key} must be positive, got {getattr(self, key)}")
+        for key in ("switch_at", "phase_in_len"):
+            v = getattr(self, key)
+            if v != int(v) and not 0 <= v < 1:
+                raise BinarizeError(f"recipe {self.name}: {key} is a whole step (>= 1) or a fraction in [0, 1), got {v}")
+        for key in ("bai_steps", "warmup_steps", "save_every", "min_lr", "weight_decay", "grad_clip", "schedule_span",
+                    "switch_at", "distill_alpha"):
             if getattr(self, key) < 0:
                 raise BinarizeError(f"recipe {self.name}: {key} must be >= 0, got {getattr(self, key)}")
         if self.chunks < 2 and self.quantizer == "progressive":

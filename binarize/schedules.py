@@ -65,3 +65,41 @@ def chunk_t(scheduler: str, chunk: int, chunks: int, span: float = 20.0) -> floa
 
 def schedule(scheduler: str, chunks: int, span: float = 20.0) -> list[float]:
     return [chunk_t(scheduler, c, chunks, span) for c in range(chunks)]
+
+
+# ----------------------------------------------------------------------------- continual switch
+
+PHASE_INS = ("abrupt", "linear", "sigmoid")
+
+
+def resolve_steps(value: float, steps: int) -> int:
+    """A step count given as a whole number of steps (>= 1) or a fraction of ``steps`` (< 1)."""
+    return round(value * steps) if value < 1 else int(value)
+
+
+def phase_lambda(step: int, switch: int, kind: str, length: int, steepness: float = 10.0) -> float:
+    """Quantization strength lam at ``step`` for a switch at step ``switch`` (seed 000).
+
+    Seed 000 phases quantization in with a sigmoid but gives no formula; ours, over ``length``
+    steps after the switch with x = (step - switch + 1) / length in (0, 1]:
+
+    * abrupt:  lam = 1 from the switch on,
+    * linear:  lam = x,
+    * sigmoid: lam = (s(k (x - 1/2)) - s(-k/2)) / (s(k/2) - s(-k/2)), s the logistic function and
+      k the steepness: an S-curve from 0 to exactly 1 at x = 1, centred on the window.
+
+    Before the switch lam = 0 (full precision); after the window lam = 1.
+    """
+    if step < switch:
+        return 0.0
+    x = (step - switch + 1) / max(1, length)
+    if kind == "abrupt" or x >= 1:
+        return 1.0
+    if kind == "linear":
+        return x
+
+    def s(v: float) -> float:
+        return 1.0 / (1.0 + math.exp(-v))
+
+    lo, hi = s(-steepness / 2), s(steepness / 2)
+    return (s(steepness * (x - 0.5)) - lo) / (hi - lo)

@@ -1,0 +1,315 @@
+"""``binarize ablate PLAN``: several recipes on one model, data, budget and seed, side by side.
+
+A plan is a YAML file (shipped ones in ``recipes/ablations/``)::
+
+    name: seed003-scaling
+    model: null                  # default model; with from_scratch: whose tokenizer to use
+    from_scratch: null           # or a --config shape (tiny | small | medium)
+    tokens: 20k
+    recipe: binaryllm            # base recipe of every member
+    set: {seq_len: 256}          # overrides for every member
+    eval: {datasets: wikitext2, seq_len: 1024, limit: 16}
+    runs:
+      - {name: dual}
+      - {name: sa-only, set: {scaling: analytic}}
+
+Every member is validated (recipe, keys, switch point, option clashes) before anything trains.
+Each member converts in its own process (``binarize convert``, then ``binarize eval``), so a
+crash or an out-of-memory kill loses that member only; its error goes in the table and the
+others go on. Re-running the same command resumes: finished members are skipped, an
+interrupted conversion continues from its checkpoint, failed ones are retried.
+
+"Final loss" is the mean training loss over the last tenth of the steps (at least one): single
+small-batch losses are too noisy to rank recipes by.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .checkpoint import write_json
+from .errors import BinarizeError
+from .recipe import load_recipe, parse_tokens, recipe_dir
+
+PLAN_KEYS = {"name", "description", "model", "from_scratch", "tokens", "recipe", "set", "eval", "runs"}
+MEMBER_KEYS = {"name", "recipe", "set"}
+EVAL_KEYS = {"datasets", "seq_len", "limit"}
+
+
+@dataclass
+class Member:
+    name: str
+    recipe: str
+    overrides: dict[str, Any]  # the member's own changes (shown in the table)
+
+
+@dataclass
+class Plan:
+    name: str
+    members: list[Member]
+    tokens: int
+    recipe: str = "binaryllm"
+    common: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    from_scratch: str | None = None
+    eval: dict[str, Any] = field(default_factory=lambda: {"datasets": "wikitext2", "seq_len": 1024, "limit": 16})
+    description: str = ""
+
+    def overrides(self, m: Member) -> dict[str, Any]:
+        return {**self.common, **m.overrides}
+
+
+def plan_dir() -> Path:
+    return recipe_dir() / "ablations"
+
+
+def find_plan(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise BinarizeError(f"plan file not found: {path}")
+        return path
+    shipped = plan_dir() / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        known = ", ".join(sorted(p.stem for p in plan_dir().glob("*.yaml")))
+        raise BinarizeError(f"unknown plan {name_or_path!r} (shipped: {known})")
+    return shipped
+
+
+def _mapping(value: Any, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BinarizeError(f"{what} must be a mapping of recipe keys to values")
+    return value
+
+
+def load_plan(name_or_path: str, tokens: str | None = None) -> Plan:
+    """Parse and fully validate a plan: every member's recipe is loaded and its budget checked."""
+    from .convert import check_job
+
+    path = find_plan(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise BinarizeError(f"malformed plan {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise BinarizeError(f"malformed plan {path}: expected a mapping")
+    unknown = set(raw) - PLAN_KEYS
+    if unknown:
+        raise BinarizeError(f"plan {path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(PLAN_KEYS))})")
+    if "tokens" not in raw and tokens is None:
+        raise BinarizeError(f"plan {path}: no token budget (key tokens, or --tokens)")
+    runs = raw.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise BinarizeError(f"plan {path}: runs must be a non-empty list")
+    ev = {"datasets": "wikitext2", "seq_len": 1024, "limit": 16, **_mapping(raw.get("eval"), f"plan {path}: eval")}
+    if set(ev) - EVAL_KEYS:
+        raise BinarizeError(f"plan {path}: unknown eval key(s) {', '.join(sorted(set(ev) - EVAL_KEYS))}")
+    plan = Plan(name=str(raw.get("name") or path.stem), members=[], tokens=parse_tokens(tokens or raw["tokens"]),
+                recipe=str(raw.get("recipe", "binaryllm")), common=_mapping(raw.get("set"), f"plan {path}: set"),
+                model=raw.get("model"), from_scratch=raw.get("from_scratch"), eval=ev,
+                description=str(raw.get("description", "")))
+    seen = set()
+    for i, r in enumerate(runs):
+        if not isinstance(r, dict) or "name" not in r:
+            raise BinarizeError(f"plan {path}: run {i + 1} needs at least a name")
+        if set(r) - MEMBER_KEYS:
+            raise BinarizeError(f"plan {path}: run {r['name']!r}: unknown key(s) {', '.join(sorted(set(r) - MEMBER_KEYS))}")
+        name = str(r["name"])
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name in seen:
+            raise BinarizeError(f"plan {path}: run name {name!r} is not a unique file-safe name")
+        seen.add(name)
+        plan.members.append(Member(name, str(r.get("recipe", plan.recipe)), _mapping(r.get("set"), f"run {name}: set")))
+    for m in plan.members:
+        try:
+            recipe = load_recipe(m.recipe, plan.overrides(m))
+            check_job(recipe, plan.tokens, plan.from_scratch, "none")
+        except BinarizeError as exc:
+            raise BinarizeError(f"plan {path}: run {m.name!r}: {exc}") from None
+    return plan
+
+
+def _cli_value(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def convert_command(plan: Plan, m: Member, out: Path, resume: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "binarize.cli", "convert"]
+    if plan.model:
+        cmd.append(str(plan.model))
+    cmd += ["--tokens", str(plan.tokens), "--recipe", m.recipe, "--out", str(out), "--no-progress", "--export", "none"]
+    for k, v in plan.overrides(m).items():
+        cmd += ["--set", f"{k}={_cli_value(v)}"]
+    if plan.from_scratch:
+        cmd += ["--from-scratch", "--config", plan.from_scratch]
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def eval_command(plan: Plan, run: Path, json_out: Path) -> list[str]:
+    e = plan.eval
+    cmd = [sys.executable, "-m", "binarize.cli", "eval", str(run), "--datasets", str(e["datasets"]),
+           "--seq-len", str(e["seq_len"]), "--json", str(json_out), "--no-progress"]
+    if e.get("limit"):
+        cmd += ["--limit", str(e["limit"])]
+    return cmd
+
+
+def _run_logged(cmd: list[str], log: Path) -> tuple[int, str]:
+    """Run a member's command with its output appended to its log; (exit code, last error line)."""
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    err = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
+    return rc, err
+
+
+def final_loss(steps: list[dict]) -> float | None:
+    if not steps:
+        return None
+    tail = steps[-max(1, len(steps) // 10):]
+    return sum(s["loss"] for s in tail) / len(tail)
+
+
+def run_member(plan: Plan, m: Member, out: Path, echo: Callable[[str], None]) -> dict:
+    run, log = out / "runs" / m.name, out / "logs" / f"{m.name}.log"
+    eval_json = out / "results" / f"{m.name}.eval.json"
+    result = {"name": m.name, "recipe": m.recipe, "changes": m.overrides, "status": "ok"}
+    t0 = time.perf_counter()
+    if not (run / "run.json").is_file():
+        resume = (run.with_name(m.name + ".partial") / "checkpoint" / "state.json").is_file()
+        echo(f"[{m.name}] {'resuming' if resume else 'converting'} (log: {log})")
+        rc, err = _run_logged(convert_command(plan, m, run, resume), log)
+        if rc != 0:
+            return {**result, "status": "failed", "error": f"convert exit {rc}: {err}"}
+    if not eval_json.is_file():
+        echo(f"[{m.name}] evaluating")
+        rc, err = _run_logged(eval_command(plan, run, eval_json), log)
+        if rc != 0:
+            return {**result, "status": "failed", "error": f"eval exit {rc}: {err}"}
+    record = json.loads((run / "run.json").read_text())
+    rows = json.loads(eval_json.read_text())
+    ppl = {k: v["ppl"] for k, v in rows[0]["perplexity"].items()}
+    return {**result, "final_loss": final_loss(record["steps"]), "ppl": ppl,
+            "tokens": record["tokens"]["trained"], "bai_tokens": (record.get("bai") or {}).get("tokens", 0),
+            "wall_s": record["wall_s"], "peak_memory_mib": record.get("peak_memory_mib", {}),
+            "losses": [[s["tokens"], s["loss"]] for s in record["steps"]],
+            "switch_tokens": next((s["tokens"] for s in record["steps"] if s.get("lambda", 1) > 0), None),
+            "member_s": time.perf_counter() - t0}
+
+
+def run_plan(plan: Plan, out: Path, echo: Callable[[str], None] = print, only: list[str] | None = None) -> list[dict]:
+    """Run (or resume) every member, then write results.json, table.md and plot.png into ``out``."""
+    for sub in ("runs", "logs", "results"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    fingerprint = {"name": plan.name, "tokens": plan.tokens, "model": plan.model, "from_scratch": plan.from_scratch,
+                   "eval": plan.eval, "members": [asdict(m) | {"overrides": plan.overrides(m)} for m in plan.members]}
+    fp_path = out / "plan.json"
+    if fp_path.is_file() and json.loads(fp_path.read_text()) != json.loads(json.dumps(fingerprint)):
+        raise BinarizeError(f"{out} holds results of a different plan or budget: use another --out")
+    write_json(fp_path, fingerprint)
+    if only:
+        unknown = set(only) - {m.name for m in plan.members}
+        if unknown:
+            raise BinarizeError(f"--only names unknown run(s): {', '.join(sorted(unknown))}")
+    results = []
+    for m in plan.members:
+        res_path = out / "results" / f"{m.name}.json"
+        if res_path.is_file() and json.loads(res_path.read_text()).get("status") == "ok":
+            res = json.loads(res_path.read_text())
+            echo(f"[{m.name}] done earlier")
+        elif only and m.name not in only:
+            res = json.loads(res_path.read_text()) if res_path.is_file() else {"name": m.name, "status": "not run"}
+        else:
+            res = run_member(plan, m, out, echo)
+            write_json(res_path, res)
+            echo(f"[{m.name}] {res['status']}" + (f": {res['error']}" if res["status"] == "failed" else ""))
+        results.append(res)
+    write_json(out / "results.json", results)
+    table = markdown_table(plan, results)
+    (out / "table.md").write_text(table + "\n")
+    plot(plan, results, out / "plot.png")
+    return results
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:,.{digits}f}" if abs(v) < 1e4 else f"{v:,.0f}"
+
+
+def markdown_table(plan: Plan, results: list[dict]) -> str:
+    datasets = [d.strip() for d in str(plan.eval["datasets"]).split(",") if d.strip()]
+    lim = f", first {plan.eval['limit']} windows" if plan.eval.get("limit") else ""
+    what = f"from scratch ({plan.from_scratch})" if plan.from_scratch else (plan.model or "default model")
+    head = [f"### {plan.name}: {what}, {plan.tokens:,} tokens, base recipe {plan.recipe}",
+            "", f"{plan.description}".strip(), "",
+            "| run | recipe | changes | final loss | " + " | ".join(f"{d} ppl (seq {plan.eval['seq_len']}{lim})"
+                                                          for d in datasets) + " | tokens | time (s) | peak RSS (MiB) |",
+            "|" + "---|" * (7 + len(datasets))]
+    for r in results:
+        changes = ", ".join(f"{k}={v}" for k, v in r.get("changes", {}).items()) or "(base)"
+        if r["status"] != "ok":
+            head.append(f"| {r['name']} | {r.get('recipe', '')} | {changes} | {r['status']}: "
+                        f"{r.get('error', '')[:120]} |" + " |" * (3 + len(datasets)))
+            continue
+        ppl = " | ".join(_fmt(r["ppl"].get(d), 1) for d in datasets)
+        head.append(f"| {r['name']} | {r['recipe']} | {changes} | {_fmt(r['final_loss'])} | {ppl} | "
+                    f"{r['tokens']:,} | {r['wall_s']:,.0f} | {_fmt(r['peak_memory_mib'].get('cpu_rss'), 0)} |")
+    return "\n".join(line for line in head if line is not None)
+
+
+def plot(plan: Plan, results: list[dict], path: Path) -> None:
+    """Loss curves overlaid (EMA-smoothed, raw faint) and perplexity bars (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if r["status"] == "ok"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    for i, r in enumerate(ok):
+        if not r["losses"]:
+            continue
+        color = f"C{i % 10}"
+        tok, loss = zip(*r["losses"])
+        k = len(loss) // 50  # centred moving average over 2k+1 steps: smooth, without an EMA's lag
+        smooth = [sum(loss[max(0, j - k):j + k + 1]) / len(loss[max(0, j - k):j + k + 1]) for j in range(len(loss))]
+        ax.plot(tok, loss, color=color, alpha=0.2, lw=0.8)
+        ax.plot(tok, smooth, color=color, lw=1.6, label=r["name"])
+        if r.get("switch_tokens") and r["switch_tokens"] > tok[0]:
+            ax.axvline(r["switch_tokens"], color=color, ls=":", lw=0.8)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("next-token loss (faint: per step; moving average)")
+    ax.set_title(f"{plan.name}: loss")
+    if ok:
+        ax.legend(fontsize=8)
+    ds = str(plan.eval["datasets"]).split(",")[0].strip()
+    names = [r["name"] for r in ok]
+    vals = [r["ppl"].get(ds, float("nan")) for r in ok]
+    bars = bx.bar(range(len(names)), vals, color=[f"C{i % 10}" for i in range(len(names))])
+    bx.bar_label(bars, labels=[_fmt(v, 1) for v in vals], fontsize=7)
+    bx.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    finite = [v for v in vals if math.isfinite(v) and v > 0]
+    log = bool(finite) and max(finite) > 10 * min(finite)  # log only when the bars span a decade
+    if log:
+        bx.set_yscale("log")
+    bx.set_ylabel(f"{ds} perplexity" + (" (log)" if log else ""))
+    bx.set_title("perplexity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,83 @@
+"""``binarize export --format bitnet``: a ternary model in transformers' own BitNet layout.
+
+The output loads with stock ``transformers`` (``quant_method: "bitnet"``, offline BitLinear), no
+binarize needed: each converted linear becomes ``weight`` (uint8, four 2-bit codes per byte along
+the output dimension, packed by transformers' ``pack_weights``) and ``weight_scale`` = 1/gamma,
+and BitLinear quantizes activations to int8 per token as our ``act_bits: 8`` does.
+
+That layout has one scale per tensor and no input-channel scale, so only models whose every
+layer has a single merged scale, St = 1 and 8-bit activations fit (the bitnet-b158 recipes, and
+continual-16to158); anything else is refused with the reason rather than exported approximately.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import BinarizeError
+from .qlinear import quant_layers
+
+FIT = "use a bitnet-b158 or continual-16to158 recipe (per-tensor scale, no BaI, act_bits 8)"
+
+
+class _BitLinearWeights(nn.Module):
+    """What transformers' BitLinear reads from a checkpoint: packed codes and one scale."""
+
+    def __init__(self, packed: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", packed)
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("bias", bias)
+
+
+def check_bitnet_fit(model, meta: dict) -> None:
+    """Refuse models the BitNet layout cannot hold exactly (one clear reason)."""
+    if meta.get("method") != "ternary":
+        raise BinarizeError(f"the bitnet format holds ternary models; this run is {meta.get('method')!r} ({FIT})")
+    if meta.get("act_bits", 0) != 8:
+        raise BinarizeError(f"transformers' BitLinear always quantizes activations to 8 bits; this run was trained "
+                            f"with act_bits={meta.get('act_bits', 0)} ({FIT})")
+    for name, q in quant_layers(model).items():
+        _, scale = q.codes()
+        if not torch.all(scale == scale[0]):
+            raise BinarizeError(f"the bitnet format holds one scale per tensor; {name} has one per row ({FIT})")
+        if not torch.all(q.scale_in() == 1):
+            raise BinarizeError(f"the bitnet format has no input-channel scale; {name} has St != 1 ({FIT})")
+        if q.out_features % 4:
+            raise BinarizeError(f"the bitnet format packs 4 rows per byte; {name} has {q.out_features} rows")
+
+
+@torch.no_grad()
+def to_bitnet_(model) -> list[str]:
+    """Swap each QuantLinear for BitLinear's stored tensors; returns the converted layer names."""
+    from transformers.integrations.bitnet import pack_weights
+    from transformers.utils.quantization_config import BitNetQuantConfig
+
+    names = []
+    for name, q in quant_layers(model).items():
+        codes, scale = q.codes()
+        packed = pack_weights(codes.to(torch.int8).clone())
+        bias = q.bias.detach().float().clone() if q.bias is not None else None
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child,
+                _BitLinearWeights(packed, (1.0 / scale[:1].float()).clone(), bias))
+        names.append(name)
+    # everything outside the decoder blocks stays full precision, as in the converted model
+    keep = sorted({n for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    model.config.quantization_config = BitNetQuantConfig(modules_to_not_convert=keep or ["lm_head"],
+                                                         linear_class="bitlinear", quantization_mode="offline")
+    return names
+
+
+def export_bitnet(model, tokenizer, meta: dict, tmp: Path, max_shard_size: str = "2GB") -> dict:
+    """Write the BitNet checkpoint into ``tmp``; returns the size summary for binarize.json."""
+    check_bitnet_fit(model, meta)
+    names = to_bitnet_(model)
+    model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(tmp)
+    n = sum(model.get_submodule(x).weight.numel() * 4 for x in names)
+    stored = sum(model.get_submodule(x).weight.numel() * 8 + 32 for x in names)
+    return {"converted_weights": n, "code_bits_per_weight": 2.0, "bits_per_weight": stored / n, "layers": names}

@@ -1,0 +1,82 @@
+"""``binarize ablate``: plan validation before any training, isolated members, resumable runs."""
+
+import json
+
+import pytest
+import yaml
+
+from binarize.ablate import load_plan, plan_dir, run_plan
+from binarize.errors import BinarizeError
+
+from tests.test_cli_errors import assert_one_line_error, run_cli
+
+
+def write_plan(tmp_path, **plan):
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+BASE = dict(name="t", tokens=2048, recipe="binaryllm",
+            set=dict(seq_len=64, batch_tokens=256, micro_batch=4, chunks=4, bai_steps=2, bai_batch_tokens=128,
+                     calib_sequences=4, lr=1e-3))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in plan_dir().glob("*.yaml")))
+def test_shipped_plans_validate(name):
+    plan = load_plan(name)
+    assert len(plan.members) >= 2 and plan.tokens > 0
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(runs=[{"name": "a", "recipe": "nope"}]), "run 'a': unknown recipe 'nope'"),
+    (dict(runs=[{"name": "a", "set": {"bogus_key": 1}}]), "unknown recipe key 'bogus_key'"),
+    (dict(runs=[{"name": "a", "recipe": "continual-16to158", "set": {"switch_at": 50}}]), "nothing would be trained"),
+    (dict(runs=[{"name": "a", "recipe": "bitnet-b158-absmean", "set": {"act_bits": 4}}]), "act_bits"),
+    (dict(runs=[{"name": "a"}, {"name": "a"}]), "unique"),
+    (dict(runs=[]), "non-empty"),
+    (dict(runs=[{"name": "a"}], extra=1), "unknown key(s) extra"),
+    (dict(runs=[{"name": "a"}], from_scratch="tiny"), "BaI has nothing"),
+])
+def test_bad_plans_fail_before_training(tmp_path, capsys, change, needle):
+    path = write_plan(tmp_path, **{**BASE, **change})
+    with pytest.raises(BinarizeError, match=None) as exc:
+        load_plan(str(path))
+    assert needle in str(exc.value)
+    code, err = run_cli(capsys, "ablate", str(path), "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_members_run_isolated_and_resume(tiny_model_dir, small_text, tmp_path):
+    plan_path = write_plan(tmp_path, **BASE, model=str(tiny_model_dir),
+                           eval=dict(datasets="wikitext2", seq_len=64, limit=2),
+                           runs=[{"name": "ok", "set": {"data": str(small_text)}},
+                                 {"name": "broken", "set": {"data": str(tmp_path / "missing.txt")}},
+                                 {"name": "sa-only", "set": {"data": str(small_text), "scaling": "analytic"}}])
+    plan = load_plan(str(plan_path))
+    out = tmp_path / "out"
+    lines = []
+    results = run_plan(plan, out, echo=lines.append)
+    status = {r["name"]: r["status"] for r in results}
+    assert status == {"ok": "ok", "broken": "failed", "sa-only": "ok"}  # the crash did not stop the next member
+    broken = next(r for r in results if r["name"] == "broken")
+    assert "missing.txt" in broken["error"]
+    ok = next(r for r in results if r["name"] == "ok")
+    run = json.loads((out / "runs" / "ok" / "run.json").read_text())
+    assert ok["tokens"] == run["tokens"]["trained"] == 2048
+    assert ok["final_loss"] == pytest.approx(run["steps"][-1]["loss"])  # 8 steps: the last tenth is one step
+    assert ok["ppl"]["wikitext2"] > 1
+    table = (out / "table.md").read_text()
+    assert "| ok | binaryllm |" in table and "failed: convert exit 2" in table and "scaling=analytic" in table
+    assert (out / "plot.png").stat().st_size > 10_000
+    # a second call skips finished members and retries the failed one
+    lines.clear()
+    again = run_plan(plan, out, echo=lines.append)
+    assert "[ok] done earlier" in lines and "[sa-only] done earlier" in lines
+    assert any(line.startswith("[broken] converting") for line in lines)
+    assert [r["ppl"] for r in again if r["status"] == "ok"] == [r["ppl"] for r in results if r["status"] == "ok"]
+    # the same out directory refuses a different budget
+    plan.tokens = 4096
+    with pytest.raises(BinarizeError, match="different plan"):
+        run_plan(plan, out, echo=lines.append)
