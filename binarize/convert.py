@@ -29,7 +29,7 @@ from .errors import BinarizeError
 from .evaluate import mean_loss
 from .models import (SCRATCH_CONFIGS, check_supported, load_config, load_model, max_positions, resolve_model,
                      scratch_model)
-from .qlinear import LayerSpec, QuantLinear, quant_layers, quantize_, set_t
+from .qlinear import LayerSpec, QuantLinear, quant_layers, quantize_, set_t, share_st_
 from .recipe import Recipe, parse_mix
 from .schedules import chunk_t, phase_lambda, resolve_steps
 
@@ -250,7 +250,7 @@ def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None,
     set_t(model, math.inf)
     for p in model.parameters():
         p.requires_grad_(False)
-    st = [q.st for q in layers.values()]
+    st = list({id(q.st): q.st for q in layers.values()}.values())  # tied St (share_st) once
     for p in st:
         p.requires_grad_(True)
     eval_set = calib[:BAI_EVAL_SEQUENCES]
@@ -610,6 +610,8 @@ def convert(job: ConvertJob) -> Path:
         teacher = copy.deepcopy(model).requires_grad_(False).eval()
         distill = Distill(teacher, recipe.distill_alpha, recipe.distill_temperature)
     names = quantize_(model, LayerSpec.from_recipe(recipe))
+    if recipe.share_st:
+        share_st_(model)
     record = state["record"] if state else {
         "binarize_version": __version__, "model": src.spec, "from_scratch": from_scratch, "recipe": recipe.to_dict(),
         "quantized_layers": len(names), "data": data.info, "steps": [], "bai": None,

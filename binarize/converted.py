@@ -11,7 +11,7 @@ from safetensors.torch import load_model as st_load_model
 
 from .errors import BinarizeError
 from .models import load_model
-from .qlinear import LayerSpec, quant_layers, quantize_
+from .qlinear import LayerSpec, quant_layers, quantize_, share_st_
 from .recipe import Recipe
 
 
@@ -40,7 +40,10 @@ def load_converted(path: str | Path):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model.to_empty(device="cpu")
-    names = quantize_(model, LayerSpec.from_recipe(recipe_of(meta)))
+    recipe = recipe_of(meta)
+    names = quantize_(model, LayerSpec.from_recipe(recipe))
+    if recipe.share_st:
+        share_st_(model)
     if sorted(names) != sorted(meta["quantized_layers"]):
         raise BinarizeError(f"{path}: quantized layers in binarize.json do not match the architecture")
     if meta.get("scaling") == "learnable":

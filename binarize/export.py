@@ -60,7 +60,7 @@ def _fold_shared_st(model, qlayers: dict) -> list[str]:
             names = [f"{prefix}.{i}.{r}" for r in readers]
             if not all(n in qlayers for n in names):
                 continue
-            sts = [qlayers[n].st.detach() for n in names]
+            sts = [qlayers[n].scale_in().detach() for n in names]
             norm = getattr(block, norm_name, None)
             if norm is None or not all(torch.equal(sts[0], s) for s in sts[1:]):
                 continue
@@ -78,13 +78,13 @@ def pack_model_(model, fmt: str, cpu_cache: str = "bf16") -> dict:
     for name, q in qlayers.items():
         with torch.no_grad():
             codes, scale = q.codes()
-            has_st = name not in folded and not bool(torch.all(q.st == 1))  # St = 1: nothing to store
+            st = q.scale_in().detach().float()
+            has_st = name not in folded and not bool(torch.all(st == 1))  # St = 1: nothing to store
             p = PackedLinear(q.in_features, q.out_features, fmt, bias=q.bias is not None, has_st=has_st,
                              cpu_cache=cpu_cache, act_bits=q.spec.act_bits)
             p.qweight.copy_(pack(codes, fmt))
             p.scale = scale.float().contiguous()
             if has_st:
-                st = q.st.detach().float()
                 exact16 = torch.equal(st.half().float(), st)
                 p.st = st.half() if exact16 else st
                 st_layers.append(name)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import target_linears
+from .models import decoder_layers, target_linears
 from .quantizers import (analytic_scale, binary_codes, binary_weight, lambda_mix, quantize_activations_int8,
                          ternary_codes, ternary_weight)
 
@@ -60,6 +60,7 @@ class QuantLinear(nn.Module):
         self.t = math.inf  # hard quantizer unless a schedule says otherwise
         self.lam = 1.0
         self.folded = True
+        self.st_groups: tuple[int, int] | None = None  # (heads per KV head, head_dim): St tied per KV group
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, **kw) -> "QuantLinear":
@@ -71,7 +72,12 @@ class QuantLinear(nn.Module):
         return q
 
     def scale_in(self) -> torch.Tensor:
-        return self.st.clamp_min(self.st_min)
+        """St over the input columns (expanded from one value per KV-head column when tied)."""
+        st = self.st.clamp_min(self.st_min)
+        if self.st_groups is None:
+            return st
+        groups, head_dim = self.st_groups
+        return st.view(-1, 1, head_dim).expand(-1, groups, head_dim).reshape(-1)
 
     def latent(self) -> torch.Tensor:
         return self.weight if self.folded else self.weight / self.scale_in()
@@ -124,9 +130,8 @@ class QuantLinear(nn.Module):
         is absorbed by the latent, which is divided by the rounded value).
         """
         if not self.folded:
-            st = self.scale_in().half().float()
-            self.weight.copy_(self.weight / st)
-            self.st.copy_(st)
+            self.st.copy_(self.st.clamp_min(self.st_min).half().float())  # idempotent: shared St rounds once
+            self.weight.copy_(self.weight / self.scale_in())
             self.folded = True
 
     @torch.no_grad()
@@ -149,6 +154,24 @@ def quantize_(model: nn.Module, spec: LayerSpec = LayerSpec()) -> list[str]:
         setattr(parent, child, QuantLinear.from_linear(lin, spec=spec))
         names.append(name)
     return names
+
+
+def share_st_(model: nn.Module) -> None:
+    """Tie St so that export can fold it away (recipe ``share_st``): q/k/v share one St (folds into
+    input_layernorm), gate/up share one (post_attention_layernorm), and o_proj's St is one value per
+    column of a KV head, repeated over the query heads of that group (folds into v_proj's rows);
+    down_proj keeps its own (folds into up_proj's rows). Call before BaI, while every St is 1."""
+    cfg = model.config
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    for block in decoder_layers(model):
+        attn, mlp = block.self_attn, block.mlp
+        for readers in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            for q in readers[1:]:
+                q.st = readers[0].st
+        o = attn.o_proj
+        o.st = nn.Parameter(torch.ones(kv * head_dim, device=o.weight.device), requires_grad=False)
+        o.st_groups = (heads // kv, head_dim)
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:

@@ -44,6 +44,7 @@ class Recipe:
     calib_sequences: int = 128  # size of the calibration set BaI cycles through
     st_min: float = 1e-2  # St is clamped to [st_min, inf) so W/St stays finite
     train_st: bool = False  # keep learning St during QAT (paper: St fixed after BaI)
+    share_st: bool = False  # tie St (q/k/v, gate/up, o_proj per KV group) so export folds it away (qlinear.share_st_)
     # --- progressive QAT ---
     lr: float = 1e-4
     min_lr: float = 2e-6
