@@ -101,12 +101,10 @@ def check_job(recipe: Recipe, tokens: int, from_scratch: str | None = None, expo
         if recipe.distill_alpha > 0:
             raise BinarizeError("distillation needs a pretrained teacher: it cannot be combined with --from-scratch")
     if export is not None and export != "none":
-        from .packing import check_format
+        from .packing import check_format, check_method_format
 
         check_format(export)
-        if recipe.method == "ternary" and export == "binary":
-            raise BinarizeError(f"recipe {recipe.name} is ternary: the binary format cannot store its zero weights "
-                                "(use --export ternary2 or ternary-b3)")
+        check_method_format(recipe.method, export, f"recipe {recipe.name}")
     return budget
 
 

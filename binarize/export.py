@@ -24,7 +24,7 @@ from .converted import is_converted_dir, load_converted
 from .errors import BinarizeError
 from .hf_quantizer import BinarizeConfig, register
 from .packed import CPU_CACHE_MODES, PackedLinear
-from .packing import check_format, pack, packed_shape
+from .packing import check_format, check_method_format, pack, packed_shape
 from .qlinear import quant_layers
 
 PACKED_FORMAT = "binarize-packed"
@@ -123,9 +123,7 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "binary", *, overwri
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise BinarizeError(f"output {out} exists and is not empty (use --overwrite)")
     model, tokenizer, meta = load_converted(run_dir)
-    if meta.get("method", "binary") == "ternary" and fmt == "binary":
-        raise BinarizeError(f"{run_dir} is a ternary model: the binary format cannot store its zero weights "
-                            "(use --format ternary2 or ternary-b3)")
+    check_method_format(meta.get("method", "binary"), fmt, str(run_dir))
     if fmt == "bitnet":
         return _export_bitnet(model, tokenizer, meta, run_dir, out, max_shard_size)
     layout = pack_model_(model, fmt, cpu_cache)

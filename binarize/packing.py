@@ -39,6 +39,13 @@ def check_format(fmt: str) -> None:
         raise BinarizeError(f"unknown packed format {fmt!r} (known: {', '.join(FORMATS)})")
 
 
+def check_method_format(method: str, fmt: str, what: str) -> None:
+    """A ternary model needs a format with a zero code; ``binary`` has none."""
+    if method == "ternary" and fmt == "binary":
+        raise BinarizeError(f"{what} is ternary: the binary format cannot store its zero weights "
+                            "(use ternary2 or ternary-b3)")
+
+
 def _pad_cols(x: torch.Tensor, multiple: int, value: int) -> torch.Tensor:
     pad = -x.shape[1] % multiple
     return torch.nn.functional.pad(x, (0, pad), value=value) if pad else x
