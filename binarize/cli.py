@@ -102,18 +102,34 @@ def convert(
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="A binarize convert output directory."),
-    out: Path = typer.Option(..., "--out", help="Directory for the packed model."),
+    out: Path = typer.Option(..., "--out", help="Directory for the packed model (or X.gguf for a GGUF format)."),
     fmt: str = typer.Option("binary", "--format", help="binary | ternary2 | ternary-b3 | bitnet (transformers' "
-                            "stock BitNet layout, for bitnet-b158 recipes)"),
+                            "stock BitNet layout, for bitnet-b158 recipes) | gguf-tq2 | gguf-tq1 | gguf-q1 "
+                            "(llama.cpp; --out X.gguf for a single file)"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     max_shard_size: str = typer.Option("2GB", "--max-shard-size"),
     cpu_cache: str = typer.Option("bf16", "--cpu-cache", help="Default CPU unpack cache: none | bf16 | fp32."),
+    gguf_outer: str = typer.Option("f16", "--gguf-outer", help="GGUF embeddings and lm_head: f16 | q8_0."),
+    gguf_fallback: str = typer.Option("q4_0", "--gguf-fallback",
+                                      help="GGUF type for linears whose rows fit no TQ/Q1 block (exact): q4_0 | q8_0."),
 ):
     """Pack a converted model's weights (1 bit, 2 bits or 1.6 bits per weight plus scales)."""
     import json as _json
 
     from .export import export as run
 
+    if fmt.startswith("gguf"):
+        from .export_gguf import export_gguf
+
+        file, rep = export_gguf(run_dir, out, fmt, outer=gguf_outer, fallback=gguf_fallback, overwrite=overwrite)
+        typer.echo(f"{fmt}: {rep.bits_per_weight:.4f} bits per converted weight, {rep.converted_weights:,} weights "
+                   f"({', '.join(f'{k} {v:,}' for k, v in rep.weights_by_type.items())}); "
+                   f"{len(rep.fallback_tensors)} tensors / {rep.fallback_weights:,} weights fell back; "
+                   f"max scale error {rep.max_scale_rel_error:.2e}; file {rep.size_bytes / 2**20:.1f} MiB")
+        for note in rep.notes:
+            typer.echo(f"note: {note}")
+        typer.echo(f"wrote {file}")
+        return
     path = run(run_dir, out, fmt, overwrite=overwrite, max_shard_size=max_shard_size, cpu_cache=cpu_cache)
     meta = _json.loads((path / ("binarize_export.json" if fmt == "bitnet" else "binarize.json")).read_text())
     size = sum(p.stat().st_size for p in path.glob("*.safetensors"))

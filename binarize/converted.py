@@ -25,6 +25,11 @@ def recipe_of(meta: dict) -> Recipe:
     return Recipe(**{k: v for k, v in meta.get("recipe", {}).items() if k in known})
 
 
+def require_tokenizer_files(path: Path) -> None:
+    if not any((path / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise BinarizeError(f"{path}: no tokenizer files")
+
+
 def load_converted(path: str | Path):
     """(model, tokenizer, meta): the QuantLinear model at hard sign (t = inf)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -65,7 +70,11 @@ def load_converted(path: str | Path):
     for q in quant_layers(model).values():
         q.folded = True
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    require_tokenizer_files(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise BinarizeError(f"{path}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
     return model, tokenizer, meta
 
 

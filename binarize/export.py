@@ -20,7 +20,7 @@ import torch
 
 from . import __version__
 from .checkpoint import atomic_dir, write_json
-from .converted import is_converted_dir, load_converted
+from .converted import is_converted_dir, load_converted, require_tokenizer_files
 from .errors import BinarizeError
 from .hf_quantizer import BinarizeConfig, register
 from .packed import CPU_CACHE_MODES, PackedLinear
@@ -49,6 +49,11 @@ def is_packed_dir(path: str | Path | None) -> bool:
         return json.loads((Path(path) / "binarize.json").read_text()).get("format") == PACKED_FORMAT
     except (OSError, json.JSONDecodeError):
         return True  # let the loader report the damage
+
+
+def require_run_dir(run_dir: Path) -> None:
+    if not is_converted_dir(run_dir) or is_packed_dir(run_dir):
+        raise BinarizeError(f"{run_dir} is not a binarize convert run directory (no latent binarize.json)")
 
 
 def _fold_shared_st(model, qlayers: dict) -> list[str]:
@@ -118,8 +123,7 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "binary", *, overwri
         check_format(fmt)
     if cpu_cache not in CPU_CACHE_MODES:
         raise BinarizeError(f"--cpu-cache must be one of {', '.join(CPU_CACHE_MODES)}, got {cpu_cache!r}")
-    if not is_converted_dir(run_dir) or is_packed_dir(run_dir):
-        raise BinarizeError(f"{run_dir} is not a binarize convert run directory (no latent binarize.json)")
+    require_run_dir(run_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise BinarizeError(f"output {out} exists and is not empty (use --overwrite)")
     model, tokenizer, meta = load_converted(run_dir)
@@ -205,8 +209,7 @@ def validate_packed_dir(path: Path) -> dict:
             raise BinarizeError(f"{path / f}: missing")
         if sha256(path / f) != digest:
             raise BinarizeError(f"{path / f}: checksum mismatch (file corrupted or modified)")
-    if not any((path / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        raise BinarizeError(f"{path}: no tokenizer files")
+    require_tokenizer_files(path)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:

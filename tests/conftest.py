@@ -23,19 +23,45 @@ def tokenizer_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer_dir):
-    """A tiny random LlamaForCausalLM with the real vocabulary, as a local model directory."""
+def make_tiny_llama(tokenizer_dir, out, **overrides):
+    """A tiny random LlamaForCausalLM (TINY, with ``overrides``) and the real vocabulary, saved to ``out``."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **TINY)
-    model = LlamaForCausalLM(config)
-    out = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         **{**TINY, **overrides})
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def train_tiny(model_dir, text_file, out, steps: int = 150):
+    """A short full-precision training on real text, so that binarizing the model hurts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from binarize.calibration.streams import TokenBlocks, tokenize_documents
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    blocks = TokenBlocks.from_stream(tokenize_documents(tok, [text_file.read_text()]), 64).blocks
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        x = blocks[torch.randint(len(blocks), (8,), generator=g)]
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
+    """A tiny random LlamaForCausalLM with the real vocabulary, as a local model directory."""
+    return make_tiny_llama(tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture()
@@ -59,25 +85,7 @@ def small_text(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_tiny_dir(tmp_path_factory, tiny_model_dir, small_text):
     """The tiny LLaMA after a short full-precision training on real text, so binarizing it hurts."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from binarize.calibration.streams import TokenBlocks, tokenize_documents
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    blocks = TokenBlocks.from_stream(tokenize_documents(tok, [small_text.read_text()]), 64).blocks
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(150):
-        x = blocks[torch.randint(len(blocks), (8,), generator=g)]
-        model(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    out = tmp_path_factory.mktemp("trained-tiny")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return train_tiny(tiny_model_dir, small_text, tmp_path_factory.mktemp("trained-tiny"))
 
 
 @pytest.fixture(scope="session")

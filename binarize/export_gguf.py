@@ -1,0 +1,460 @@
+"""``binarize export --format gguf-tq2|gguf-tq1|gguf-q1``: one .gguf file that upstream llama.cpp runs.
+
+Written with the ``gguf`` package's ``GGUFWriter`` and block quantizers, for the ``llama`` architecture
+(SmolLM, Llama 2/3 and other ``LlamaForCausalLM`` checkpoints):
+
+* Converted linears become TQ2_0 (2 bits, 256 per block), TQ1_0 (1.69 bits) or, for binary models,
+  Q1_0 (1 bit, 128 per block; llama.cpp decodes a set bit as +d). Binary models may also go out as
+  TQ1_0/TQ2_0, simply without zero codes; a ternary model in Q1_0 is refused. Every block's fp16
+  scale is its row's merged scale, so the codes are exact and the only error is fp16 rounding of
+  the scale (measured per tensor and reported as ``max_scale_rel_error``).
+* A row whose length is not a multiple of the block size (SmolLM2-135M's hidden size 576 is not a
+  multiple of 256 or 128) falls back per tensor to a 32-weight block type that still holds the
+  codes exactly: Q4_0 by default (``fallback="q4_0"``, 4.5 bits: d = the row scale, nibbles 7/8/9 for
+  -1/0/+1, packed by hand because gguf's Q4_0 quantizer would pick d = max/-8 and round +s to 7/8 of
+  it), or Q8_0 (``fallback="q8_0"``, 8.5 bits: d = s/127, codes +-127 and 0). Rows that fit no
+  32-block go out as F16. The report counts the weights that fell back.
+* St has no place in a GGUF linear, so it must vanish into neighbouring weights. q/k/v share one
+  St (recipe option ``share_st``) that multiplies ``attn_norm``; gate/up share one that multiplies
+  ``ffn_norm``; o_proj's St (tied per KV group by ``share_st``) multiplies v_proj's rows; down_proj's
+  St multiplies up_proj's rows. A run whose St is untied (the default binaryllm recipe learns one
+  St per layer) is refused with that advice; recipes without BaI have St = 1 and always fit.
+* q and k rows are permuted into the rotary layout llama.cpp uses for llama (pairs (i, i + d/2)
+  become neighbours), as its own HF converter does; llama3 rope scaling is written as the
+  ``rope_freqs`` tensor (the ratio of plain to scaled inverse frequencies).
+* Embeddings and a separate lm_head go out in F16 (``outer="q8_0"`` for Q8_0), norms in F32.
+* Tokenizer metadata is copied verbatim from the source GGUF when the run was converted from one
+  (the default model), otherwise built from the run's byte-level BPE ``tokenizer.json`` (tokens,
+  merges, special tokens, chat template); the pre-tokenizer name is read off its structure.
+* Runs trained with 8-bit activations are exported too, but llama.cpp runs activations through its
+  own 8-bit blocks (Q8_0/Q8_K, finer than one scale per token), so those logits differ a little
+  more than for runs with full-precision activations; the report says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import BinarizeError
+from .qlinear import quant_layers
+
+FORMATS = ("gguf-tq2", "gguf-tq1", "gguf-q1")
+OUTER_TYPES = ("f16", "q8_0")
+FALLBACK_TYPES = ("q4_0", "q8_0")
+MAPPED_MODEL_TYPES = ("llama",)
+TIE_ADVICE = "convert with the recipe option share_st: true (or a recipe without BaI, where St = 1)"
+
+
+def _gguf():
+    import gguf
+
+    return gguf
+
+
+def register_q1_0() -> None:
+    """Give the installed ``gguf`` a Q1_0 block quantizer if it lacks one (0.19 has only the type).
+
+    Same rule as llama.cpp's ``quantize_row_q1_0_ref``: d = mean |x| over the block of 128, bit j of
+    byte j // 8 set where x >= 0; dequantized, a set bit is +d and a clear one -d.
+    """
+    gguf = _gguf()
+    qtype = gguf.GGMLQuantizationType.Q1_0
+    if qtype in gguf.quants._type_traits:
+        return
+    base = getattr(gguf.quants, "__Quant")
+
+    class Q1_0(base, qtype=qtype):
+        @classmethod
+        def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+            d = np.abs(blocks).mean(axis=-1, keepdims=True, dtype=np.float64).astype(np.float16)
+            bits = (blocks >= 0).astype(np.uint8).reshape(blocks.shape[0], -1, 8)
+            qs = np.sum(bits << np.arange(8, dtype=np.uint8), axis=-1, dtype=np.uint8)
+            return np.concatenate([d.view(np.uint8), qs], axis=-1)
+
+        @classmethod
+        def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+            d, qs = np.hsplit(blocks, [2])
+            d = d.copy().view(np.float16).astype(np.float32)
+            bits = (qs[..., None] >> np.arange(8, dtype=np.uint8)) & 1
+            return d * (bits.reshape(blocks.shape[0], -1).astype(np.float32) * 2 - 1)
+
+
+@dataclass
+class GGUFReport:
+    """What the export wrote, for ``binarize_export.json`` and the CLI summary."""
+
+    format: str
+    file: str = ""
+    size_bytes: int = 0
+    converted_weights: int = 0
+    converted_bytes: int = 0
+    weights_by_type: dict[str, int] = field(default_factory=dict)
+    fallback_tensors: list[str] = field(default_factory=list)
+    fallback_weights: int = 0
+    max_scale_rel_error: float = 0.0
+    tokenizer: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.converted_bytes / max(self.converted_weights, 1)
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "file": self.file, "size_bytes": self.size_bytes,
+                "converted_weights": self.converted_weights, "bits_per_weight": self.bits_per_weight,
+                "weights_by_type": self.weights_by_type, "fallback_tensors": self.fallback_tensors,
+                "fallback_weights": self.fallback_weights, "max_scale_rel_error": self.max_scale_rel_error,
+                "tokenizer": self.tokenizer, "notes": self.notes}
+
+
+def target_type(fmt: str):
+    gguf = _gguf()
+    return getattr(gguf.GGMLQuantizationType, {"gguf-tq2": "TQ2_0", "gguf-tq1": "TQ1_0", "gguf-q1": "Q1_0"}[fmt])
+
+
+def check_options(fmt: str, outer: str, fallback: str) -> None:
+    if fmt not in FORMATS:
+        raise BinarizeError(f"unknown GGUF format {fmt!r} (known: {', '.join(FORMATS)})")
+    if outer not in OUTER_TYPES:
+        raise BinarizeError(f"--gguf-outer must be one of {', '.join(OUTER_TYPES)}, got {outer!r}")
+    if fallback not in FALLBACK_TYPES:
+        raise BinarizeError(f"--gguf-fallback must be one of {', '.join(FALLBACK_TYPES)}, got {fallback!r}")
+
+
+def check_gguf_fit(model, meta: dict, fmt: str) -> None:
+    """Refuse what the llama writer cannot hold (one reason, before anything is written)."""
+    if fmt not in FORMATS:
+        raise BinarizeError(f"unknown GGUF format {fmt!r} (known: {', '.join(FORMATS)})")
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MAPPED_MODEL_TYPES:
+        raise BinarizeError(f"the GGUF writer maps the llama architecture only; this model is {model_type!r}")
+    if meta.get("method") == "ternary" and fmt == "gguf-q1":
+        raise BinarizeError("this run is ternary: Q1_0 has no zero code (use gguf-tq2 or gguf-tq1)")
+    if fmt == "gguf-q1" and not hasattr(_gguf().GGMLQuantizationType, "Q1_0"):
+        raise BinarizeError("the installed gguf package has no Q1_0 type (pip install -U gguf); binary weights "
+                            "are exact in gguf-tq1 / gguf-tq2 too")
+    for name, q in quant_layers(model).items():
+        if q.bias is not None:
+            raise BinarizeError(f"{name} has a bias; the GGUF writer maps bias-free llama layers only")
+    rope = _rope(model.config)
+    if rope["rope_type"] not in ("default", "llama3", "linear"):
+        raise BinarizeError(f"rope scaling {rope['rope_type']!r} is not mapped by the GGUF writer "
+                            "(default, linear, llama3)")
+
+
+def _rope(config) -> dict:
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return params
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+@torch.no_grad()
+def folded_weights(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(linears, norms): every converted linear as codes * row scale with St moved out of it, and the
+    RMSNorm weights that took St in. Raises when some St cannot be folded (not tied)."""
+    cfg = model.config
+    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    groups, hd = cfg.num_attention_heads // kv, _head_dim(cfg)
+    qlayers = quant_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is model.model.layers)
+    codes, scales, norms = {}, {}, {}
+    for name, q in qlayers.items():
+        c, s = q.codes()
+        codes[name], scales[name] = c.to(torch.int8), s.detach().float().clone()
+    for i, block in enumerate(model.model.layers):
+        p = f"{prefix}.{i}."
+        for norm_name, readers in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                                   ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
+            sts = [qlayers[p + r].scale_in().detach().float() for r in readers]
+            for r, st in zip(readers[1:], sts[1:]):
+                if not torch.equal(st, sts[0]):
+                    raise BinarizeError(f"{p}{r} and {p}{readers[0]} have different St, which cannot fold into "
+                                        f"{norm_name}: {TIE_ADVICE}")
+            norms[p + norm_name] = getattr(block, norm_name).weight.detach().float() * sts[0]
+        st_o = qlayers[p + "self_attn.o_proj"].scale_in().detach().float().view(kv, groups, hd)
+        if not torch.equal(st_o, st_o[:, :1].expand_as(st_o)):
+            raise BinarizeError(f"{p}self_attn.o_proj's St differs within a KV group, so it cannot fold into "
+                                f"v_proj: {TIE_ADVICE}")
+        scales[p + "self_attn.v_proj"] *= st_o[:, 0].reshape(-1)
+        scales[p + "mlp.up_proj"] *= qlayers[p + "mlp.down_proj"].scale_in().detach().float()
+    weights = {n: codes[n].float() * scales[n].view(-1, 1) for n in qlayers}
+    return weights, norms
+
+
+def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF's rotate-half row order -> llama.cpp's interleaved pairs, per head."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_rope_factors(config) -> np.ndarray:
+    """llama.cpp divides each rotary frequency by rope_freqs[i]: plain / llama3-scaled inv_freq."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    base, dim = _rope(config)["rope_theta"], _head_dim(config)
+    plain = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    return (plain / scaled.double()).float().numpy()
+
+
+def exact_q4_0(w: np.ndarray) -> np.ndarray:
+    """Q4_0 blocks (fp16 d, then byte j = nibble of x[j] | nibble of x[j + 16] << 4, value = (q - 8) d)
+    holding rows of code * row scale with d = the row scale and q = code + 8."""
+    rows, cols = w.shape
+    s = np.abs(w).max(axis=1, keepdims=True)
+    codes = np.sign(w).astype(np.int8)
+    if not np.array_equal(codes * s, w):
+        raise BinarizeError("Q4_0 fallback: a row is not sign/zero codes times one scale")
+    q = (codes + 8).astype(np.uint8).reshape(rows, cols // 32, 2, 16)
+    d = np.repeat(s.astype(np.float16)[:, :, None], cols // 32, axis=1).view(np.uint8)
+    return np.concatenate([d, q[:, :, 0] | (q[:, :, 1] << 4)], axis=-1).reshape(rows, -1)
+
+
+def _quantize(w: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray]:
+    """(stored bytes or array, dequantized float32) through gguf's block quantizers (exact Q4_0 by hand)."""
+    gguf = _gguf()
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return w.astype(np.float16), w.astype(np.float16).astype(np.float32)
+    stored = exact_q4_0(w) if qtype == gguf.GGMLQuantizationType.Q4_0 else gguf.quants.quantize(w, qtype)
+    return stored, gguf.quants.dequantize(stored, qtype).reshape(w.shape)
+
+
+def _pick_type(in_features: int, target, fallback):
+    gguf = _gguf()
+    for qtype in (target, fallback):
+        if in_features % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
+            return qtype
+    return gguf.GGMLQuantizationType.F16
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def _source_gguf(run_dir: Path) -> Path | None:
+    """The GGUF a run was converted from, when it is still on this machine."""
+    from .models import DEFAULT_MODEL_NAME, default_model_file
+
+    try:
+        spec = json.loads((run_dir / "run.json").read_text()).get("model", "")
+    except (OSError, json.JSONDecodeError):
+        return None
+    if spec == DEFAULT_MODEL_NAME:
+        try:
+            return default_model_file()
+        except BinarizeError:
+            return None
+    p = Path(spec).expanduser()
+    return p if p.suffix == ".gguf" and p.is_file() else None
+
+
+def copy_tokenizer_fields(writer, source: Path) -> None:
+    gguf = _gguf()
+    reader = gguf.GGUFReader(str(source))
+    for key, f in reader.fields.items():
+        if key.startswith("tokenizer."):
+            sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+
+
+def _pre_tokenizer_name(tokenizer_json: dict) -> str:
+    """llama.cpp's pre-tokenizer name for the byte-level BPE structures we recognise."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"  # llama.cpp's smollm/starcoder group: single digits, then the GPT-2 regex
+    if kinds == ["Split", "ByteLevel"]:
+        pattern = (parts[0].get("pattern") or {}).get("Regex", "")
+        if "(?i:'s|'t|'re|'ve|'m|'ll|'d)" in pattern and "\\p{N}{1,3}" in pattern:
+            return "llama-bpe"
+    return "default"
+
+
+def add_hf_tokenizer_fields(writer, tokenizer, tok_dir: Path, n_vocab: int) -> str:
+    """Tokens, types, merges, special ids and chat template from a byte-level BPE tokenizer.json."""
+    gguf = _gguf()
+    try:
+        tj = json.loads((tok_dir / "tokenizer.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise BinarizeError(f"{tok_dir}: no readable tokenizer.json for the GGUF tokenizer metadata") from None
+    if (tj.get("model") or {}).get("type") != "BPE" or (tj.get("decoder") or {}).get("type") != "ByteLevel":
+        raise BinarizeError(f"{tok_dir}: only byte-level BPE tokenizers are mapped to GGUF metadata")
+    added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
+    tokens, types = [], []
+    for i, text in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        tokens.append(text)
+        if i in added:
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    for i in range(len(tokens), n_vocab):  # the embedding may be padded past the tokenizer
+        tokens.append(f"[PAD{i}]")
+        types.append(gguf.TokenType.UNUSED)
+    pre = _pre_tokenizer_name(tj)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(tok_dir, load_merges=True, n_vocab=n_vocab)
+    if special.chat_template is None and getattr(tokenizer, "chat_template", None):
+        special.chat_template = tokenizer.chat_template
+    special.add_to_gguf(writer, quiet=True)
+    return pre
+
+
+# ----------------------------------------------------------------------------- writer
+
+def _hparams(writer, config, name: str) -> None:
+    rope = _rope(config)
+    hd = _head_dim(config)
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_rope_dimension_count(hd)
+    if hd != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(hd)
+        writer.add_value_length(hd)
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_vocab_size(config.vocab_size)
+
+
+def write_gguf(model, tokenizer, meta: dict, path: Path, fmt: str, *, outer: str = "f16", fallback: str = "q4_0",
+               tok_dir: Path | None = None, source_gguf: Path | None = None) -> GGUFReport:
+    """Write ``model`` (a converted QuantLinear model) to ``path``; returns what was written."""
+    gguf = _gguf()
+    check_options(fmt, outer, fallback)
+    check_gguf_fit(model, meta, fmt)
+    if fmt == "gguf-q1":
+        register_q1_0()
+    linears, norms = folded_weights(model)
+    cfg = model.config
+    target = target_type(fmt)
+    outer_type = gguf.GGMLQuantizationType.F16 if outer == "f16" else gguf.GGMLQuantizationType.Q8_0
+    fallback_type = gguf.GGMLQuantizationType.Q4_0 if fallback == "q4_0" else gguf.GGMLQuantizationType.Q8_0
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    report = GGUFReport(format=fmt)
+
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    _hparams(writer, cfg, meta.get("name") or f"binarize {meta.get('recipe', {}).get('name', '')} {fmt}")
+    writer.add_file_type(getattr(gguf.LlamaFileType, {"gguf-tq2": "MOSTLY_TQ2_0", "gguf-tq1": "MOSTLY_TQ1_0",
+                                                      "gguf-q1": "MOSTLY_Q1_0"}[fmt]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if source_gguf is not None:
+        copy_tokenizer_fields(writer, source_gguf)
+        report.tokenizer = f"copied from {source_gguf.name}"
+    else:
+        if tok_dir is None:
+            raise BinarizeError("no tokenizer to write into the GGUF metadata")
+        report.tokenizer = f"built from tokenizer.json (pre-tokenizer {add_hf_tokenizer_fields(writer, tokenizer, tok_dir, cfg.vocab_size)})"
+    if meta.get("act_bits", 0) == 8:
+        report.notes.append("trained with int8 per-token activations; llama.cpp quantizes activations in its own "
+                            "8-bit blocks instead")
+
+    def add_plain(hf_name: str, t: torch.Tensor, qtype) -> None:
+        a = t.detach().float().contiguous().numpy()
+        stored = a if qtype == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(a, qtype)
+        writer.add_tensor(names.get_name(hf_name, try_suffixes=(".weight",)), stored,
+                          raw_dtype=qtype if qtype not in (gguf.GGMLQuantizationType.F32,
+                                                           gguf.GGMLQuantizationType.F16) else None)
+
+    embed = model.get_input_embeddings().weight
+    add_plain("model.embed_tokens.weight", embed, outer_type)
+    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    for name, w in linears.items():
+        if name.endswith("self_attn.q_proj"):
+            w = permute_rotary(w, cfg.num_attention_heads)
+        elif name.endswith("self_attn.k_proj"):
+            w = permute_rotary(w, kv)
+        qtype = _pick_type(w.shape[1], target, fallback_type)
+        a = w.contiguous().numpy()
+        stored, back = _quantize(a, qtype)
+        rows = np.abs(a).max(axis=1)
+        ok = rows > 0
+        if ok.any():
+            err = float((np.abs(back - a).max(axis=1)[ok] / rows[ok]).max())
+            report.max_scale_rel_error = max(report.max_scale_rel_error, err)
+        writer.add_tensor(names.get_name(name + ".weight", try_suffixes=(".weight",)), stored,
+                          raw_dtype=qtype if qtype != gguf.GGMLQuantizationType.F16 else None)
+        report.converted_weights += a.size
+        report.converted_bytes += stored.nbytes
+        report.weights_by_type[qtype.name] = report.weights_by_type.get(qtype.name, 0) + a.size
+        if qtype != target:
+            report.fallback_tensors.append(name)
+            report.fallback_weights += a.size
+    for name, w in norms.items():
+        add_plain(name + ".weight", w, gguf.GGMLQuantizationType.F32)
+    final_norm = next(n for n, m in model.named_modules() if m is model.model.norm)
+    add_plain(final_norm + ".weight", model.model.norm.weight, gguf.GGMLQuantizationType.F32)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() != embed.data_ptr():
+        add_plain("lm_head.weight", head.weight, outer_type)
+    if _rope(cfg)["rope_type"] == "llama3":
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_rope_factors(cfg))
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    report.size_bytes = path.stat().st_size
+    return report
+
+
+def export_gguf(run_dir: Path, out: Path, fmt: str, *, outer: str = "f16", fallback: str = "q4_0",
+                overwrite: bool = False) -> tuple[Path, GGUFReport]:
+    """A convert run -> ``out`` (a .gguf file, or a directory holding model.gguf and the report)."""
+    from .checkpoint import atomic_dir, write_json
+    from .converted import load_converted
+    from .export import require_run_dir
+
+    check_options(fmt, outer, fallback)
+    run_dir, out = Path(run_dir), Path(out)
+    require_run_dir(run_dir)
+    model, tokenizer, meta = load_converted(run_dir)
+    meta = {**meta, "name": run_dir.resolve().name}
+    source = _source_gguf(run_dir)
+
+    def write(file: Path) -> GGUFReport:
+        return write_gguf(model, tokenizer, meta, file, fmt, outer=outer, fallback=fallback, tok_dir=run_dir,
+                          source_gguf=source)
+
+    if out.suffix == ".gguf":
+        if out.exists() and not overwrite:
+            raise BinarizeError(f"output {out} exists (use --overwrite)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            report = write(tmp)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        report.file = str(out)
+        return out, report
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise BinarizeError(f"output {out} exists and is not empty (use --overwrite)")
+    with atomic_dir(out) as tmp:
+        report = write(tmp / "model.gguf")
+        report.file = "model.gguf"
+        write_json(tmp / "binarize_export.json", {"binarize_version": __version__, "source_run": str(run_dir),
+                                                  "method": meta.get("method"), "recipe": meta.get("recipe", {}),
+                                                  **report.to_dict()})
+    return out / "model.gguf", report
