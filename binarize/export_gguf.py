@@ -130,8 +130,6 @@ def check_options(fmt: str, outer: str, fallback: str) -> None:
 
 def check_gguf_fit(model, meta: dict, fmt: str) -> None:
     """Refuse what the llama writer cannot hold (one reason, before anything is written)."""
-    if fmt not in FORMATS:
-        raise BinarizeError(f"unknown GGUF format {fmt!r} (known: {', '.join(FORMATS)})")
     model_type = getattr(model.config, "model_type", None)
     if model_type not in MAPPED_MODEL_TYPES:
         raise BinarizeError(f"the GGUF writer maps the llama architecture only; this model is {model_type!r}")
@@ -160,12 +158,16 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def _kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
 @torch.no_grad()
 def folded_weights(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(linears, norms): every converted linear as codes * row scale with St moved out of it, and the
     RMSNorm weights that took St in. Raises when some St cannot be folded (not tied)."""
     cfg = model.config
-    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    kv = _kv_heads(cfg)
     groups, hd = cfg.num_attention_heads // kv, _head_dim(cfg)
     qlayers = quant_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is model.model.layers)
@@ -224,8 +226,6 @@ def exact_q4_0(w: np.ndarray) -> np.ndarray:
 def _quantize(w: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray]:
     """(stored bytes or array, dequantized float32) through gguf's block quantizers (exact Q4_0 by hand)."""
     gguf = _gguf()
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return w.astype(np.float16), w.astype(np.float16).astype(np.float32)
     stored = exact_q4_0(w) if qtype == gguf.GGMLQuantizationType.Q4_0 else gguf.quants.quantize(w, qtype)
     return stored, gguf.quants.dequantize(stored, qtype).reshape(w.shape)
 
@@ -291,7 +291,7 @@ def add_hf_tokenizer_fields(writer, tokenizer, tok_dir: Path, n_vocab: int) -> s
         raise BinarizeError(f"{tok_dir}: no readable tokenizer.json for the GGUF tokenizer metadata") from None
     if (tj.get("model") or {}).get("type") != "BPE" or (tj.get("decoder") or {}).get("type") != "ByteLevel":
         raise BinarizeError(f"{tok_dir}: only byte-level BPE tokenizers are mapped to GGUF metadata")
-    added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
+    added = tokenizer.added_tokens_decoder
     tokens, types = [], []
     for i, text in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
         tokens.append(text)
@@ -325,7 +325,7 @@ def _hparams(writer, config, name: str) -> None:
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    writer.add_head_count_kv(_kv_heads(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_rope_dimension_count(hd)
@@ -356,8 +356,7 @@ def write_gguf(model, tokenizer, meta: dict, path: Path, fmt: str, *, outer: str
 
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _hparams(writer, cfg, meta.get("name") or f"binarize {meta.get('recipe', {}).get('name', '')} {fmt}")
-    writer.add_file_type(getattr(gguf.LlamaFileType, {"gguf-tq2": "MOSTLY_TQ2_0", "gguf-tq1": "MOSTLY_TQ1_0",
-                                                      "gguf-q1": "MOSTLY_Q1_0"}[fmt]))
+    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{target.name}"))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if source_gguf is not None:
         copy_tokenizer_fields(writer, source_gguf)
@@ -365,26 +364,27 @@ def write_gguf(model, tokenizer, meta: dict, path: Path, fmt: str, *, outer: str
     else:
         if tok_dir is None:
             raise BinarizeError("no tokenizer to write into the GGUF metadata")
-        report.tokenizer = f"built from tokenizer.json (pre-tokenizer {add_hf_tokenizer_fields(writer, tokenizer, tok_dir, cfg.vocab_size)})"
+        pre = add_hf_tokenizer_fields(writer, tokenizer, tok_dir, cfg.vocab_size)
+        report.tokenizer = f"built from tokenizer.json (pre-tokenizer {pre})"
     if meta.get("act_bits", 0) == 8:
         report.notes.append("trained with int8 per-token activations; llama.cpp quantizes activations in its own "
                             "8-bit blocks instead")
 
+    def raw(qtype):  # block types go in as bytes; F32/F16 arrays carry their own dtype
+        return None if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else qtype
+
     def add_plain(hf_name: str, t: torch.Tensor, qtype) -> None:
         a = t.detach().float().contiguous().numpy()
         stored = a if qtype == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(a, qtype)
-        writer.add_tensor(names.get_name(hf_name, try_suffixes=(".weight",)), stored,
-                          raw_dtype=qtype if qtype not in (gguf.GGMLQuantizationType.F32,
-                                                           gguf.GGMLQuantizationType.F16) else None)
+        writer.add_tensor(names.get_name(hf_name, try_suffixes=(".weight",)), stored, raw_dtype=raw(qtype))
 
     embed = model.get_input_embeddings().weight
     add_plain("model.embed_tokens.weight", embed, outer_type)
-    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     for name, w in linears.items():
         if name.endswith("self_attn.q_proj"):
             w = permute_rotary(w, cfg.num_attention_heads)
         elif name.endswith("self_attn.k_proj"):
-            w = permute_rotary(w, kv)
+            w = permute_rotary(w, _kv_heads(cfg))
         qtype = _pick_type(w.shape[1], target, fallback_type)
         a = w.contiguous().numpy()
         stored, back = _quantize(a, qtype)
@@ -394,7 +394,7 @@ def write_gguf(model, tokenizer, meta: dict, path: Path, fmt: str, *, outer: str
             err = float((np.abs(back - a).max(axis=1)[ok] / rows[ok]).max())
             report.max_scale_rel_error = max(report.max_scale_rel_error, err)
         writer.add_tensor(names.get_name(name + ".weight", try_suffixes=(".weight",)), stored,
-                          raw_dtype=qtype if qtype != gguf.GGMLQuantizationType.F16 else None)
+                          raw_dtype=raw(qtype))
         report.converted_weights += a.size
         report.converted_bytes += stored.nbytes
         report.weights_by_type[qtype.name] = report.weights_by_type.get(qtype.name, 0) + a.size
