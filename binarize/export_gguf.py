@@ -65,8 +65,8 @@ def register_q1_0() -> None:
     byte j // 8 set where x >= 0; dequantized, a set bit is +d and a clear one -d.
     """
     gguf = _gguf()
-    qtype = gguf.GGMLQuantizationType.Q1_0
-    if qtype in gguf.quants._type_traits:
+    qtype = getattr(gguf.GGMLQuantizationType, "Q1_0", None)
+    if qtype is None or qtype in gguf.quants._type_traits:
         return
     base = getattr(gguf.quants, "__Quant")
 

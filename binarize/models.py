@@ -137,11 +137,15 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if src.gguf_file:
+        from .export_gguf import register_q1_0
+
+        register_q1_0()  # so that transformers can dequantize the Q1_0 files binarize writes
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.path, **src.kwargs())
         with _quiet_gguf():
             model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **src.kwargs())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, NotImplementedError) as exc:  # NotImplementedError: a GGUF type gguf cannot read
         first = str(exc).strip().splitlines()[0]
         raise BinarizeError(f"cannot load model {src.spec!r}: {first}") from None
     if src.gguf_file:
