@@ -42,7 +42,11 @@ import numpy as np
 import torch
 
 from . import __version__
+from .checkpoint import atomic_dir, write_json
+from .converted import load_converted
 from .errors import BinarizeError
+from .export import NORM_GROUPS, require_run_dir
+from .packing import check_method_format
 from .qlinear import quant_layers
 
 FORMATS = ("gguf-tq2", "gguf-tq1", "gguf-q1")
@@ -133,8 +137,7 @@ def check_gguf_fit(model, meta: dict, fmt: str) -> None:
     model_type = getattr(model.config, "model_type", None)
     if model_type not in MAPPED_MODEL_TYPES:
         raise BinarizeError(f"the GGUF writer maps the llama architecture only; this model is {model_type!r}")
-    if meta.get("method") == "ternary" and fmt == "gguf-q1":
-        raise BinarizeError("this run is ternary: Q1_0 has no zero code (use gguf-tq2 or gguf-tq1)")
+    check_method_format(meta.get("method", "binary"), fmt, "this run")
     if fmt == "gguf-q1" and not hasattr(_gguf().GGMLQuantizationType, "Q1_0"):
         raise BinarizeError("the installed gguf package has no Q1_0 type (pip install -U gguf); binary weights "
                             "are exact in gguf-tq1 / gguf-tq2 too")
@@ -177,8 +180,7 @@ def folded_weights(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
         codes[name], scales[name] = c.to(torch.int8), s.detach().float().clone()
     for i, block in enumerate(model.model.layers):
         p = f"{prefix}.{i}."
-        for norm_name, readers in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                                   ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
+        for norm_name, readers in NORM_GROUPS:
             sts = [qlayers[p + r].scale_in().detach().float() for r in readers]
             for r, st in zip(readers[1:], sts[1:]):
                 if not torch.equal(st, sts[0]):
@@ -422,10 +424,6 @@ def write_gguf(model, tokenizer, meta: dict, path: Path, fmt: str, *, outer: str
 def export_gguf(run_dir: Path, out: Path, fmt: str, *, outer: str = "f16", fallback: str = "q4_0",
                 overwrite: bool = False) -> tuple[Path, GGUFReport]:
     """A convert run -> ``out`` (a .gguf file, or a directory holding model.gguf and the report)."""
-    from .checkpoint import atomic_dir, write_json
-    from .converted import load_converted
-    from .export import require_run_dir
-
     check_options(fmt, outer, fallback)
     run_dir, out = Path(run_dir), Path(out)
     require_run_dir(run_dir)
