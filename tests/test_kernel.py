@@ -1,18 +1,14 @@
 """The Triton kernel against the quantizer module's reference, fresh random inputs every run.
 
-Without CUDA the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before
-triton is imported); the interpreter has no bf16, so it is checked in fp32. With CUDA the
+Without CUDA the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest
+before any test imports triton); the interpreter has no bf16, so it is checked in fp32. With CUDA the
 same tests run compiled, plus fp16/bf16 and decode/prefill shapes.
 """
-
-import os
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton")
 

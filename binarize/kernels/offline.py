@@ -1,10 +1,10 @@
 """Compile the packed-weight kernels for an NVIDIA GPU on a machine that has none.
 
 Triton's wheel ships ptxas, nvdisasm and cuobjdump, so its whole CUDA pipeline (TTIR, TTGIR,
-LLVM, PTX, cubin) runs without a GPU. CI uses this to check that every autotune configuration
-compiles for the GPUs we target (the CPU interpreter checks the arithmetic, not the compiler),
-and ``benchmarks/kernel_sass.py`` counts the machine instructions of each configuration's inner
-loop: both kernels are issue-bound at batch 1, so instructions per weight predict their time.
+LLVM, PTX, cubin) runs without a GPU. CI uses this to check that both kernels compile for sm_90
+for both code widths (the CPU interpreter checks the arithmetic, not the compiler), and
+``benchmarks/kernel_sass.py`` counts the machine instructions of every configuration's inner
+loop: both kernels are issue-bound at batch 1, so instructions per weight bound their time.
 
 Arguments are specialised the way Triton's JIT does for our shapes: pointers 16-byte aligned,
 N, K, KW and the row strides divisible by 16. Must run in a process without TRITON_INTERPRET=1.
