@@ -39,7 +39,7 @@ def main() -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from binarize.export import load_packed, resident_bytes
+    from binarize.formats.packed_reader import load_packed, resident_bytes
     from binarize.models import load_model
 
     hf_logging.set_verbosity_error()

@@ -9,7 +9,6 @@ and seed; the step time is the mean over the steps after the first.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -25,10 +24,12 @@ def run(model: str | None, out: Path, args, alpha: float) -> dict:
     if alpha > 0:
         cmd += ["--distill", str(alpha)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    record = json.loads((out / "run.json").read_text())
-    steps = record["steps"][1:] or record["steps"]
-    return {"peak": record["peak_memory_mib"], "step_s": sum(s["wall_s"] for s in steps) / len(steps),
-            "kd": record["steps"][-1]["kd"]}
+    from binarize.train.record import RunRecord
+
+    record = RunRecord.read(out)
+    steps = record.steps[1:] or record.steps
+    return {"peak": record.peak_memory_mib, "step_s": sum(s.wall_s for s in steps) / len(steps),
+            "kd": record.steps[-1].kd}
 
 
 def main() -> None:

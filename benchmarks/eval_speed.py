@@ -38,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from binarize.converted import load_any
+    from binarize.loading import load_any
     from binarize.evaluate import eval_tokens, perplexity
 
     model, tok, desc = load_any(args.model, cpu_cache="fp32")

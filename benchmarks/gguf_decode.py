@@ -106,7 +106,7 @@ def llama_1b_files(tmp: Path, outers: list[str], threads: int) -> list[tuple[str
     import llama_cpp
     from transformers import AutoTokenizer
 
-    from binarize.export_gguf import write_gguf
+    from binarize.formats.gguf_writer import write_gguf
 
     tok_dir = default_tokenizer_dir(tmp)
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -136,7 +136,7 @@ def llama_1b_files(tmp: Path, outers: list[str], threads: int) -> list[tuple[str
 
 
 def default_model_files(tmp: Path, run: Path, outer: str) -> list[tuple[str, Path]]:
-    from binarize.export_gguf import export_gguf
+    from binarize.formats.gguf_writer import export_gguf
     from binarize.models import default_model_file
 
     method = json.loads((run / "binarize.json").read_text())["method"]
@@ -156,7 +156,7 @@ def agreement(run: Path, files: list[tuple[str, Path]], threads: int) -> None:
     import torch
 
     from binarize.calibration.datasets import DATASETS, local_file
-    from binarize.converted import load_converted
+    from binarize.formats.latent import load_converted
 
     model, tok, _ = load_converted(run)
     path = local_file(DATASETS["wikitext2"].splits["test"])

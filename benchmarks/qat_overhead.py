@@ -54,7 +54,7 @@ class PeakRSS:
 def run_mode(args) -> dict:
     import torch
 
-    from binarize.convert import _accumulate, trainable_groups
+    from binarize.train.loop import accumulate, trainable_groups
     from binarize.models import load_model, target_linears
     from binarize.qlinear import LayerSpec, quant_layers, quantize_, set_t
     from binarize.recipe import load_recipe
@@ -88,7 +88,7 @@ def run_mode(args) -> dict:
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            _accumulate(model, batch, args.micro_batch, lambda loss: loss.backward())
+            accumulate(model, batch, args.micro_batch, lambda loss: loss.backward())
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -40,6 +40,7 @@ import yaml
 from .checkpoint import write_json
 from .errors import BinarizeError
 from .recipe import load_recipe, parse_tokens, recipe_dir
+from .train.record import RunRecord
 
 PLAN_KEYS = {"name", "description", "model", "from_scratch", "tokens", "recipe", "set", "eval", "runs"}
 MEMBER_KEYS = {"name", "recipe", "set"}
@@ -96,7 +97,7 @@ def _mapping(value: Any, what: str) -> dict:
 
 def load_plan(name_or_path: str, tokens: str | None = None) -> Plan:
     """Parse and fully validate a plan: every member's recipe is loaded and its budget checked."""
-    from .convert import check_job
+    from .train.plan import check_job
 
     path = find_plan(name_or_path)
     try:
@@ -178,13 +179,6 @@ def _run_logged(cmd: list[str], log: Path) -> tuple[int, str]:
     return rc, err
 
 
-def final_loss(steps: list[dict]) -> float | None:
-    if not steps:
-        return None
-    tail = steps[-max(1, len(steps) // 10):]
-    return sum(s["loss"] for s in tail) / len(tail)
-
-
 def run_member(plan: Plan, m: Member, out: Path, echo: Callable[[str], None]) -> dict:
     run, log = out / "runs" / m.name, out / "logs" / f"{m.name}.log"
     eval_json = out / "results" / f"{m.name}.eval.json"
@@ -201,14 +195,14 @@ def run_member(plan: Plan, m: Member, out: Path, echo: Callable[[str], None]) ->
         rc, err = _run_logged(eval_command(plan, run, eval_json), log)
         if rc != 0:
             return {**result, "status": "failed", "error": f"eval exit {rc}: {err}"}
-    record = json.loads((run / "run.json").read_text())
+    record = RunRecord.read(run)
     rows = json.loads(eval_json.read_text())
     ppl = {k: v["ppl"] for k, v in rows[0]["perplexity"].items()}
-    return {**result, "final_loss": final_loss(record["steps"]), "ppl": ppl,
-            "tokens": record["tokens"]["trained"], "bai_tokens": (record.get("bai") or {}).get("tokens", 0),
-            "wall_s": record["wall_s"], "peak_memory_mib": record.get("peak_memory_mib", {}),
-            "losses": [[s["tokens"], s["loss"]] for s in record["steps"]],
-            "switch_tokens": next((s["tokens"] for s in record["steps"] if s.get("lambda", 1) > 0), None),
+    return {**result, "final_loss": record.tail_loss(), "ppl": ppl,
+            "tokens": record.tokens.trained, "bai_tokens": record.bai.tokens if record.bai else 0,
+            "wall_s": record.wall_s, "peak_memory_mib": record.peak_memory_mib or {},
+            "losses": [[s.tokens, s.loss] for s in record.steps],
+            "switch_tokens": next((s.tokens for s in record.steps if s.lam > 0), None),
             "member_s": time.perf_counter() - t0}
 
 

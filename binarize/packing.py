@@ -39,16 +39,6 @@ def check_format(fmt: str) -> None:
         raise BinarizeError(f"unknown packed format {fmt!r} (known: {', '.join(FORMATS)})")
 
 
-NO_ZERO_FORMATS = {"binary": "ternary2 or ternary-b3", "gguf-q1": "gguf-tq2 or gguf-tq1"}  # -> what to use instead
-
-
-def check_method_format(method: str, fmt: str, what: str) -> None:
-    """A ternary model needs a format with a zero code; ``binary`` and GGUF's Q1_0 have none."""
-    if method == "ternary" and fmt in NO_ZERO_FORMATS:
-        raise BinarizeError(f"{what} is ternary: the {fmt} format cannot store its zero weights, it has no zero "
-                            f"code (use {NO_ZERO_FORMATS[fmt]})")
-
-
 def _pad_cols(x: torch.Tensor, multiple: int, value: int) -> torch.Tensor:
     pad = -x.shape[1] % multiple
     return torch.nn.functional.pad(x, (0, pad), value=value) if pad else x

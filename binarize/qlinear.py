@@ -1,35 +1,25 @@
-"""QuantLinear and the torchao-style module swap: ``quantize_(model, LayerSpec)``."""
+"""QuantLinear, the torchao-style module swap ``quantize_(model, LayerSpec)``, and ``prepare``.
+
+``prepare(model, recipe)`` is the one recipe-to-model setup: conversion calls it on the
+full-precision model before BaI, and loading a run calls it on an empty model before reading the
+weights (torchao's QAT prepare/convert symmetry); ``finish_init`` then puts the layers in their
+trained state (St folded into the latent, Sl-only scaling when the recipe asks for it).
+
+A QuantLinear holds its weight fake-quantizer (``fake_quant.WeightQuantizer``), chosen once from
+the method; a new quantizer goes into ``quantizers.py`` (math) and ``fake_quant.py`` (selection).
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fake_quant import LayerSpec, weight_quantizer
 from .models import decoder_layers, target_linears
-from .quantizers import (analytic_scale, binary_codes, binary_weight, lambda_mix, quantize_activations_int8,
-                         ternary_codes, ternary_weight)
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """What each swapped layer computes (the recipe's per-layer part)."""
-
-    method: str = "binary"  # binary | ternary
-    ste: bool = False  # hard quantizer with a straight-through backward from step 0
-    sa_grad: bool = False
-    st_min: float = 1e-2
-    ternary_scale: str = "absmean"  # absmean | absmedian
-    per_row: bool = False  # ternary gamma per output row instead of per tensor
-    act_bits: int = 0  # 0: full-precision activations; 8: BitLinear per-token absmax int8
-
-    @classmethod
-    def from_recipe(cls, r) -> "LayerSpec":
-        return cls(method=r.method, ste=r.quantizer == "ste", sa_grad=r.sa_grad, st_min=r.st_min,
-                   ternary_scale=r.ternary_scale, per_row=r.per_row, act_bits=r.act_bits)
+from .quantizers import analytic_scale, lambda_mix, quantize_activations_int8
 
 
 class QuantLinear(nn.Module):
@@ -56,6 +46,7 @@ class QuantLinear(nn.Module):
         self.sl = nn.Parameter(torch.ones(out_features))
         self.register_buffer("sa_fixed", None)  # set for the "learnable" (Sl-only) scaling
         self.spec = spec
+        self.weight_quantizer = weight_quantizer(spec)
         self.ste, self.sa_grad, self.st_min = spec.ste, spec.sa_grad, spec.st_min
         self.t = math.inf  # hard quantizer unless a schedule says otherwise
         self.lam = 1.0
@@ -86,16 +77,8 @@ class QuantLinear(nn.Module):
         return self.latent() * self.scale_in() if self.folded else self.weight
 
     def quantized_weight(self) -> torch.Tensor:
-        if self.spec.method == "ternary":
-            w = ternary_weight(self.latent(), self.spec.ternary_scale, self.spec.per_row, self.t,
-                               ste=self.ste or math.isinf(self.t))
-            return (self.sl.view(-1, 1) * w * self.scale_in()).to(self.weight.dtype)
-        return binary_weight(
-            self.latent(), self.sl, self.scale_in(), self.t,
-            ste=self.ste and not math.isinf(self.t),
-            sa_grad=self.sa_grad or not self.folded,
-            sa_fixed=self.sa_fixed,
-        )
+        return self.weight_quantizer.weight(self.latent(), self.sl, self.scale_in(), self.t, ste=self.ste,
+                                            sa_grad=self.sa_grad or not self.folded, sa_fixed=self.sa_fixed)
 
     def effective_weight(self) -> torch.Tensor:
         if self.lam <= 0:
@@ -107,12 +90,7 @@ class QuantLinear(nn.Module):
     def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Export view at the hard quantizer: (codes, merged per-row scale); the effective
         weight is exactly ``dequantize(codes, scale, St)``."""
-        w = self.latent().detach()
-        if self.spec.method == "ternary":
-            codes, gamma = ternary_codes(w, self.spec.ternary_scale, self.spec.per_row)
-            scale = self.sl.detach().to(gamma.dtype).view(-1, 1) * gamma
-            return codes, scale.expand(self.out_features, 1).reshape(-1)
-        return binary_codes(w, self.sl.detach(), self.sa_fixed)
+        return self.weight_quantizer.codes(self.latent().detach(), self.sl.detach(), self.sa_fixed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.act_bits == 8 and self.lam > 0:
@@ -172,6 +150,31 @@ def share_st_(model: nn.Module) -> None:
         o = attn.o_proj
         o.st = nn.Parameter(torch.ones(kv * head_dim, device=o.weight.device), requires_grad=False)
         o.st_groups = (heads // kv, head_dim)
+
+
+def prepare(model: nn.Module, recipe) -> list[str]:
+    """The recipe's quantized layers in ``model``, in place: every decoder-block linear becomes a
+    QuantLinear (``quantize_``) and St is tied when the recipe says ``share_st``. Used by
+    conversion (before BaI) and by loading a run (before reading its weights); returns the names."""
+    names = quantize_(model, LayerSpec.from_recipe(recipe))
+    if recipe.share_st:
+        share_st_(model)
+    return names
+
+
+def finish_init(model: nn.Module, recipe, *, from_file: bool = False) -> None:
+    """After BaI (or in its place): every layer holds its latent W~ = W / St (``fold_st``; a no-op
+    where BaI already folded) or, ``from_file``, is marked folded because its trained weights are
+    about to be read from a run or checkpoint. Then Sl-only scaling (``scaling: learnable``)
+    freezes Sa. Nothing here draws random numbers."""
+    for q in quant_layers(model).values():
+        if from_file:
+            q.folded = True
+        else:
+            q.fold_st()
+    if recipe.scaling == "learnable":
+        for q in quant_layers(model).values():
+            q.use_learnable_scale()
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:

@@ -96,7 +96,7 @@ def trained_tiny_dir(tmp_path_factory, tiny_model_dir, small_text):
 @pytest.fixture(scope="session")
 def converted_tiny_dir(tmp_path_factory, trained_tiny_dir, small_text):
     """A short binaryllm conversion of the trained tiny LLaMA (a convert run directory)."""
-    from binarize.convert import ConvertJob, convert
+    from binarize.train import ConvertJob, convert
     from binarize.recipe import load_recipe
 
     recipe = load_recipe("binaryllm", dict(seq_len=64, batch_tokens=256, bai_batch_tokens=128, bai_steps=3,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from binarize.convert import ConvertJob, Distill, check_job, convert, plan_budget
+from binarize.train import ConvertJob, Distill, check_job, convert, plan_budget
 from binarize.errors import BinarizeError
 from binarize.qlinear import LayerSpec, QuantLinear, quant_layers
 from binarize.quantizers import dequantize, quantize_activations_int8
@@ -112,7 +112,7 @@ def _run(model_dir, text, out, tokens=256 * 8, recipe="continual-16to158", from_
 
 
 def test_continual_switch_full_precision_first_then_ternary(trained_tiny_dir, small_text, tmp_path):
-    from binarize.converted import load_converted
+    from binarize.formats.latent import load_converted
     from binarize.evaluate import mean_loss
 
     kept = _run(trained_tiny_dir, small_text, tmp_path / "kept", switch_at=0.5)
@@ -146,7 +146,7 @@ def test_distillation_term_is_zero_for_the_teacher_and_grows_after_the_switch(tr
 
 
 def test_from_scratch_trains_every_parameter(tokenizer_dir, small_text, tmp_path):
-    from binarize.converted import load_converted
+    from binarize.formats.latent import load_converted
     from binarize.models import SCRATCH_CONFIGS
 
     run = _run(tokenizer_dir, small_text, tmp_path / "scratch", tokens=256 * 6, switch_at=0.5, from_scratch="tiny")
@@ -169,8 +169,9 @@ def record_vocab(run) -> int:
 
 
 def test_ternary_export_round_trip_with_int8_activations(trained_tiny_dir, small_text, tmp_path):
-    from binarize.converted import load_converted
-    from binarize.export import export, load_packed
+    from binarize.formats.latent import load_converted
+    from binarize.formats import export
+    from binarize.formats.packed_reader import load_packed
 
     run = _run(trained_tiny_dir, small_text, tmp_path / "bitnet", recipe="bitnet-b158-absmedian")
     with pytest.raises(BinarizeError, match="cannot store its zero"):
@@ -235,8 +236,8 @@ def test_bitnet_export_loads_in_stock_transformers(trained_tiny_dir, small_text,
     import subprocess
     import sys
 
-    from binarize.converted import load_converted
-    from binarize.export import export
+    from binarize.formats.latent import load_converted
+    from binarize.formats import export
 
     run = _run(trained_tiny_dir, small_text, tmp_path / "bitnet", recipe="bitnet-b158-absmean")
     out = export(run, tmp_path / "stock", "bitnet")
@@ -254,8 +255,8 @@ def test_bitnet_export_loads_in_stock_transformers(trained_tiny_dir, small_text,
 
 
 def test_bitnet_export_refuses_what_it_cannot_hold(converted_tiny_dir, tmp_path, tiny_model):
-    from binarize.export import export
-    from binarize.export_bitnet import check_bitnet_fit
+    from binarize.formats import export
+    from binarize.formats.bitnet import check_bitnet_fit
     from binarize.qlinear import quantize_
 
     with pytest.raises(BinarizeError, match="holds ternary models"):

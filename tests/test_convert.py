@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from binarize.convert import ConvertJob, Interrupted, binary_aware_init, convert, prepare_data
-from binarize.converted import load_converted
+from binarize.train import ConvertJob, Interrupted, convert, plan_budget
+from binarize.train.bai import binary_aware_init
+from binarize.train.data import prepare_data
+from binarize.formats.latent import load_converted
 from binarize.evaluate import mean_loss
 from binarize.qlinear import QuantLinear, quant_layers, quantize_
 from binarize.recipe import load_recipe
@@ -48,21 +50,21 @@ def test_bai_lowers_the_binarized_loss(trained_tiny_dir, small_text):
     tok = AutoTokenizer.from_pretrained(trained_tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(trained_tiny_dir, dtype=torch.float32)
     recipe = tiny_recipe(small_text, bai_steps=30, bai_lr=1e-2, calib_sequences=16)
-    data = prepare_data(tok, recipe, 20_000)
+    data = prepare_data(tok, recipe, plan_budget(recipe, 20_000))
     quantize_(model)
     res = binary_aware_init(model, data.calib, recipe)
-    assert res["loss_after"] < res["loss_before"] - 0.05, res
+    assert res.loss_after < res.loss_before - 0.05, res
     assert all(q.folded and not q.st.requires_grad for q in quant_layers(model).values())
     assert any(not torch.allclose(q.st, torch.ones_like(q.st)) for q in quant_layers(model).values())
     # folding St into the latent weight leaves the model's function unchanged
-    assert mean_loss(model, data.calib[:8]) == pytest.approx(res["loss_after"], rel=1e-5)
+    assert mean_loss(model, data.calib[:8]) == pytest.approx(res.loss_after, rel=1e-5)
 
 
 def test_calibration_is_held_out_of_training(tiny_model_dir, small_text):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    data = prepare_data(tok, tiny_recipe(small_text), 20_000)
+    data = prepare_data(tok, recipe := tiny_recipe(small_text), plan_budget(recipe, 20_000))
     train = {tuple(b.tolist()) for b in data.train.blocks.blocks}
     assert not any(tuple(c.tolist()) in train for c in data.calib)
 

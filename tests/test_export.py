@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from binarize.cli import main
-from binarize.converted import load_converted
+from binarize.formats.latent import load_converted
 from binarize.errors import BinarizeError
-from binarize.export import export, load_packed, resident_bytes
+from binarize.formats import export
+from binarize.formats.packed_reader import load_packed, resident_bytes
 from binarize.packed import PackedLinear
 from binarize.packing import FORMATS, pack, packed_shape, unpack
 from binarize.quantizers import dequantize

@@ -10,7 +10,8 @@ import torch
 
 from binarize.cli import main
 from binarize.errors import BinarizeError
-from binarize.export_gguf import (check_gguf_fit, folded_weights, permute_rotary, register_q1_0, write_gguf)
+from binarize.formats.gguf_q1 import register_q1_0
+from binarize.formats.gguf_writer import check_gguf_fit, folded_weights, permute_rotary, write_gguf
 from binarize.qlinear import LayerSpec, quant_layers, quantize_, share_st_
 from conftest import make_tiny_llama, train_tiny
 
@@ -49,7 +50,7 @@ def test_q1_0_blocks_follow_llama_cpp():
 
 def test_exact_q4_0_holds_codes_times_the_row_scale():
     """Hand-packed Q4_0 (gguf's own quantizer would round +s to 7/8 of it) read by gguf's dequantize."""
-    from binarize.export_gguf import exact_q4_0
+    from binarize.formats.gguf_writer import exact_q4_0
 
     codes = torch.randint(-1, 2, (5, 96)).float()
     codes[2] = 0  # an all-zero row
@@ -161,7 +162,7 @@ def test_tokenizer_metadata_matches_the_source_gguf(tokenizer_dir, tmp_path):
     """Built from tokenizer.json, the vocabulary metadata equals what the default model's GGUF holds."""
     from transformers import AutoTokenizer
 
-    from binarize.export_gguf import add_hf_tokenizer_fields
+    from binarize.formats.gguf_tokenizer import add_hf_tokenizer_fields
     from binarize.models import default_model_file
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -187,7 +188,7 @@ def test_tokenizer_metadata_matches_the_source_gguf(tokenizer_dir, tmp_path):
 def tied_run(tokenizer_dir, small_text, tmp_path_factory):
     """binaryllm with share_st on a trained tiny LLaMA whose down_proj (256 inputs) fits the blocks:
     BaI learns tied St that GGUF can fold."""
-    from binarize.convert import ConvertJob, convert
+    from binarize.train import ConvertJob, convert
     from binarize.recipe import load_recipe
 
     tiny = make_tiny_llama(tokenizer_dir, tmp_path_factory.mktemp("tiny-256"), intermediate_size=256)
@@ -204,7 +205,7 @@ def tied_run(tokenizer_dir, small_text, tmp_path_factory):
 def test_cli_export_runs_in_llama_cpp_with_the_same_greedy_text(tied_run, tmp_path, capsys, fmt):
     """`binarize export RUN --format gguf-*`: llama.cpp continues a prompt greedily for 32 tokens exactly
     as binarize's runtime does, with close logits."""
-    from binarize.converted import load_converted
+    from binarize.formats.latent import load_converted
 
     out = tmp_path / "gguf"
     _ok(["export", str(tied_run), "--out", str(out), "--format", fmt])

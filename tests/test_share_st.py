@@ -66,9 +66,10 @@ def test_tied_st_folds_into_norms_and_row_scales(tiny_model):
 
 def test_share_st_convert_export_round_trip(trained_tiny_dir, small_text, tmp_path):
     """BaI learns the tied St; the packed export folds q/k/v and gate/up St into the norms."""
-    from binarize.convert import ConvertJob, convert
-    from binarize.converted import load_converted
-    from binarize.export import export, load_packed
+    from binarize.train import ConvertJob, convert
+    from binarize.formats.latent import load_converted
+    from binarize.formats import export
+    from binarize.formats.packed_reader import load_packed
     from binarize.recipe import load_recipe
 
     recipe = load_recipe("binaryllm", dict(seq_len=64, batch_tokens=256, bai_batch_tokens=128, bai_steps=3,

@@ -17,10 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import BinarizeError
-from .qlinear import quant_layers
-
-FIT = "use a bitnet-b158 or continual-16to158 recipe (per-tensor scale, no BaI, act_bits 8)"
+from .._version import __version__
+from ..checkpoint import atomic_dir, write_json
+from ..errors import BinarizeError
+from ..qlinear import quant_layers
+from .latent import load_converted, require_run_dir
+from .registry import BITNET_FIT as FIT
+from .registry import Exported
 
 
 class _BitLinearWeights(nn.Module):
@@ -81,3 +84,30 @@ def export_bitnet(model, tokenizer, meta: dict, tmp: Path, max_shard_size: str =
     n = sum(model.get_submodule(x).weight.numel() * 4 for x in names)
     stored = sum(model.get_submodule(x).weight.numel() * 8 + 32 for x in names)
     return {"converted_weights": n, "code_bits_per_weight": 2.0, "bits_per_weight": stored / n, "layers": names}
+
+
+def export_bitnet_dir(run_dir: Path, out: Path, fmt: str = "bitnet", *, overwrite: bool = False,
+                      max_shard_size: str = "2GB") -> Exported:
+    """A convert run -> transformers' stock BitNet layout in ``out`` (atomic). Provenance goes to
+    binarize_export.json, not binarize.json, so every loader (ours included) treats it as the
+    plain HF model it is. Raises BinarizeError for a run the layout cannot hold exactly."""
+    from transformers.utils import logging as hf_logging
+
+    require_run_dir(run_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise BinarizeError(f"output {out} exists and is not empty (use --overwrite)")
+    model, tokenizer, meta = load_converted(run_dir)
+    hf_logging.disable_progress_bar()
+    with atomic_dir(out) as tmp:
+        info = export_bitnet(model, tokenizer, meta, tmp, max_shard_size)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        write_json(tmp / "binarize_export.json", {
+            "format": "transformers-bitnet", "binarize_version": __version__, "source_run": str(run_dir),
+            "method": meta.get("method"), "act_bits": meta.get("act_bits"), "recipe": meta.get("recipe", {}), **info,
+            "weight_formula": "W = code[i, j] / weight_scale (one scale per tensor); activations int8 per token",
+        })
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    return Exported(out, [f"{fmt}: {info['bits_per_weight']:.4f} bits per converted weight (codes "
+                          f"{info['code_bits_per_weight']:.3f}), {info['converted_weights']:,} weights, safetensors "
+                          f"{size / 2**20:.1f} MiB"])

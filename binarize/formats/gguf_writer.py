@@ -33,7 +33,6 @@ Written with the ``gguf`` package's ``GGUFWriter`` and block quantizers, for the
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,53 +40,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .checkpoint import atomic_dir, write_json
-from .converted import load_converted
-from .errors import BinarizeError
-from .export import NORM_GROUPS, require_run_dir
-from .packing import check_method_format
-from .qlinear import quant_layers
+from .._version import __version__
+from ..checkpoint import atomic_dir, write_json
+from ..errors import BinarizeError
+from ..models import NORM_GROUPS
+from ..qlinear import quant_layers
+from .gguf_q1 import _gguf, register_q1_0
+from .gguf_tokenizer import _source_gguf, add_hf_tokenizer_fields, copy_tokenizer_fields
+from .latent import load_converted, require_run_dir
+from .registry import GGUF_TIE_ADVICE as TIE_ADVICE
+from .registry import FORMATS as ALL_FORMATS
+from .registry import Exported, check_fit
 
-FORMATS = ("gguf-tq2", "gguf-tq1", "gguf-q1")
+FORMATS = tuple(n for n, f in ALL_FORMATS.items() if f.kind == "gguf")
 OUTER_TYPES = ("f16", "q8_0")
 FALLBACK_TYPES = ("q4_0", "q8_0")
 MAPPED_MODEL_TYPES = ("llama",)
-TIE_ADVICE = "convert with the recipe option share_st: true (or a recipe without BaI, where St = 1)"
-
-
-def _gguf():
-    import gguf
-
-    return gguf
-
-
-def register_q1_0() -> None:
-    """Give the installed ``gguf`` a Q1_0 block quantizer if it lacks one (0.19 has only the type).
-
-    Same rule as llama.cpp's ``quantize_row_q1_0_ref``: d = mean |x| over the block of 128, bit j of
-    byte j // 8 set where x >= 0; dequantized, a set bit is +d and a clear one -d.
-    """
-    gguf = _gguf()
-    qtype = getattr(gguf.GGMLQuantizationType, "Q1_0", None)
-    if qtype is None or qtype in gguf.quants._type_traits:
-        return
-    base = getattr(gguf.quants, "__Quant")
-
-    class Q1_0(base, qtype=qtype):
-        @classmethod
-        def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-            d = np.abs(blocks).mean(axis=-1, keepdims=True, dtype=np.float64).astype(np.float16)
-            bits = (blocks >= 0).astype(np.uint8).reshape(blocks.shape[0], -1, 8)
-            qs = np.sum(bits << np.arange(8, dtype=np.uint8), axis=-1, dtype=np.uint8)
-            return np.concatenate([d.view(np.uint8), qs], axis=-1)
-
-        @classmethod
-        def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-            d, qs = np.hsplit(blocks, [2])
-            d = d.copy().view(np.float16).astype(np.float32)
-            bits = (qs[..., None] >> np.arange(8, dtype=np.uint8)) & 1
-            return d * (bits.reshape(blocks.shape[0], -1).astype(np.float32) * 2 - 1)
 
 
 @dataclass
@@ -137,7 +105,7 @@ def check_gguf_fit(model, meta: dict, fmt: str) -> None:
     model_type = getattr(model.config, "model_type", None)
     if model_type not in MAPPED_MODEL_TYPES:
         raise BinarizeError(f"the GGUF writer maps the llama architecture only; this model is {model_type!r}")
-    check_method_format(meta.get("method", "binary"), fmt, "this run")
+    check_fit(meta.get("method", "binary"), fmt, "this run")
     if fmt == "gguf-q1" and not hasattr(_gguf().GGMLQuantizationType, "Q1_0"):
         raise BinarizeError("the installed gguf package has no Q1_0 type (pip install -U gguf); binary weights "
                             "are exact in gguf-tq1 / gguf-tq2 too")
@@ -239,84 +207,6 @@ def _pick_type(in_features: int, target, fallback):
             return qtype
     return gguf.GGMLQuantizationType.F16
 
-
-# ----------------------------------------------------------------------------- tokenizer
-
-def _source_gguf(run_dir: Path) -> Path | None:
-    """The GGUF a run was converted from, when it is still on this machine."""
-    from .models import DEFAULT_MODEL_NAME, default_model_file
-
-    try:
-        spec = json.loads((run_dir / "run.json").read_text()).get("model", "")
-    except (OSError, json.JSONDecodeError):
-        return None
-    if spec == DEFAULT_MODEL_NAME:
-        try:
-            return default_model_file()
-        except BinarizeError:
-            return None
-    p = Path(spec).expanduser()
-    return p if p.suffix == ".gguf" and p.is_file() else None
-
-
-def copy_tokenizer_fields(writer, source: Path) -> None:
-    gguf = _gguf()
-    reader = gguf.GGUFReader(str(source))
-    for key, f in reader.fields.items():
-        if key.startswith("tokenizer."):
-            sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
-
-
-def _pre_tokenizer_name(tokenizer_json: dict) -> str:
-    """llama.cpp's pre-tokenizer name for the byte-level BPE structures we recognise."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [p.get("type") for p in parts]
-    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
-        return "smollm"  # llama.cpp's smollm/starcoder group: single digits, then the GPT-2 regex
-    if kinds == ["Split", "ByteLevel"]:
-        pattern = (parts[0].get("pattern") or {}).get("Regex", "")
-        if "(?i:'s|'t|'re|'ve|'m|'ll|'d)" in pattern and "\\p{N}{1,3}" in pattern:
-            return "llama-bpe"
-    return "default"
-
-
-def add_hf_tokenizer_fields(writer, tokenizer, tok_dir: Path, n_vocab: int) -> str:
-    """Tokens, types, merges, special ids and chat template from a byte-level BPE tokenizer.json."""
-    gguf = _gguf()
-    try:
-        tj = json.loads((tok_dir / "tokenizer.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise BinarizeError(f"{tok_dir}: no readable tokenizer.json for the GGUF tokenizer metadata") from None
-    if (tj.get("model") or {}).get("type") != "BPE" or (tj.get("decoder") or {}).get("type") != "ByteLevel":
-        raise BinarizeError(f"{tok_dir}: only byte-level BPE tokenizers are mapped to GGUF metadata")
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i, text in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
-        tokens.append(text)
-        if i in added:
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-    for i in range(len(tokens), n_vocab):  # the embedding may be padded past the tokenizer
-        tokens.append(f"[PAD{i}]")
-        types.append(gguf.TokenType.UNUSED)
-    pre = _pre_tokenizer_name(tj)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(tok_dir, load_merges=True, n_vocab=n_vocab)
-    if special.chat_template is None and getattr(tokenizer, "chat_template", None):
-        special.chat_template = tokenizer.chat_template
-    special.add_to_gguf(writer, quiet=True)
-    return pre
-
-
-# ----------------------------------------------------------------------------- writer
 
 def _hparams(writer, config, name: str) -> None:
     rope = _rope(config)
@@ -456,3 +346,14 @@ def export_gguf(run_dir: Path, out: Path, fmt: str, *, outer: str = "f16", fallb
                                                   "method": meta.get("method"), "recipe": meta.get("recipe", {}),
                                                   **report.to_dict()})
     return out / "model.gguf", report
+
+
+def export_gguf_format(run_dir: Path, out: Path, fmt: str, *, overwrite: bool = False, gguf_outer: str = "f16",
+                       gguf_fallback: str = "q4_0") -> Exported:
+    """The registry's entry point: ``export_gguf`` with the CLI's option names and a summary."""
+    file, rep = export_gguf(run_dir, out, fmt, outer=gguf_outer, fallback=gguf_fallback, overwrite=overwrite)
+    lines = [f"{fmt}: {rep.bits_per_weight:.4f} bits per converted weight, {rep.converted_weights:,} weights "
+             f"({', '.join(f'{k} {v:,}' for k, v in rep.weights_by_type.items())}); "
+             f"{len(rep.fallback_tensors)} tensors / {rep.fallback_weights:,} weights fell back; "
+             f"max scale error {rep.max_scale_rel_error:.2e}; file {rep.size_bytes / 2**20:.1f} MiB"]
+    return Exported(file, lines + [f"note: {note}" for note in rep.notes])

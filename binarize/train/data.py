@@ -1,0 +1,140 @@
+"""Training data of a conversion: the token stream for QAT and the calibration set for BaI.
+
+``prepare_data`` turns the recipe's ``data`` / ``calib`` specs into ``RunData`` for a Budget
+(computed once by ``plan.check_job``). Self-generated text (``self``) comes from ``SelfText``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from binarize.calibration.datasets import DATASETS, local_file
+from binarize.calibration.streams import TokenBlocks, TrainStream, load_documents, tokenize_documents
+
+from ..errors import BinarizeError
+from ..recipe import Recipe, parse_mix
+from .plan import Budget
+
+
+@dataclass
+class RunData:
+    """The data only: ``train`` yields sequences by global index, ``calib`` is (n_calib, seq_len)
+    token ids, ``info`` says where both came from (for run.json)."""
+
+    train: TrainStream
+    calib: torch.Tensor
+    info: dict
+
+
+def resolve_auto(spec: str) -> str:
+    """``auto``: PTB train when its local file exists (the offline default), else ``self``."""
+    if spec != "auto":
+        return spec
+    return "ptb" if local_file(DATASETS["ptb"].splits["train"]) is not None else "self"
+
+
+def _n_self_blocks(spec: str, n_tokens: int, L: int) -> int:
+    """Blocks of self-generated text in ``n_tokens`` of a data spec (its fraction of them)."""
+    real, frac = parse_mix(spec)
+    if frac == 0:
+        return 0
+    return round(n_tokens * frac / L) if real else math.ceil(n_tokens / L)
+
+
+def _self_tokens(spec: str, n_tokens: int, L: int) -> int:
+    n = _n_self_blocks(spec, n_tokens, L)
+    return 0 if n == 0 else n * L + L  # one spare block: documents end mid-block
+
+
+def _blocks_from(spec: str, n_tokens: int, L: int, tokenizer, self_text) -> tuple[TokenBlocks, str]:
+    """Blocks of L tokens for a data spec; ``self+SPEC:F`` mixes F self-generated tokens with SPEC."""
+    real, frac = parse_mix(spec)
+    parts, wheres = [], []
+    n_self = _n_self_blocks(spec, n_tokens, L)
+    if frac > 0:
+        if self_text is None:
+            raise BinarizeError("self-generated data needs the model (convert builds it)")
+        docs, where = self_text.take(_self_tokens(spec, n_tokens, L))
+        blocks = TokenBlocks.from_stream(tokenize_documents(tokenizer, docs), L)
+        parts.append(blocks.blocks[:n_self])
+        wheres.append(f"{where} ({parts[-1].shape[0]} blocks)")
+    if real:
+        n_real = math.ceil(n_tokens / L) - n_self if frac > 0 else None
+        docs, where = load_documents(real, max_chars=n_tokens * 8)
+        blocks = TokenBlocks.from_stream(tokenize_documents(tokenizer, docs), L)
+        parts.append(blocks.blocks[:n_real] if n_real is not None else blocks.blocks)
+        wheres.append(f"{where} ({parts[-1].shape[0]} blocks)" if frac > 0 else where)
+    return TokenBlocks(torch.cat(parts)), " + ".join(wheres)
+
+
+def prepare_data(tokenizer, recipe: Recipe, budget: Budget, self_text: "SelfText | None" = None) -> RunData:
+    """Training stream and calibration set for ``budget``; ``self_text`` supplies text for ``self`` specs.
+    Raises BinarizeError when a source is too short to hold out the calibration set."""
+    L = recipe.seq_len
+    n_seq = budget.n_sequences
+    data_spec, calib_spec = resolve_auto(recipe.data), resolve_auto(recipe.calib)
+    n_calib = recipe.calib_sequences if recipe.bai else 0
+    same = calib_spec == data_spec
+    if self_text is not None:
+        self_text.reserve(_self_tokens(data_spec, n_seq * L + (n_calib * L if same else 0), L))
+        if not same:
+            self_text.reserve(_self_tokens(calib_spec, n_calib * L, L))
+    train_blocks, where = _blocks_from(data_spec, n_seq * L + (n_calib * L if same else 0), L, tokenizer, self_text)
+    if same:
+        # Same source: hold the tail out of training so calibration text is never trained on.
+        if len(train_blocks) <= n_calib:
+            raise BinarizeError(f"{where} has {len(train_blocks)} blocks of {L} tokens, too few to hold out "
+                                f"{n_calib} for calibration and train on the rest")
+        calib = train_blocks.blocks[len(train_blocks) - n_calib :]
+        train_blocks = TokenBlocks(train_blocks.blocks[: len(train_blocks) - n_calib])
+        calib_where = f"{where} (last {n_calib} blocks, held out of training)"
+    else:
+        cblocks, calib_where = _blocks_from(calib_spec, n_calib * L, L, tokenizer, self_text)
+        if n_calib and len(cblocks) == 0:
+            raise BinarizeError(f"calibration data {calib_where} is shorter than one sequence of {L} tokens")
+        g = torch.Generator().manual_seed(recipe.seed + 17)
+        calib = cblocks.blocks[torch.randperm(len(cblocks), generator=g)[:n_calib]]
+    info = {
+        "train_source": where, "calib_source": calib_where,
+        "train_blocks_available": len(train_blocks), "calib_sequences": int(calib.shape[0]),
+        "epochs_over_train_data": n_seq / len(train_blocks) if len(train_blocks) else None,
+    }
+    return RunData(TrainStream(train_blocks, recipe.seed), calib, info)
+
+
+class SelfText:
+    """Self-generated documents for prepare_data: generated (or found in the cache) once for
+    everything reserved, then handed out in order, so training and calibration never share text."""
+
+    def __init__(self, model, tokenizer, src, recipe: Recipe, progress: bool = False, log=None):
+        self.model, self.tokenizer, self.src, self.recipe = model, tokenizer, src, recipe
+        self.progress, self.log = progress, log
+        self.reserved, self.docs, self.cursor, self.path, self.meta = 0, None, 0, None, None
+
+    def reserve(self, n_tokens: int) -> None:
+        self.reserved += n_tokens
+
+    def take(self, n_tokens: int) -> tuple[list[str], str]:
+        import gzip
+        import json
+
+        from binarize.calibration.selfgen import SelfGenConfig, cached_self_data
+
+        if self.docs is None:
+            r = self.recipe
+            cfg = SelfGenConfig(tokens=max(self.reserved, n_tokens), seq_len=r.seq_len, batch_size=r.self_batch,
+                                temperature=r.self_temperature, top_p=r.self_top_p,
+                                greedy_prefix=r.self_greedy_prefix, seed=r.seed)
+            self.path, self.meta = cached_self_data(self.model, self.tokenizer, self.src, cfg, self.progress, self.log)
+            with gzip.open(self.path, "rt", encoding="utf-8") as f:
+                self.docs = [json.loads(line) for line in f]
+        out, got, first = [], 0, self.cursor
+        while got < n_tokens and self.cursor < len(self.docs):
+            rec = self.docs[self.cursor]
+            out.append(rec["text"])
+            got += len(rec["ids"]) + 1  # + the EOS the loader puts between documents
+            self.cursor += 1
+        return out, f"self-generated {self.path} [docs {first}:{self.cursor}]"

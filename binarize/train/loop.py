@@ -1,0 +1,219 @@
+"""The QAT training loop, read top to bottom as nanoGPT's train.py: for each optimizer step, set
+the step's sharpness t, quantization strength lambda and learning rate, run the step's sequences
+through the model in micro-batches (next-token loss, plus the distillation KL when asked),
+clip, step, record. All of the loop's state is one ``TrainState``.
+
+A training change (a new loss term, another optimizer rule, a logging field) lives here; the
+per-step schedules are in ``plan.py`` and the record's schema in ``record.py``.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..checkpoint import save_checkpoint
+from ..qlinear import QuantLinear, quant_layers, set_t
+from ..recipe import Recipe
+from ..schedules import phase_lambda
+from .data import RunData
+from .plan import Budget, lr_at, step_t
+from .record import RunRecord, StepRecord
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: a checkpoint was written and the run can be resumed."""
+
+
+@dataclass
+class Distill:
+    """Knowledge distillation from the frozen original: loss = CE + alpha * tau^2 * KL(p_T || p_S).
+
+    KL is taken per position over the full vocabulary at temperature tau (Hinton et al.; the
+    tau^2 keeps its gradient scale independent of tau) and averaged over positions like CE.
+    Memory cost: a second full-precision copy of the model plus the teacher's logits and two
+    log-softmaxes per micro-batch (3 x micro_batch x seq_len x vocab floats).
+    """
+
+    teacher: torch.nn.Module
+    alpha: float
+    temperature: float
+
+    def kl(self, x: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+        """x: (batch, seq) token ids; student_logits: (batch, seq, vocab). Returns tau^2 * KL, a scalar."""
+        tau = self.temperature
+        with torch.no_grad():
+            t_logp = torch.log_softmax(self.teacher(input_ids=x).logits.float() / tau, dim=-1)
+        s_logp = torch.log_softmax(student_logits.float() / tau, dim=-1)
+        kl = torch.nn.functional.kl_div(s_logp.flatten(0, -2), t_logp.flatten(0, -2), log_target=True,
+                                        reduction="batchmean")
+        return kl * tau * tau
+
+
+@dataclass
+class TrainState:
+    """Everything the loop reads or changes. ``record`` is appended to once per step;
+    ``workdir`` receives checkpoints; ``progress`` (a rich Progress) and ``log`` (a line
+    printer) are optional; ``on_step(step)`` is a hook tests use to interrupt a run."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    accelerator: object
+    recipe: Recipe
+    budget: Budget
+    data: RunData
+    record: RunRecord
+    workdir: Path
+    distill: Distill | None = None
+    progress: object = None
+    log: Callable[[str], None] | None = None
+    on_step: Callable[[int], None] | None = None
+
+
+def train_qat(s: TrainState, start_step: int = 0) -> None:
+    """Steps ``start_step .. budget.steps - 1``; Ctrl-C checkpoints after the step in flight and
+    raises Interrupted, ``recipe.save_every`` checkpoints periodically."""
+    steps, recipe = s.budget.steps, s.recipe
+    task = s.progress.add_task("QAT", total=steps, completed=start_step, info="") if s.progress else None
+    try:
+        with StopOnInterrupt() as stop:
+            for step in range(start_step, steps):
+                if step == s.budget.switch and step > 0 and not recipe.retain_optimizer:
+                    getattr(s.optimizer, "optimizer", s.optimizer).state.clear()  # fresh AdamW moments
+                    if s.log:
+                        s.log(f"switch to quantized training at step {step + 1}: fresh optimizer state")
+                r = train_step(s, step)
+                if s.progress:
+                    s.progress.update(task, completed=step + 1, info=f"chunk {r.chunk + 1}/{recipe.chunks}  t {r.t:.3g}  "
+                                      f"lam {r.lam:.2g}  loss {r.loss:.3f}  {r.tokens_per_s:,.0f} tok/s")
+                if s.log and log_now(step, steps):
+                    kd = f"  kd {r.kd:.3f}" if r.kd is not None else ""
+                    s.log(f"QAT step {step + 1}/{steps}  chunk {r.chunk + 1}/{recipe.chunks}  t {r.t:.3g}  "
+                          f"lam {r.lam:.3g}  loss {r.loss:.3f}{kd}  lr {r.lr:.2e}  {r.tokens_per_s:,.0f} tok/s")
+                if s.on_step:
+                    s.on_step(step)
+                if stop.requested:
+                    save(s, "qat", step + 1)
+                    raise Interrupted(f"interrupted after step {step + 1}/{steps}; checkpoint written")
+                if recipe.save_every and (step + 1) % recipe.save_every == 0 and step + 1 < steps:
+                    save(s, "qat", step + 1)
+    finally:
+        if s.progress and task is not None:
+            s.progress.remove_task(task)
+
+
+def train_step(s: TrainState, step: int) -> StepRecord:
+    """One optimizer step over this process's share of the step's sequences."""
+    t0 = time.perf_counter()
+    recipe, budget, acc = s.recipe, s.budget, s.accelerator
+    chunk, t = step_t(step, budget.steps, recipe, budget.switch)
+    lam = phase_lambda(step, budget.switch, recipe.phase_in, budget.phase_len, recipe.phase_in_steepness)
+    set_t(s.model, t, lam)
+    lr = lr_at(step, budget.steps, recipe)
+    for g in s.optimizer.param_groups:
+        g["lr"] = lr
+    first = step * budget.seqs_per_step
+    count = min(budget.seqs_per_step, budget.n_sequences - first)
+    batch = s.data.train.get(first, count)[acc.process_index::acc.num_processes]
+    s.model.train()
+    loss, kd = accumulate(s.model, batch, recipe.micro_batch, acc.backward, s.distill)
+    if recipe.grad_clip > 0:
+        acc.clip_grad_norm_([p for g in s.optimizer.param_groups for p in g["params"]], recipe.grad_clip)
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    done_tokens = (first + count) * recipe.seq_len
+    r = StepRecord(step, chunk, t, lam, lr, loss, kd, done_tokens, count * recipe.seq_len / dt, dt)
+    s.record.steps.append(r)
+    s.record.tokens.trained = done_tokens
+    return r
+
+
+def accumulate(model, batch: torch.Tensor, micro_batch: int, backward, distill: Distill | None = None):
+    """Mean next-token loss over ``batch`` (n, seq_len) and the mean KD term (or None), gradients
+    accumulated over micro-batches of ``micro_batch`` sequences as one batch."""
+    device = next(model.parameters()).device
+    total = kd_total = 0.0
+    for i in range(0, batch.shape[0], micro_batch):
+        x = batch[i : i + micro_batch].to(device)
+        out = model(input_ids=x, labels=x)
+        ce = loss = out.loss
+        if distill is not None:
+            kd = distill.kl(x, out.logits)
+            kd_total += float(kd.detach()) * x.shape[0]
+            loss = ce + distill.alpha * kd
+        del out
+        backward(loss * (x.shape[0] / batch.shape[0]))
+        total += float(ce.detach()) * x.shape[0]
+    n = batch.shape[0]
+    return total / n, (kd_total / n if distill is not None else None)
+
+
+def trainable_groups(model, recipe: Recipe) -> list[dict]:
+    """AdamW parameter groups: latent weights (with weight decay), scales and the chosen FP params (without)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    decay, no_decay = [], []
+    for q in quant_layers(model).values():
+        decay.append(q.weight)
+        if recipe.scaling != "analytic":
+            no_decay.append(q.sl)
+        if recipe.train_st:
+            no_decay.append(q.st)
+        if q.bias is not None:
+            no_decay.append(q.bias)
+    qparams = {id(p) for p in decay + no_decay}
+    if recipe.train_fp != "none":
+        for name, mod in model.named_modules():
+            if isinstance(mod, QuantLinear):
+                continue  # its scales train only as the recipe says (above)
+            if recipe.train_fp == "all" or "norm" in type(mod).__name__.lower():
+                no_decay.extend(p for p in mod.parameters(recurse=False) if id(p) not in qparams)
+    seen, groups = set(), []
+    for params, wd in ((decay, recipe.weight_decay), (no_decay, 0.0)):
+        uniq = [p for p in params if id(p) not in seen and not seen.add(id(p))]
+        for p in uniq:
+            p.requires_grad_(True)
+        groups.append({"params": uniq, "weight_decay": wd})
+    return groups
+
+
+def save(s: TrainState, phase: str, step: int) -> None:
+    """A resumable checkpoint (main process only): model, optimizer, RNG, recipe and record."""
+    acc = s.accelerator
+    if acc is None or acc.is_main_process:
+        unwrapped = acc.unwrap_model(s.model) if acc else s.model
+        save_checkpoint(s.workdir, unwrapped, s.optimizer,
+                        {"phase": phase, "step": step, "recipe": s.recipe.to_dict(), "record": s.record.to_dict()})
+
+
+def log_now(step: int, steps: int, lines: int = 25) -> bool:
+    """About ``lines`` evenly spaced log lines per phase (plus the last step)."""
+    return (step + 1) % max(1, steps // lines) == 0 or step + 1 == steps
+
+
+class StopOnInterrupt:
+    """Ctrl-C asks the loop to stop after the step in flight (a second Ctrl-C aborts)."""
+
+    def __enter__(self):
+        self.requested = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False

@@ -1,0 +1,101 @@
+"""The plan of a conversion before any work: the token budget as optimizer steps (computed once,
+in ``check_job``, and passed down), and the per-step schedules (learning rate, sharpness t).
+
+A training change that alters how many steps a budget makes, or what lr / t a step gets, lives here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import BinarizeError
+from ..recipe import Recipe
+from ..schedules import chunk_t, resolve_steps
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How a token budget maps onto optimizer steps, and where the continual switch falls.
+
+    ``n_sequences`` sequences of ``recipe.seq_len`` tokens are trained, ``seqs_per_step`` per
+    optimizer step (the last step may hold fewer) over ``steps`` steps; ``switch`` is the first
+    quantized step and ``phase_len`` the phase-in length in steps.
+    """
+
+    tokens: int  # requested
+    seq_len: int
+    n_sequences: int
+    steps: int
+    seqs_per_step: int
+    switch: int
+    phase_len: int
+
+    @property
+    def tokens_used(self) -> int:
+        return self.n_sequences * self.seq_len
+
+
+def plan_budget(recipe: Recipe, tokens: int) -> Budget:
+    """Steps, switch and phase-in of a budget; an impossible combination is one BinarizeError."""
+    L = recipe.seq_len
+    n_seq = tokens // L
+    if n_seq == 0:
+        raise BinarizeError(f"token budget {tokens} is less than one sequence of {L} tokens")
+    per_step = recipe.batch_tokens // L
+    steps = math.ceil(n_seq / per_step)
+    switch = resolve_steps(recipe.switch_at, steps)
+    if switch >= steps:
+        raise BinarizeError(f"switch_at {recipe.switch_at:g} is step {switch}, but the budget has only {steps} "
+                            "optimizer steps: nothing would be trained quantized")
+    if recipe.quantizer == "progressive" and steps - switch < recipe.chunks:
+        after = f" after the switch at step {switch}" if switch else ""
+        raise BinarizeError(
+            f"{tokens} tokens make {steps - switch} optimizer steps{after}, fewer than the {recipe.chunks} chunks: "
+            "raise --tokens or lower --batch-tokens / --chunks"
+        )
+    return Budget(tokens, L, n_seq, steps, per_step, switch, max(1, resolve_steps(recipe.phase_in_len, steps)))
+
+
+def check_job(recipe: Recipe, tokens: int, from_scratch: str | None = None, export: str | None = None) -> Budget:
+    """Every check that needs no model or data, so bad combinations fail before any work.
+
+    Returns the Budget the run then uses. ``export`` is a format name of ``binarize.formats``
+    (or None / "none"); the recipe's method must fit it.
+    """
+    from ..models import SCRATCH_CONFIGS
+
+    budget = plan_budget(recipe, tokens)
+    if from_scratch is not None:
+        if from_scratch not in SCRATCH_CONFIGS:
+            raise BinarizeError(f"unknown --config {from_scratch!r} (known: {', '.join(SCRATCH_CONFIGS)})")
+        if recipe.bai:
+            raise BinarizeError("--from-scratch starts from random weights, so BaI has nothing to initialise: "
+                                "use a recipe with bai: false (e.g. continual-16to158) or --set bai=false")
+        if recipe.distill_alpha > 0:
+            raise BinarizeError("distillation needs a pretrained teacher: it cannot be combined with --from-scratch")
+    if export is not None and export != "none":
+        from ..formats.registry import check_fit
+
+        check_fit(recipe.method, export, f"recipe {recipe.name}")
+    return budget
+
+
+def lr_at(step: int, steps: int, recipe: Recipe) -> float:
+    """Linear warm-up, then cosine from lr down to min_lr at the last step."""
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    span = max(1, steps - recipe.warmup_steps - 1)
+    p = min(1.0, (step - recipe.warmup_steps) / span)
+    return recipe.min_lr + (recipe.lr - recipe.min_lr) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def step_t(step: int, steps: int, recipe: Recipe, switch: int = 0) -> tuple[int, float]:
+    """(chunk, t) for a step; the straight-through recipe is hard throughout. The progressive
+    schedule's chunks span the quantized steps (from the switch on); before it chunk is -1."""
+    if step < switch:
+        return -1, math.inf
+    chunk = (step - switch) * recipe.chunks // (steps - switch)
+    if recipe.quantizer == "ste":
+        return chunk, math.inf
+    return chunk, chunk_t(recipe.scheduler, chunk, recipe.chunks, recipe.schedule_span)

@@ -1,0 +1,155 @@
+"""``run.json``: the one schema of a conversion's record, written by training and read by the CLI,
+``binarize ablate`` and the benchmarks (``RunRecord.read``), never by raw keys elsewhere.
+
+The JSON keeps the layout it always had (``steps[i].lambda``, ``t`` as ``"inf"`` when infinite,
+``tokens.trained`` ...), so run directories written before this schema read back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import write_json
+from ..errors import BinarizeError
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step. ``t`` is the progressive sharpness (inf: hard quantizer), ``lam`` the
+    continual switch's quantization strength, ``loss`` the mean next-token loss (nats) over the
+    step's global batch, ``kd`` the mean distillation KL (or None), ``tokens`` trained so far."""
+
+    step: int
+    chunk: int
+    t: float
+    lam: float
+    lr: float
+    loss: float
+    kd: float | None
+    tokens: int
+    tokens_per_s: float
+    wall_s: float
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["t"] = self.t if math.isfinite(self.t) else "inf"
+        return {("lambda" if k == "lam" else k): v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StepRecord":
+        return cls(d["step"], d["chunk"], float(d["t"]), d.get("lambda", 1.0), d["lr"], d["loss"], d.get("kd"),
+                   d["tokens"], d["tokens_per_s"], d["wall_s"])
+
+
+@dataclass
+class BaiRecord:
+    """Binary-aware initialization: loss (nats) on ``eval_sequences`` calibration sequences before
+    and after, the per-step losses, steps, Adam lr and tokens processed."""
+
+    loss_before: float
+    loss_after: float
+    losses: list[float]
+    steps: int
+    lr: float
+    eval_sequences: int
+    tokens: int
+
+
+@dataclass
+class TokenRecord:
+    """The budget: ``requested`` tokens became ``sequences`` of ``seq_len`` (``budget_used``
+    tokens; ``dropped_remainder`` left over) in ``optimizer_steps`` steps of ``per_step`` tokens."""
+
+    requested: int
+    seq_len: int
+    sequences: int
+    budget_used: int
+    dropped_remainder: int
+    per_step: int
+    optimizer_steps: int
+    trained: int = 0
+
+
+@dataclass
+class RunRecord:
+    binarize_version: str
+    model: str
+    from_scratch: str | None
+    recipe: dict
+    quantized_layers: int
+    data: dict
+    tokens: TokenRecord
+    steps: list[StepRecord] = field(default_factory=list)
+    bai: BaiRecord | None = None
+    wall_s: float = 0.0
+    peak_memory_mib: dict | None = None
+
+    def tail_loss(self, parts: int = 10) -> float | None:
+        """Mean loss over the last 1/``parts`` of the steps (at least one); None without steps."""
+        if not self.steps:
+            return None
+        tail = self.steps[-max(1, len(self.steps) // parts):]
+        return sum(s.loss for s in tail) / len(tail)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"binarize_version": self.binarize_version, "model": self.model, "from_scratch": self.from_scratch,
+               "recipe": self.recipe, "quantized_layers": self.quantized_layers, "data": self.data,
+               "steps": [s.to_dict() for s in self.steps],
+               "bai": dataclasses.asdict(self.bai) if self.bai else None,
+               "tokens": dataclasses.asdict(self.tokens), "wall_s": self.wall_s}
+        if self.peak_memory_mib is not None:
+            out["peak_memory_mib"] = self.peak_memory_mib
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunRecord":
+        return cls(d["binarize_version"], d["model"], d.get("from_scratch"), d["recipe"], d["quantized_layers"],
+                   d.get("data", {}), TokenRecord(**d["tokens"]), [StepRecord.from_dict(s) for s in d["steps"]],
+                   BaiRecord(**d["bai"]) if d.get("bai") else None, d.get("wall_s", 0.0), d.get("peak_memory_mib"))
+
+    def write(self, path: Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def read(cls, path: str | Path) -> "RunRecord":
+        """``run.json`` of a run (or packed) directory, or the file itself."""
+        path = Path(path)
+        path = path / "run.json" if path.is_dir() else path
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise BinarizeError(f"{path}: unreadable run record ({type(exc).__name__}: {exc})") from None
+
+
+def plot_loss(record: RunRecord, path: Path) -> None:
+    """``loss.png``: the training loss against tokens, t on a second axis, BaI losses as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = record.steps
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if steps:
+        tok = [s.tokens for s in steps]
+        ax.plot(tok, [s.loss for s in steps], label="QAT loss", color="tab:blue")
+        ax2 = ax.twinx()
+        ax2.step(tok, [s.t if math.isfinite(s.t) else float("nan") for s in steps], where="post",
+                 color="tab:orange", alpha=0.6, label="t")
+        ax2.set_ylabel("t (progressive sharpness)")
+    bai = record.bai
+    if bai:
+        ax.axhline(bai.loss_before, ls=":", color="gray", label=f"before BaI {bai.loss_before:.2f}")
+        ax.axhline(bai.loss_after, ls="--", color="gray", label=f"after BaI {bai.loss_after:.2f}")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("next-token loss")
+    ax.set_title(f"binarize convert: {record.recipe['name']}")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,206 @@
+"""``convert(job)``: one conversion from a model and a recipe to a finished run directory (and, as
+``binarize convert`` does, its export), in the order the work happens:
+
+check the job -> load the model -> data -> ``qlinear.prepare`` -> BaI (``bai.py``) -> QAT
+(``loop.py``) -> save the run (``formats/latent.py`` + ``record.py``) -> export (``formats``).
+
+The run lives in ``OUT.partial/`` (checkpoints, partial record) and becomes ``OUT/`` by a rename
+once everything is written, so OUT is either absent or complete. ``job.resume`` continues from
+the checkpoint in ``OUT.partial/`` with the same data position, optimizer, schedule and RNG.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .._version import __version__
+from ..checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state
+from ..errors import BinarizeError
+from ..formats.latent import save_converted
+from ..models import check_supported, load_config, load_model, max_positions, resolve_model, scratch_model
+from ..qlinear import finish_init, prepare
+from ..recipe import Recipe
+from .bai import binary_aware_init
+from .data import SelfText, prepare_data
+from .loop import Distill, Interrupted, TrainState, save, train_qat, trainable_groups
+from .plan import check_job
+from .record import RunRecord, TokenRecord, plot_loss
+
+__all__ = ["ConvertJob", "ConvertResult", "Interrupted", "convert"]
+
+
+@dataclass
+class ConvertJob:
+    """What ``binarize convert`` was asked: the model (hub id, directory, .gguf or None for the
+    default; with ``from_scratch`` only its tokenizer is used), the token budget, the output
+    directory and the recipe. ``export`` is a format name of ``binarize.formats`` written to
+    ``OUT/packed`` at the end (None or "none": no export); it is checked before any work."""
+
+    model: str | None
+    tokens: int
+    out: Path
+    recipe: Recipe
+    resume: bool = False
+    overwrite: bool = False
+    bai_only: bool = False
+    progress: bool = True
+    from_scratch: str | None = None  # a SCRATCH_CONFIGS name: train a new random model of that shape
+    export: str | None = None
+    on_step: Callable[[int], None] | None = field(default=None, repr=False)  # test hook
+
+
+@dataclass
+class ConvertResult:
+    """The finished run directory, its record and, when exported, the export's path and summary."""
+
+    path: Path
+    record: RunRecord
+    exported: object = None  # formats.Exported
+
+
+def convert(job: ConvertJob) -> Path:
+    """Run the job; returns the run directory (see ``convert_run`` for the record and export)."""
+    return convert_run(job).path
+
+
+def convert_run(job: ConvertJob) -> ConvertResult:
+    from accelerate import Accelerator
+
+    work = job.out.with_name(job.out.name + ".partial")
+    _check_out(job, work)
+    state = read_checkpoint_state(work) if job.resume else None
+    recipe = Recipe(**state["recipe"]).validate() if state else job.recipe
+    tokens = state["record"]["tokens"]["requested"] if state else job.tokens
+    export = job.export if job.export not in (None, "none") else None
+
+    from_scratch = state["record"].get("from_scratch") if state else job.from_scratch
+    if from_scratch and recipe.train_fp != "all":
+        recipe = dataclasses.replace(recipe, train_fp="all")  # random embeddings, norms and head must learn too
+    if not from_scratch:  # a missing model or unsupported architecture is reported first
+        check_supported(load_config(resolve_model(job.model)))
+    budget = check_job(recipe, tokens, from_scratch, None if state else export)
+    if export and not state:
+        from ..formats import check_recipe
+
+        check_recipe(recipe, export)
+    if from_scratch:
+        model, tokenizer, src = scratch_model(job.model, from_scratch, recipe.seed)
+    else:
+        model, tokenizer, src = load_model(job.model)
+    limit = max_positions(model.config)
+    if limit and recipe.seq_len > limit:
+        raise BinarizeError(f"seq_len {recipe.seq_len} exceeds the model's maximum of {limit} positions")
+    if torch.cuda.is_available():
+        model.to("cuda")  # self-generation, if any, runs where training will
+    self_text = SelfText(model, tokenizer, src, recipe, job.progress, None if job.progress else plain_log)
+    data = prepare_data(tokenizer, recipe, budget, self_text)
+    if self_text.meta is not None:
+        data.info["self_generation"] = {"file": str(self_text.path), **self_text.meta}
+
+    if not job.resume:
+        for d in (job.out, work):
+            if d.exists():
+                shutil.rmtree(d) if d.is_dir() else d.unlink()
+        work.mkdir(parents=True)
+    torch.manual_seed(recipe.seed)
+    distill = None
+    if recipe.distill_alpha > 0:
+        teacher = copy.deepcopy(model).requires_grad_(False).eval()
+        distill = Distill(teacher, recipe.distill_alpha, recipe.distill_temperature)
+    names = prepare(model, recipe)
+    record = RunRecord.from_dict(state["record"]) if state else RunRecord(
+        binarize_version=__version__, model=src.spec, from_scratch=from_scratch, recipe=recipe.to_dict(),
+        quantized_layers=len(names), data=data.info,
+        tokens=TokenRecord(requested=tokens, seq_len=recipe.seq_len, sequences=budget.n_sequences,
+                           budget_used=budget.tokens_used, dropped_remainder=tokens % recipe.seq_len,
+                           per_step=budget.seqs_per_step * recipe.seq_len, optimizer_steps=budget.steps))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    model.to(accelerator.device)
+    if distill is not None:
+        distill.teacher.to(accelerator.device)
+    t_start = time.perf_counter()
+    main = accelerator.is_main_process
+    log = None if job.progress or not main else plain_log
+    with _progress(job.progress and main) as progress:
+        if state is None or state["phase"] == "bai":
+            if recipe.bai:
+                record.bai = binary_aware_init(model, data.calib.to(accelerator.device), recipe, progress, log)
+            finish_init(model, recipe)
+        else:
+            finish_init(model, recipe, from_file=True)
+        if not job.bai_only:
+            optimizer = torch.optim.AdamW(trainable_groups(model, recipe), lr=recipe.lr, betas=tuple(recipe.betas))
+            start_step = 0
+            if state is not None and state["phase"] == "qat":
+                load_checkpoint(work, model, optimizer)
+                start_step = state["step"]
+                del record.steps[start_step:]
+            model, optimizer = accelerator.prepare(model, optimizer)
+            s = TrainState(model, optimizer, accelerator, recipe, budget, data, record, work, distill, progress, log,
+                           job.on_step)
+            if state is None:
+                save(s, "qat", 0)
+            train_qat(s, start_step)
+            model = accelerator.unwrap_model(model)
+    record.wall_s += time.perf_counter() - t_start
+    record.peak_memory_mib = peak_memory_mib()
+    exported = None
+    if main:
+        save_converted(model.float().cpu(), tokenizer, recipe, work, names)
+        record.write(work / "run.json")
+        plot_loss(record, work / "loss.png")
+        shutil.rmtree(work / CHECKPOINT, ignore_errors=True)
+        work.rename(job.out)
+        if export:
+            from ..formats import export_run
+
+            exported = export_run(job.out, job.out / "packed", export, overwrite=True)
+    return ConvertResult(job.out, record, exported)
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    return Progress(*columns, disable=not enabled, transient=False)
+
+
+def _check_out(job: ConvertJob, work: Path) -> None:
+    out = job.out
+    if job.resume:
+        if out.exists() and any(out.iterdir()) and not work.exists():
+            raise BinarizeError(f"{out} is a finished run; nothing to resume")
+        if not (work / CHECKPOINT / "state.json").exists():
+            raise BinarizeError(f"nothing to resume: no checkpoint in {work}")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not job.overwrite:
+        raise BinarizeError(f"output {out} exists and is not empty (use --overwrite, or --resume)")
+    if work.exists() and not job.overwrite:
+        raise BinarizeError(f"an interrupted run is in {work} (use --resume to continue it, or --overwrite)")
+
+
+def peak_memory_mib() -> dict:
+    """Peak resident memory of this process (and peak CUDA allocation) in MiB, for the run record."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    out = {"cpu_rss": round(rss, 1)}
+    if torch.cuda.is_available():
+        out["cuda_allocated"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def plain_log(msg: str) -> None:
+    """--no-progress: timestamped lines for log files instead of a live bar."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
