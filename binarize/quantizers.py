@@ -26,6 +26,25 @@ Choices the paper leaves open (each a recipe option):
   the loss as a function of St includes Sa's dependence on St).
 * ``ste=True`` is the straight-through baseline: hard sign forward, identity backward.
 
+Progressive *form* (``binary_weight(..., form=)``, default the paper's; the cause and the
+measurements are in ``benchmarks/progressive_path.py``):
+
+* ``"paper"``: F(W~/Sa, t). W~/Sa is heavy-tailed in pretrained LLMs (|x| up to ~57) and F
+  saturates at 1/tanh(t) ~ 1/t, so the first chunk (t = 0.32) already clips the outliers that
+  carry the model's massive activation, and the loss at init leaves the FP value at once.
+* ``"max"``: the tanh normalised by the row's largest weight, with the row's L2-optimal scale
+  (Sa is that scale for the sign)::
+
+      h = tanh(t W~ / M),  M = max_j |W~_ij|,   W_eff = Sl * c * h * St,  c = <W~, h> / <h, h>
+
+  (per row; tanh(t) cancels in c h). |W~/M| <= 1, so early chunks keep the outliers: as t -> 0,
+  c h -> W~ exactly (scale included); at t = inf h = sign(W~) and c = mean|W~| = Sa, the paper's
+  hard sign (t = 0 and t = inf take the paper's code path, so export, packing and kernels see
+  no change). It is F at the per-row sharpness t Sa / M, rescaled. c and M are per-step
+  constants like Sa (``sa_grad`` differentiates them too); the backward is the exact derivative
+  of this forward. Not defined with ``sa_fixed`` (its t = inf limit is not that mode's Sl sign).
+  Neither form is monotone in t at init (see the benchmark).
+
 Ternary weights follow BitNet b1.58 (seeds 000 and 002): gamma = mean|W| (AbsMean) or
 median|W| (AbsMedian), per tensor as in the papers or per output row (an option), codes
 RoundClip(W / gamma, -1, 1), straight-through on the shadow weights. Choices written here:
@@ -36,6 +55,10 @@ RoundClip(W / gamma, -1, 1), straight-through on the shadow weights. Choices wri
   the identity as t -> 0 and RoundClip(x, -1, 1) as t -> inf (at an exact tie x = +-1/2 the
   finite-t values tend to +-1/2; t = inf itself uses ``torch.round``, which gives 0);
 * gamma is a per-step constant (no gradient through the mean or median), as Sa is;
+* ``ternary_weight(..., form=)``: ``"paper"`` (default) is F3; ``"max"`` runs F3 at the
+  per-row sharpness t gamma / max_j |W_ij| (a per-step constant like gamma), which keeps the
+  outliers early as the binary "max" does; the thresholds +-gamma/2, the identity at t -> 0 and
+  RoundClip at t = inf are unchanged;
 * 8-bit activations are absmax per token, as transformers' BitNet ``BitLinear`` does:
   s = 127 / max|x|, x_q = RoundClip(x s, -128, 127) / s, straight-through backward.
 """
@@ -47,6 +70,12 @@ import math
 import torch
 
 _TINY_T = 1e-12
+PROGRESSIVE_FORMS = ("paper", "max")  # binary_weight(form=) and ternary_weight(form=)
+
+
+def _check_form(form: str) -> None:
+    if form not in PROGRESSIVE_FORMS:
+        raise ValueError(f"unknown progressive form {form!r} (known: {', '.join(PROGRESSIVE_FORMS)})")
 
 
 def hard_sign(x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +114,29 @@ def progressive_grad(x: torch.Tensor, t: float) -> torch.Tensor:
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """fp32 at least (bf16/fp16 latents are upcast), fp64 kept for gradient checks."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def row_max(w: torch.Tensor) -> torch.Tensor:
+    """M: per-output-row max |w|, shape (out, 1); clamped like Sa so an all-zero row stays finite."""
+    return w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _max_form_scale(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """c = <w, h> / <h, h> per row: the L2-optimal scale of h for w (0 for an all-zero row)."""
+    hh = (h * h).sum(dim=1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
+    return (w * h).sum(dim=1, keepdim=True) / hh
+
+
+def _max_form_reference(latent, sl, st, t: float, const_scales: bool) -> torch.Tensor:
+    """Plain-autograd composition of the "max" form (finite t); c and M detached if const_scales."""
+    f = _compute_dtype(latent)
+    w = latent.to(f)
+    m = row_max(w)
+    h = torch.tanh(w * (t / (m.detach() if const_scales else m)))
+    c = _max_form_scale(w, h)
+    if const_scales:
+        c = c.detach()
+    return (sl.to(f).view(-1, 1) * c * h * st.to(f).view(1, -1)).to(latent.dtype)
 
 
 class _BinaryWeight(torch.autograd.Function):
@@ -168,6 +220,49 @@ class _BinaryWeight(torch.autograd.Function):
         return grad_latent, grad_sl, grad_st, None, None, None, None
 
 
+class _BinaryWeightMax(torch.autograd.Function):
+    """Fused W_eff = Sl * c * tanh(t W~/M) * St (form "max", 0 < t < inf) with the exact backward;
+    with ``sa_grad`` the backward differentiates ``_max_form_reference`` instead."""
+
+    @staticmethod
+    def forward(ctx, latent, sl, st, t: float, sa_grad: bool):
+        f = _compute_dtype(latent)
+        w = latent.to(f)
+        h = (w * (t / row_max(w))).tanh_()
+        c = _max_form_scale(w, h)
+        out = h.mul_(sl.to(f).view(-1, 1) * c).mul_(st.to(f).view(1, -1))
+        ctx.save_for_backward(latent, sl, st)
+        ctx.t, ctx.sa_grad = t, sa_grad
+        return out.to(latent.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (latent, sl, st), t, needs = ctx.saved_tensors, ctx.t, ctx.needs_input_grad[:3]
+        if ctx.sa_grad:
+            with torch.enable_grad():
+                leaves = [x.detach().requires_grad_(n) for x, n in zip((latent, sl, st), needs)]
+                out = _max_form_reference(*leaves, t, const_scales=False)
+                wanted = [x for x, n in zip(leaves, needs) if n]
+                got = iter(torch.autograd.grad(out, wanted, grad_out))
+            return (*(next(got) if n else None for n in needs), None, None)
+        f = _compute_dtype(latent)
+        w, g, m = latent.to(f), grad_out.to(f), row_max(latent.to(f))
+        h = (w * (t / m)).tanh_()
+        c = _max_form_scale(w, h)
+        slf, stf = sl.to(f).view(-1, 1), st.to(f).view(1, -1)
+        grad_latent = grad_sl = grad_st = None
+        gh = g * h if (needs[1] or needs[2]) else None
+        if needs[1]:
+            grad_sl = (gh @ st.to(f)).mul_(c.view(-1)).to(sl.dtype)
+        if needs[2]:
+            grad_st = ((slf * c).view(1, -1) @ gh).view(-1).to(st.dtype)
+        if needs[0]:
+            # d(c h)/dw = c (1 - h^2) t / M with c, M constant
+            dq = h.mul_(h).neg_().add_(1.0).mul_(g).mul_((slf * c) * (t / m)).mul_(stf)
+            grad_latent = dq.to(latent.dtype)
+        return grad_latent, grad_sl, grad_st, None, None
+
+
 def binary_weight(
     latent: torch.Tensor,
     sl: torch.Tensor,
@@ -177,13 +272,25 @@ def binary_weight(
     ste: bool = False,
     sa_grad: bool = False,
     sa_fixed: torch.Tensor | None = None,
+    form: str = "paper",
 ) -> torch.Tensor:
     """The effective (dequantized) weight of a binary layer; differentiable.
 
     ``sa_fixed`` replaces the analytic Sa for the "learnable" (Sl-only) scaling mode: the
     latent is normalised by that frozen tensor and the output scale is Sl alone.
+    ``form`` is the progressive form for 0 < t < inf: ``"paper"`` (BinaryLLM's F(W~/Sa, t),
+    the default) or ``"max"`` (tanh(t W~/max|W~|) with its L2-optimal row scale, see the module
+    docstring). Both are the identity at t = 0 and the same hard sign at t = inf; ``ste``
+    ignores the form (hard sign forward).
     """
-    return _BinaryWeight.apply(latent, sl, st, float(t), ste, sa_grad, sa_fixed)
+    _check_form(form)
+    t = float(t)
+    if form == "max":
+        if sa_fixed is not None:
+            raise ValueError("progressive form 'max' is not defined with sa_fixed (Sl-only scaling); use 'paper'")
+        if not ste and _TINY_T < t < math.inf:
+            return _BinaryWeightMax.apply(latent, sl, st, t, sa_grad)
+    return _BinaryWeight.apply(latent, sl, st, t, ste, sa_grad, sa_fixed)
 
 
 def binary_codes(latent: torch.Tensor, sl: torch.Tensor, sa_fixed: torch.Tensor | None = None):
@@ -253,17 +360,24 @@ def progressive_ternary(x: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def ternary_weight(latent: torch.Tensor, method: str = "absmean", per_row: bool = False, t: float = math.inf,
-                   ste: bool = True) -> torch.Tensor:
+                   ste: bool = True, form: str = "paper") -> torch.Tensor:
     """The effective ternary weight gamma * Q(W / gamma); differentiable w.r.t. the shadow weight.
 
     ``t = inf``: RoundClip, with the straight-through estimator (identity backward) when
     ``ste``; finite ``t``: the progressive step F3 with its exact derivative (autograd).
+    ``form``: ``"paper"`` (default) runs F3 at sharpness t; ``"max"`` at t * gamma / max_j|W_ij|
+    per row (see the module docstring); both are the identity at t = 0 and RoundClip at t = inf.
     """
+    _check_form(form)
     w = latent.to(_compute_dtype(latent))
     gamma = ternary_scale(w.detach(), method, per_row)
     if math.isinf(t):
         q = (w.detach() / gamma).round().clamp(-1, 1) * gamma
         out = q + (w - w.detach()) if ste else q  # value exactly q, gradient the identity
+    elif form == "max" and t > _TINY_T:
+        tr, u = t * gamma / row_max(w.detach()), w / gamma  # F3(u, tr) with a sharpness per row
+        out = (torch.tanh(tr * (u + 0.5)) + torch.tanh(tr * (u - 0.5))) / (torch.tanh(1.5 * tr) + torch.tanh(0.5 * tr))
+        out = out * gamma
     else:
         out = progressive_ternary(w / gamma, t) * gamma
     return out.to(latent.dtype)

@@ -227,3 +227,112 @@ def test_lambda_mix_phases_quantization_in():
     assert torch.allclose(mid, w + 0.25 * (qw - w))
     mid.sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))
+
+
+# ----------------------------------------------------------------------------- progressive form "max"
+
+def _max_form(w, sl, st, t, const_scales=True):
+    """Independent reference: Sl * c * tanh(t W/M) * St, c = <W, h>/<h, h>, M = max|W| per row."""
+    m = w.abs().amax(1, keepdim=True)
+    h = torch.tanh(t * w / (m.detach() if const_scales else m))
+    c = (w * h).sum(1, keepdim=True) / (h * h).sum(1, keepdim=True)
+    return sl[:, None] * (c.detach() if const_scales else c) * h * st
+
+
+def test_max_form_ends_and_outliers():
+    w, sl, st = _inputs(5, 64)
+    with torch.no_grad():
+        w[1, 3] = 40 * w[1].abs().mean()  # an outlier row, as in pretrained LLMs
+        # t = 0 and t = inf take the paper's code path: identical results
+        for t in (0.0, math.inf):
+            assert torch.equal(binary_weight(w, sl, st, t, form="max"), binary_weight(w, sl, st, t))
+        assert torch.allclose(binary_weight(w, sl, st, 1e-6, form="max"), sl[:, None] * w * st, rtol=1e-9, atol=0)
+        hard = binary_weight(w, sl, st, math.inf)
+        assert torch.allclose(binary_weight(w, sl, st, 1e8, form="max"), hard, rtol=1e-9, atol=0)  # tanh(t w/M) = 1
+        assert torch.allclose(hard, sl[:, None] * analytic_scale(w) * hard_sign(w) * st, rtol=1e-12)
+        for t in (0.32, 2.0, 30.0):
+            assert torch.allclose(binary_weight(w, sl, st, t, form="max"), _max_form(w, sl, st, t), rtol=1e-12)
+        # first chunk: the paper's F clips the outlier to ~Sa/tanh(t); "max" keeps it within a few %
+        fp = sl[1] * w[1, 3] * st[3]
+        assert binary_weight(w, sl, st, 0.32)[1, 3] < 0.2 * fp
+        assert abs(binary_weight(w, sl, st, 0.32, form="max")[1, 3] / fp - 1) < 0.05
+
+
+@pytest.mark.parametrize("t", [1e-3, 0.5, 3.0, 25.0])
+@pytest.mark.parametrize("sa_grad", [False, True])
+def test_max_form_gradient_is_autograd_of_the_forward(t, sa_grad):
+    w, sl, st = _inputs(seed=1)
+    fn = lambda w, sl, st: binary_weight(w, sl, st, t, form="max", sa_grad=sa_grad)  # noqa: E731
+    ref = lambda w, sl, st: _max_form(w, sl, st, t, const_scales=not sa_grad)  # noqa: E731
+    gy = torch.randn(w.shape, dtype=torch.float64)
+    a = torch.autograd.grad((fn(w, sl, st) * gy).sum(), (w, sl, st))
+    b = torch.autograd.grad((ref(w, sl, st) * gy).sum(), (w, sl, st))
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, rtol=1e-9, atol=1e-12)
+    if sa_grad:  # with c and M differentiated too it is the true derivative
+        assert torch.autograd.gradcheck(fn, (w, sl, st), eps=1e-6, atol=1e-6)
+    # only the latent needing a gradient (Sl, St frozen, as in QAT's St) gives the same values
+    (gw,) = torch.autograd.grad((fn(w, sl.detach(), st.detach()) * gy).sum(), (w,))
+    assert torch.allclose(gw, a[0], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_max_form_dtypes(dtype):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(6, 24, generator=g).to(dtype).requires_grad_(True)
+    sl = torch.ones(6, dtype=dtype, requires_grad=True)
+    st = (torch.rand(24, generator=g) + 0.5).to(dtype)
+    out = binary_weight(w, sl, st, 2.0, form="max")
+    assert out.dtype == dtype
+    (out.float() * torch.randn(6, 24, generator=g)).sum().backward()
+    assert w.grad.dtype == dtype and sl.grad.dtype == dtype
+    ref = _max_form(w.detach().double(), sl.detach().double(), st.double(), 2.0)  # computed in fp32 at least
+    assert torch.allclose(out.detach().double(), ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+
+
+def test_form_errors():
+    w, sl, st = _inputs()
+    with pytest.raises(ValueError, match="unknown progressive form"):
+        binary_weight(w, sl, st, 1.0, form="nope")
+    with pytest.raises(ValueError, match="sa_fixed"):
+        binary_weight(w, sl, st, 1.0, form="max", sa_fixed=analytic_scale(w.detach()))
+    from binarize.quantizers import ternary_weight
+
+    with pytest.raises(ValueError, match="unknown progressive form"):
+        ternary_weight(w, t=1.0, form="nope")
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_ternary_max_form(per_row):
+    from binarize.quantizers import progressive_ternary, ternary_scale, ternary_weight
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 40, dtype=torch.float64, generator=g)
+    w[2, 5] = 30 * w.abs().mean()  # outlier
+    gamma = ternary_scale(w, "absmean", per_row)
+    fn = lambda v, t: ternary_weight(v, "absmean", per_row, t, ste=False, form="max")  # noqa: E731
+    # ends: identity as t -> 0, RoundClip at t = inf (identical to the paper form there)
+    assert torch.allclose(fn(w, 1e-6), w, rtol=1e-9, atol=1e-12)
+    assert torch.equal(fn(w, math.inf), ternary_weight(w, "absmean", per_row, math.inf, ste=False))
+    rc = (w / gamma).round().clamp(-1, 1) * gamma
+    away = ((w / gamma).abs() - 0.5).abs() > 0.05
+    assert torch.allclose(fn(w, 1e5)[away], rc[away], atol=1e-9)
+    # in between: F3 at the per-row sharpness t gamma / max|W_i|
+    t = 2.0
+    tr = t * gamma / w.abs().amax(1, keepdim=True)
+    gi = gamma.expand(6, 1)
+    want = torch.cat([progressive_ternary(w[i:i + 1] / gi[i], float(tr[i])) * gi[i] for i in range(6)])
+    assert torch.allclose(fn(w, t), want, rtol=1e-12, atol=1e-15)
+    # the first chunk keeps the outlier (the paper's F3 clips it to ~gamma/t)
+    assert abs(fn(w, 0.32)[2, 5] / w[2, 5] - 1) < 0.05
+    assert ternary_weight(w, "absmean", per_row, 0.32, ste=False)[2, 5] < 0.3 * w[2, 5]
+    # consistent: the gradient is autograd's derivative of this forward (gamma and M constant)
+    v = w.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: progressive_ternary(v / gamma, 1.0) * gamma, (v,))
+    gy = torch.randn(w.shape, dtype=torch.float64, generator=g)
+    (gv,) = torch.autograd.grad((fn(v, t) * gy).sum(), (v,))
+    u = v.detach() / gamma
+    d = lambda z: 1 - torch.tanh(z) ** 2  # noqa: E731
+    g1 = torch.tanh(1.5 * tr) + torch.tanh(0.5 * tr)
+    assert torch.allclose(gv, gy * tr * (d(tr * (u + 0.5)) + d(tr * (u - 0.5))) / g1, rtol=1e-10, atol=1e-12)
+    assert fn(w.float(), t).dtype == torch.float32 and fn(w.bfloat16(), t).dtype == torch.bfloat16
