@@ -25,6 +25,7 @@ from .._version import __version__
 from ..checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state
 from ..errors import BinarizeError
 from ..formats.latent import save_converted
+from ..formats.registry import Exported
 from ..models import check_supported, load_config, load_model, max_positions, resolve_model, scratch_model
 from ..qlinear import finish_init, prepare
 from ..recipe import Recipe
@@ -63,7 +64,7 @@ class ConvertResult:
 
     path: Path
     record: RunRecord
-    exported: object = None  # formats.Exported
+    exported: Exported | None = None
 
 
 def convert(job: ConvertJob) -> Path:
