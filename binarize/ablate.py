@@ -43,7 +43,7 @@ from .recipe import load_recipe, parse_tokens, recipe_dir
 from .train.record import RunRecord
 
 PLAN_KEYS = {"name", "description", "model", "from_scratch", "tokens", "recipe", "set", "eval", "runs"}
-MEMBER_KEYS = {"name", "recipe", "set"}
+MEMBER_KEYS = {"name", "recipe", "set", "tokens", "series"}
 EVAL_KEYS = {"datasets", "seq_len", "limit"}
 
 
@@ -52,6 +52,8 @@ class Member:
     name: str
     recipe: str
     overrides: dict[str, Any]  # the member's own changes (shown in the table)
+    tokens: int | None = None  # the member's own budget (else the plan's)
+    series: str | None = None  # members of one series are one line of the quality plot (ppl against budget)
 
 
 @dataclass
@@ -68,6 +70,9 @@ class Plan:
 
     def overrides(self, m: Member) -> dict[str, Any]:
         return {**self.common, **m.overrides}
+
+    def tokens_of(self, m: Member) -> int:
+        return m.tokens or self.tokens
 
 
 def plan_dir() -> Path:
@@ -131,11 +136,13 @@ def load_plan(name_or_path: str, tokens: str | None = None) -> Plan:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name in seen:
             raise BinarizeError(f"plan {path}: run name {name!r} is not a unique file-safe name")
         seen.add(name)
-        plan.members.append(Member(name, str(r.get("recipe", plan.recipe)), _mapping(r.get("set"), f"run {name}: set")))
+        plan.members.append(Member(name, str(r.get("recipe", plan.recipe)), _mapping(r.get("set"), f"run {name}: set"),
+                                   parse_tokens(r["tokens"]) if "tokens" in r else None,
+                                   str(r["series"]) if "series" in r else None))
     for m in plan.members:
         try:
             recipe = load_recipe(m.recipe, plan.overrides(m))
-            check_job(recipe, plan.tokens, plan.from_scratch, "none")
+            check_job(recipe, plan.tokens_of(m), plan.from_scratch, "none")
         except BinarizeError as exc:
             raise BinarizeError(f"plan {path}: run {m.name!r}: {exc}") from None
     return plan
@@ -149,7 +156,7 @@ def convert_command(plan: Plan, m: Member, out: Path, resume: bool) -> list[str]
     cmd = [sys.executable, "-m", "binarize.cli", "convert"]
     if plan.model:
         cmd.append(str(plan.model))
-    cmd += ["--tokens", str(plan.tokens), "--recipe", m.recipe, "--out", str(out), "--no-progress", "--export", "none"]
+    cmd += ["--tokens", str(plan.tokens_of(m)), "--recipe", m.recipe, "--out", str(out), "--no-progress", "--export", "none"]
     for k, v in plan.overrides(m).items():
         cmd += ["--set", f"{k}={_cli_value(v)}"]
     if plan.from_scratch:
@@ -182,7 +189,7 @@ def _run_logged(cmd: list[str], log: Path) -> tuple[int, str]:
 def run_member(plan: Plan, m: Member, out: Path, echo: Callable[[str], None]) -> dict:
     run, log = out / "runs" / m.name, out / "logs" / f"{m.name}.log"
     eval_json = out / "results" / f"{m.name}.eval.json"
-    result = {"name": m.name, "recipe": m.recipe, "changes": m.overrides, "status": "ok"}
+    result = {"name": m.name, "recipe": m.recipe, "changes": m.overrides, "status": "ok", "series": m.series}
     t0 = time.perf_counter()
     if not (run / "run.json").is_file():
         resume = (run.with_name(m.name + ".partial") / "checkpoint" / "state.json").is_file()
@@ -200,6 +207,7 @@ def run_member(plan: Plan, m: Member, out: Path, echo: Callable[[str], None]) ->
     ppl = {k: v["ppl"] for k, v in rows[0]["perplexity"].items()}
     return {**result, "final_loss": record.tail_loss(), "ppl": ppl,
             "tokens": record.tokens.trained, "bai_tokens": record.bai.tokens if record.bai else 0,
+            "blockwise_tokens": record.blockwise.tokens * len(record.blockwise.blocks) if record.blockwise else 0,
             "wall_s": record.wall_s, "peak_memory_mib": record.peak_memory_mib or {},
             "losses": [[s.tokens, s.loss] for s in record.steps],
             "switch_tokens": next((s.tokens for s in record.steps if s.lam > 0), None),
@@ -237,6 +245,8 @@ def run_plan(plan: Plan, out: Path, echo: Callable[[str], None] = print, only: l
     table = markdown_table(plan, results)
     (out / "table.md").write_text(table + "\n")
     plot(plan, results, out / "plot.png")
+    if any(m.series for m in plan.members):
+        plot_quality(plan, results, out / "quality.png")
     return results
 
 
@@ -304,6 +314,40 @@ def plot(plan: Plan, results: list[dict], path: Path) -> None:
         bx.set_yscale("log")
     bx.set_ylabel(f"{ds} perplexity" + (" (log)" if log else ""))
     bx.set_title("perplexity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_quality(plan: Plan, results: list[dict], path: Path) -> None:
+    """Perplexity of each eval dataset against the training budget (tokens: QAT + BaI + block-wise
+    sequence tokens) and against the conversion's wall time, one line per ``series``; log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = [d.strip() for d in str(plan.eval["datasets"]).split(",") if d.strip()]
+    ok = [r for r in results if r["status"] == "ok" and r.get("series")]
+    series = list(dict.fromkeys(r["series"] for r in ok))
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(11, 3.6 * len(datasets)), squeeze=False)
+    for row, ds in enumerate(datasets):
+        for col, (key, label) in enumerate((("budget", "training tokens (QAT + BaI + block-wise)"),
+                                            ("wall_s", "conversion wall time (s)"))):
+            ax = axes[row][col]
+            for i, name in enumerate(series):
+                pts = sorted((r.get("tokens", 0) + r.get("bai_tokens", 0) + r.get("blockwise_tokens", 0)
+                              if key == "budget" else r["wall_s"], r["ppl"].get(ds, float("nan")))
+                             for r in ok if r["series"] == name)
+                ax.plot(*zip(*pts), marker="o", color=f"C{i % 10}", label=name)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"{ds} perplexity")
+            ax.grid(True, which="both", alpha=0.3)
+            if row == 0 and col == 0 and series:
+                ax.legend(fontsize=8)
+    fig.suptitle(f"{plan.name}: perplexity against budget and wall time")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -32,11 +32,12 @@ class LayerSpec:
     ternary_scale: str = "absmean"  # absmean | absmedian
     per_row: bool = False  # ternary gamma per output row instead of per tensor
     act_bits: int = 0  # 0: full-precision activations; 8: BitLinear per-token absmax int8
+    form: str = "paper"  # progressive form for 0 < t < inf (quantizers.PROGRESSIVE_FORMS)
 
     @classmethod
     def from_recipe(cls, r) -> LayerSpec:
         return cls(method=r.method, ste=r.quantizer == "ste", sa_grad=r.sa_grad, st_min=r.st_min,
-                   ternary_scale=r.ternary_scale, per_row=r.per_row, act_bits=r.act_bits)
+                   ternary_scale=r.ternary_scale, per_row=r.per_row, act_bits=r.act_bits, form=r.progressive_form)
 
 
 class WeightQuantizer:
@@ -75,7 +76,8 @@ class BinaryWeightQuantizer(WeightQuantizer):
     method = "binary"
 
     def weight(self, latent, sl, st, t, *, ste=False, sa_grad=False, sa_fixed=None):
-        return binary_weight(latent, sl, st, t, ste=ste and not math.isinf(t), sa_grad=sa_grad, sa_fixed=sa_fixed)
+        return binary_weight(latent, sl, st, t, ste=ste and not math.isinf(t), sa_grad=sa_grad, sa_fixed=sa_fixed,
+                             form=self.spec.form)
 
     def codes(self, latent, sl, sa_fixed=None):
         return binary_codes(latent, sl, sa_fixed)
@@ -89,7 +91,8 @@ class TernaryWeightQuantizer(WeightQuantizer):
     method = "ternary"
 
     def weight(self, latent, sl, st, t, *, ste=False, sa_grad=False, sa_fixed=None):
-        w = ternary_weight(latent, self.spec.ternary_scale, self.spec.per_row, t, ste=ste or math.isinf(t))
+        w = ternary_weight(latent, self.spec.ternary_scale, self.spec.per_row, t, ste=ste or math.isinf(t),
+                           form=self.spec.form)
         return (sl.view(-1, 1) * w * st).to(latent.dtype)
 
     def codes(self, latent, sl, sa_fixed=None):

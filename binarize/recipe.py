@@ -18,6 +18,8 @@ import yaml
 from .errors import BinarizeError
 from .schedules import PHASE_INS, SCHEDULERS
 
+PROGRESSIVE_FORMS = ("paper", "max")  # binarize.quantizers.PROGRESSIVE_FORMS (kept torch-free here; a test ties them)
+
 
 @dataclass
 class Recipe:
@@ -28,6 +30,7 @@ class Recipe:
     # --- weight quantizer ---
     method: str = "binary"  # binary (1 bit) | ternary (1.58 bits, BitNet b1.58)
     quantizer: str = "progressive"  # progressive: F(x,t) (ternary: F3) fwd+bwd | ste: hard, straight-through
+    progressive_form: str = "paper"  # paper: F(W~/Sa, t) | max: tanh(t W~/max|W~|), row-optimal scale (quantizers.py)
     ternary_scale: str = "absmean"  # ternary gamma: absmean (BitNet b1.58) | absmedian (b1.58 Reloaded)
     per_row: bool = False  # ternary gamma per output row (the papers: one per tensor)
     act_bits: int = 0  # 0: full-precision activations | 8: per-token absmax int8 (BitLinear)
@@ -45,6 +48,15 @@ class Recipe:
     st_min: float = 1e-2  # St is clamped to [st_min, inf) so W/St stays finite
     train_st: bool = False  # keep learning St during QAT (paper: St fixed after BaI)
     share_st: bool = False  # tie St (q/k/v, gate/up, o_proj per KV group) so export folds it away (qlinear.share_st_)
+    # --- block-wise reconstruction (train/blockwise.py), after BaI and before end-to-end QAT ---
+    blockwise_steps: int = 0  # AdamW steps per decoder block; 0: no block-wise stage
+    blockwise_sequences: int = 32  # calibration sequences whose block activations are cached (<= calib_sequences)
+    blockwise_batch: int = 4  # sequences per block step
+    blockwise_lr: float = 1e-4  # latent weights
+    blockwise_scale_lr: float = 1e-3  # Sl, St (train_st), biases and norms
+    blockwise_inputs: str = "quantized"  # block i reads: quantized (blocks 0..i-1 converted) | fp (the FP model's)
+    blockwise_loss: str = "relative"  # relative: per-token ||y_q - y||^2 / ||y||^2 | mse: plain mean squared error
+    blockwise_quantizer: str = "progressive"  # progressive: t schedule within each block | ste: hard sign throughout
     # --- progressive QAT ---
     lr: float = 1e-4
     min_lr: float = 2e-6
@@ -74,26 +86,35 @@ class Recipe:
     # --- knowledge distillation from the frozen original model ---
     distill_alpha: float = 0.0  # loss = CE + alpha * tau^2 * KL(teacher || student); 0: off
     distill_temperature: float = 1.0
+    distill_ce: float = 1.0  # weight of the next-token CE beside the KL: 1 = CE + KL, 0 = pure logit distillation
 
     def validate(self) -> "Recipe":
         choices = {
             "method": ("binary", "ternary"),
             "quantizer": ("progressive", "ste"),
+            "progressive_form": PROGRESSIVE_FORMS,
             "ternary_scale": ("absmean", "absmedian"),
             "phase_in": PHASE_INS,
             "scheduler": SCHEDULERS,
             "scaling": ("dual", "analytic", "learnable"),
             "train_fp": ("none", "norms", "all"),
+            "blockwise_inputs": ("quantized", "fp"),
+            "blockwise_loss": ("relative", "mse"),
+            "blockwise_quantizer": ("progressive", "ste"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise BinarizeError(f"recipe {self.name}: {key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        positive = ("chunks", "seq_len", "batch_tokens", "micro_batch", "bai_batch_tokens", "calib_sequences", "lr")
+        positive = ("chunks", "seq_len", "batch_tokens", "micro_batch", "bai_batch_tokens", "calib_sequences", "lr",
+                    "blockwise_sequences", "blockwise_batch", "blockwise_lr", "blockwise_scale_lr")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise BinarizeError(f"recipe {self.name}: {key} must be positive, got {getattr(self, key)}")
         if self.act_bits not in (0, 8):
             raise BinarizeError(f"recipe {self.name}: act_bits must be 0 (full precision) or 8, got {self.act_bits}")
+        if self.progressive_form == "max" and self.scaling == "learnable":
+            raise BinarizeError(f"recipe {self.name}: progressive_form=max is not defined with scaling=learnable "
+                                "(its hard-sign limit is Sa, not the frozen Sl); use progressive_form=paper")
         if self.method == "ternary" and self.scaling == "learnable":
             raise BinarizeError(f"recipe {self.name}: scaling=learnable (Sl only) is binary-only; ternary "
                                 "recipes use analytic (gamma) or dual (Sl * gamma)")
@@ -105,11 +126,19 @@ class Recipe:
             if v != int(v) and not 0 <= v < 1:
                 raise BinarizeError(f"recipe {self.name}: {key} is a whole step (>= 1) or a fraction in [0, 1), got {v}")
         for key in ("bai_steps", "warmup_steps", "save_every", "min_lr", "weight_decay", "grad_clip", "schedule_span",
-                    "switch_at", "distill_alpha"):
+                    "switch_at", "distill_alpha", "blockwise_steps", "distill_ce"):
             if getattr(self, key) < 0:
                 raise BinarizeError(f"recipe {self.name}: {key} must be >= 0, got {getattr(self, key)}")
+        if self.distill_ce == 0 and self.distill_alpha == 0:
+            raise BinarizeError(f"recipe {self.name}: distill_ce=0 with distill_alpha=0 leaves no loss to train on")
         if self.chunks < 2 and self.quantizer == "progressive":
             raise BinarizeError(f"recipe {self.name}: progressive training needs chunks >= 2, got {self.chunks}")
+        if self.blockwise_steps and self.blockwise_sequences > self.calib_sequences:
+            raise BinarizeError(f"recipe {self.name}: blockwise_sequences {self.blockwise_sequences} is larger than the "
+                                f"calibration set (calib_sequences {self.calib_sequences})")
+        if self.blockwise_steps and self.blockwise_batch > self.blockwise_sequences:
+            raise BinarizeError(f"recipe {self.name}: blockwise_batch {self.blockwise_batch} is larger than "
+                                f"blockwise_sequences {self.blockwise_sequences}")
         if self.batch_tokens % self.seq_len:
             raise BinarizeError(f"batch_tokens {self.batch_tokens} is not a multiple of seq_len {self.seq_len}")
         if self.bai_batch_tokens % self.seq_len:

@@ -53,7 +53,8 @@ def test_members_run_isolated_and_resume(tiny_model_dir, small_text, tmp_path):
                            eval=dict(datasets="wikitext2", seq_len=64, limit=2),
                            runs=[{"name": "ok", "set": {"data": str(small_text)}},
                                  {"name": "broken", "set": {"data": str(tmp_path / "missing.txt")}},
-                                 {"name": "sa-only", "set": {"data": str(small_text), "scaling": "analytic"}}])
+                                 {"name": "sa-only", "set": {"data": str(small_text), "scaling": "analytic"},
+                                  "tokens": 3072, "series": "sa"}])
     plan = load_plan(str(plan_path))
     out = tmp_path / "out"
     lines = []
@@ -70,6 +71,9 @@ def test_members_run_isolated_and_resume(tiny_model_dir, small_text, tmp_path):
     table = (out / "table.md").read_text()
     assert "| ok | binaryllm |" in table and "failed: convert exit 2" in table and "scaling=analytic" in table
     assert (out / "plot.png").stat().st_size > 10_000
+    sa = next(r for r in results if r["name"] == "sa-only")  # a member's own budget and its series
+    assert sa["tokens"] == 3072 and sa["series"] == "sa" and ok["series"] is None
+    assert (out / "quality.png").stat().st_size > 10_000
     # a second call skips finished members and retries the failed one
     lines.clear()
     again = run_plan(plan, out, echo=lines.append)

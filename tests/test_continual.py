@@ -1,5 +1,6 @@
 """Ternary layers, the continual 16 -> 1.58-bit switch, distillation and training from scratch."""
 
+import copy
 import json
 import math
 
@@ -267,3 +268,25 @@ def test_bitnet_export_refuses_what_it_cannot_hold(converted_tiny_dir, tmp_path,
         check_bitnet_fit(tiny_model, {"method": "ternary", "act_bits": 8})
     with pytest.raises(BinarizeError, match="act_bits=0"):
         check_bitnet_fit(tiny_model, {"method": "ternary", "act_bits": 0})
+
+
+def test_pure_distillation_drops_the_next_token_loss(trained_tiny_dir):
+    from binarize.models import load_model
+    from binarize.train.loop import accumulate
+
+    model, _, _ = load_model(str(trained_tiny_dir))
+    x = torch.randint(0, 1000, (2, 16))
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9)
+    got = {}
+    for w in (0.0, 1.0):
+        model.zero_grad()
+        ce, kd = accumulate(model, x, 1, lambda loss: got.__setitem__(w, got.get(w, 0.0) + float(loss)),
+                            Distill(teacher, alpha=2.0, temperature=1.0, ce_weight=w))
+        assert kd > 1e-3
+    assert got[0.0] == pytest.approx(2.0 * kd, rel=1e-5)  # loss = alpha * KL only
+    assert got[1.0] == pytest.approx(ce + 2.0 * kd, rel=1e-5)
+    with pytest.raises(BinarizeError, match="no loss to train on"):
+        load_recipe("binaryllm", {"distill_ce": 0.0})

@@ -57,3 +57,30 @@ def test_unknown_recipe_name_and_override_key():
 def test_recipe_roundtrip_dict():
     r = load_recipe("binaryllm")
     assert Recipe(**r.to_dict()).validate() == r
+
+
+def test_progressive_form_reaches_the_layers():
+    import math
+
+    import torch
+
+    from binarize import quantizers
+    from binarize.fake_quant import LayerSpec
+    from binarize.qlinear import QuantLinear
+    from binarize.recipe import PROGRESSIVE_FORMS
+
+    assert PROGRESSIVE_FORMS == quantizers.PROGRESSIVE_FORMS
+    with pytest.raises(BinarizeError, match="progressive_form=max is not defined with scaling=learnable"):
+        load_recipe("binaryllm", {"progressive_form": "max", "scaling": "learnable"})
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8, bias=False)
+    r = load_recipe("binaryllm", {"progressive_form": "max"})
+    q = QuantLinear.from_linear(lin, spec=LayerSpec.from_recipe(r))
+    q.fold_st()
+    q.t = 2.0
+    ones = torch.ones(8)
+    for form in ("max", "paper"):
+        ref = quantizers.binary_weight(q.weight, ones, torch.ones(16), 2.0, form=form)
+        assert torch.equal(q.effective_weight(), ref) == (form == "max")
+    q.t = math.inf  # the hard sign is the same for every form
+    assert torch.equal(q.effective_weight(), quantizers.binary_weight(q.weight, ones, torch.ones(16), math.inf))

@@ -76,7 +76,7 @@ def prepare_data(tokenizer, recipe: Recipe, budget: Budget, self_text: "SelfText
     L = recipe.seq_len
     n_seq = budget.n_sequences
     data_spec, calib_spec = resolve_auto(recipe.data), resolve_auto(recipe.calib)
-    n_calib = recipe.calib_sequences if recipe.bai else 0
+    n_calib = recipe.calib_sequences if recipe.bai or recipe.blockwise_steps else 0
     same = calib_spec == data_spec
     if self_text is not None:
         self_text.reserve(_self_tokens(data_spec, n_seq * L + (n_calib * L if same else 0), L))
@@ -97,6 +97,9 @@ def prepare_data(tokenizer, recipe: Recipe, budget: Budget, self_text: "SelfText
             raise BinarizeError(f"calibration data {calib_where} is shorter than one sequence of {L} tokens")
         g = torch.Generator().manual_seed(recipe.seed + 17)
         calib = cblocks.blocks[torch.randperm(len(cblocks), generator=g)[:n_calib]]
+    if recipe.blockwise_steps and calib.shape[0] < recipe.blockwise_sequences:
+        raise BinarizeError(f"calibration data {calib_where} holds {calib.shape[0]} sequences of {L} tokens, fewer "
+                            f"than blockwise_sequences {recipe.blockwise_sequences}")
     info = {
         "train_source": where, "calib_source": calib_where,
         "train_blocks_available": len(train_blocks), "calib_sequences": int(calib.shape[0]),

@@ -33,7 +33,10 @@ class Interrupted(Exception):
 
 @dataclass
 class Distill:
-    """Knowledge distillation from the frozen original: loss = CE + alpha * tau^2 * KL(p_T || p_S).
+    """Knowledge distillation from the frozen original: loss = w_ce * CE + alpha * tau^2 * KL(p_T || p_S).
+
+    ``ce_weight`` (recipe ``distill_ce``) is 1 for CE + KL (OneBit's and BitNet Distillation's
+    sum) and 0 for pure logit distillation: the teacher's distribution then is the only target.
 
     KL is taken per position over the full vocabulary at temperature tau (Hinton et al.; the
     tau^2 keeps its gradient scale independent of tau) and averaged over positions like CE.
@@ -44,6 +47,7 @@ class Distill:
     teacher: torch.nn.Module
     alpha: float
     temperature: float
+    ce_weight: float = 1.0
 
     def kl(self, x: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
         """x: (batch, seq) token ids; student_logits: (batch, seq, vocab). Returns tau^2 * KL, a scalar."""
@@ -147,7 +151,7 @@ def accumulate(model, batch: torch.Tensor, micro_batch: int, backward, distill: 
         if distill is not None:
             kd = distill.kl(x, out.logits)
             kd_total += float(kd.detach()) * x.shape[0]
-            loss = ce + distill.alpha * kd
+            loss = distill.ce_weight * ce + distill.alpha * kd
         del out
         backward(loss * (x.shape[0] / batch.shape[0]))
         total += float(ce.detach()) * x.shape[0]

@@ -72,6 +72,9 @@ def check_job(recipe: Recipe, tokens: int, from_scratch: str | None = None, expo
         if recipe.bai:
             raise BinarizeError("--from-scratch starts from random weights, so BaI has nothing to initialise: "
                                 "use a recipe with bai: false (e.g. continual-16to158) or --set bai=false")
+        if recipe.blockwise_steps:
+            raise BinarizeError("--from-scratch has no pretrained blocks to reconstruct: block-wise training needs "
+                                "a pretrained model (--set blockwise_steps=0)")
         if recipe.distill_alpha > 0:
             raise BinarizeError("distillation needs a pretrained teacher: it cannot be combined with --from-scratch")
     if export is not None and export != "none":

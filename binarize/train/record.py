@@ -61,6 +61,25 @@ class BaiRecord:
 
 
 @dataclass
+class BlockwiseRecord:
+    """Block-wise reconstruction: per block, the reconstruction loss (``loss`` kind) at its first
+    and last step and at the hard quantizer afterwards, with the block's wall time; ``tokens`` is
+    the sequence tokens one block trains on (steps x batch x seq_len, the same for every block),
+    ``activation_mib`` the size of the cached block inputs and targets."""
+
+    inputs: str
+    loss: str
+    steps: int
+    batch: int
+    sequences: int
+    lr: float
+    tokens: int
+    activation_mib: float
+    blocks: list[dict] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+@dataclass
 class TokenRecord:
     """The budget: ``requested`` tokens became ``sequences`` of ``seq_len`` (``budget_used``
     tokens; ``dropped_remainder`` left over) in ``optimizer_steps`` steps of ``per_step`` tokens."""
@@ -88,6 +107,7 @@ class RunRecord:
     bai: BaiRecord | None = None
     wall_s: float = 0.0
     peak_memory_mib: dict | None = None
+    blockwise: BlockwiseRecord | None = None
 
     def tail_loss(self, parts: int = 10) -> float | None:
         """Mean loss over the last 1/``parts`` of the steps (at least one); None without steps."""
@@ -102,6 +122,8 @@ class RunRecord:
                "steps": [s.to_dict() for s in self.steps],
                "bai": dataclasses.asdict(self.bai) if self.bai else None,
                "tokens": dataclasses.asdict(self.tokens), "wall_s": self.wall_s}
+        if self.blockwise is not None:
+            out["blockwise"] = dataclasses.asdict(self.blockwise)
         if self.peak_memory_mib is not None:
             out["peak_memory_mib"] = self.peak_memory_mib
         return out
@@ -110,7 +132,8 @@ class RunRecord:
     def from_dict(cls, d: dict) -> "RunRecord":
         return cls(d["binarize_version"], d["model"], d.get("from_scratch"), d["recipe"], d["quantized_layers"],
                    d.get("data", {}), TokenRecord(**d["tokens"]), [StepRecord.from_dict(s) for s in d["steps"]],
-                   BaiRecord(**d["bai"]) if d.get("bai") else None, d.get("wall_s", 0.0), d.get("peak_memory_mib"))
+                   BaiRecord(**d["bai"]) if d.get("bai") else None, d.get("wall_s", 0.0), d.get("peak_memory_mib"),
+                   BlockwiseRecord(**d["blockwise"]) if d.get("blockwise") else None)
 
     def write(self, path: Path) -> None:
         write_json(path, self.to_dict())

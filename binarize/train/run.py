@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from .._version import __version__
-from ..checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state
+from ..checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, save_checkpoint
 from ..errors import BinarizeError
 from ..formats.latent import save_converted
 from ..formats.registry import Exported
@@ -30,6 +30,7 @@ from ..models import check_supported, load_config, load_model, max_positions, re
 from ..qlinear import finish_init, prepare
 from ..recipe import Recipe
 from .bai import binary_aware_init
+from .blockwise import blockwise_reconstruct
 from .data import SelfText, prepare_data
 from .loop import Distill, Interrupted, TrainState, save, train_qat, trainable_groups
 from .plan import check_job
@@ -99,6 +100,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     limit = max_positions(model.config)
     if limit and recipe.seq_len > limit:
         raise BinarizeError(f"seq_len {recipe.seq_len} exceeds the model's maximum of {limit} positions")
+    if recipe.distill_alpha > 0:
+        check_teacher_fits(model)
     if torch.cuda.is_available():
         model.to("cuda")  # self-generation, if any, runs where training will
     self_text = SelfText(model, tokenizer, src, recipe, job.progress, None if job.progress else plain_log)
@@ -115,7 +118,7 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     distill = None
     if recipe.distill_alpha > 0:
         teacher = copy.deepcopy(model).requires_grad_(False).eval()
-        distill = Distill(teacher, recipe.distill_alpha, recipe.distill_temperature)
+        distill = Distill(teacher, recipe.distill_alpha, recipe.distill_temperature, recipe.distill_ce)
     names = prepare(model, recipe)
     record = RunRecord.from_dict(state["record"]) if state else RunRecord(
         binarize_version=__version__, model=src.spec, from_scratch=from_scratch, recipe=recipe.to_dict(),
@@ -138,6 +141,17 @@ def convert_run(job: ConvertJob) -> ConvertResult:
             finish_init(model, recipe)
         else:
             finish_init(model, recipe, from_file=True)
+        if recipe.blockwise_steps and not job.bai_only and (state is None or state["phase"] == "blockwise"):
+            if state is not None:
+                load_checkpoint(work, model, None)
+
+            def save_blockwise(rec):
+                record.blockwise = rec
+                save_checkpoint(work, model, None, {"phase": "blockwise", "step": len(rec.blocks),
+                                                    "recipe": recipe.to_dict(), "record": record.to_dict()})
+
+            record.blockwise = blockwise_reconstruct(model, data.calib, recipe, work, record.blockwise, progress, log,
+                                                     save_blockwise)
         if not job.bai_only:
             optimizer = torch.optim.AdamW(trainable_groups(model, recipe), lr=recipe.lr, betas=tuple(recipe.betas))
             start_step = 0
@@ -188,6 +202,22 @@ def _check_out(job: ConvertJob, work: Path) -> None:
         raise BinarizeError(f"output {out} exists and is not empty (use --overwrite, or --resume)")
     if work.exists() and not job.overwrite:
         raise BinarizeError(f"an interrupted run is in {work} (use --resume to continue it, or --overwrite)")
+
+
+def check_teacher_fits(model) -> None:
+    """Distillation keeps a frozen copy of the model: refuse, before any training, when that copy
+    does not fit in the memory free now (GPU memory when training runs on a GPU, else RAM)."""
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    if torch.cuda.is_available():
+        free, where = torch.cuda.mem_get_info()[0], "GPU memory"
+    else:
+        import psutil
+
+        free, where = psutil.virtual_memory().available, "RAM"
+    if need > free:
+        raise BinarizeError(f"distillation needs a frozen copy of the model ({need / 2**30:.2f} GiB) but only "
+                            f"{free / 2**30:.2f} GiB of {where} is free: use a recipe without distill_alpha "
+                            "(--distill 0) or a machine with more memory")
 
 
 def peak_memory_mib() -> dict:

@@ -1,0 +1,240 @@
+"""Block-wise reconstruction: after BaI and before end-to-end QAT, each decoder block is trained
+on its own so that the quantized block reproduces the full-precision block's output.
+
+Sources: EfficientQAT's Block-AP (arXiv 2407.11062) and BRECQ (arXiv 2102.05426). Per block i:
+
+    y_i = FP block_i(x_i^fp)                      (the target, computed once with the layers at lam = 0)
+    min  loss(Q-block_i(x_i), y_i)                 over the block's latent weights, Sl, (St) and norms
+
+* ``x_i`` (recipe ``blockwise_inputs``): ``"quantized"`` (default) feeds block i the outputs of
+  the already-converted blocks 0..i-1 at the hard quantizer, as BRECQ and EfficientQAT do, so each
+  block learns to undo the error its inputs already carry (the error the converted model will
+  see); ``"fp"`` feeds the FP model's own hidden states (every block solves an independent problem).
+* ``loss`` (``blockwise_loss``): ``"relative"`` (default) is the per-token squared error divided
+  by the per-token squared norm of the target, averaged over tokens. Pretrained LLMs carry massive
+  activations in a few residual channels at a few positions (SmolLM2-135M: ~25000 at the first
+  token), which dominate a plain MSE; the per-token normalisation weighs every position alike.
+  ``"mse"`` is the plain mean squared error (EfficientQAT).
+* The sharpness schedule (``blockwise_quantizer``): ``"progressive"`` runs the recipe's scheduler
+  over ``min(chunks, blockwise_steps)`` chunks inside every block (t from ~0 to the last chunk's
+  value), then the block is used at the hard quantizer (t = inf) downstream and afterwards;
+  ``"ste"`` trains at the hard sign with the straight-through estimator throughout.
+* Trainable: what end-to-end QAT trains in that block (``loop.trainable_groups``: latent weights
+  with weight decay; Sl, St when ``train_st``, biases, and norms per ``train_fp``); AdamW, fresh
+  for each block, with a cosine learning rate to a tenth of its start: ``blockwise_lr`` for the
+  latent weights and ``blockwise_scale_lr`` for the rest. The scales and norms start at O(1)
+  (Sl = 1) while the latent weights are O(1e-2), so one learning rate would leave either the
+  scales frozen or the weights thrashing within the few hundred steps a block gets.
+
+Memory: one block's activations for a batch plus the cache of block inputs and targets, three
+(``fp`` inputs: two) float32 tensors of (blockwise_sequences, seq_len, hidden) on the training
+device; the size is reported in run.json (``blockwise.activation_mib``).
+
+Resume: Ctrl-C stops after the block in flight; the checkpoint holds the model and the cached
+activations for the next block, and ``--resume`` continues at that block.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..models import decoder_layers
+from ..qlinear import quant_layers, set_t
+from ..recipe import Recipe
+from ..schedules import chunk_t
+from .loop import Interrupted, StopOnInterrupt, trainable_groups
+from .record import BlockwiseRecord
+
+ACTIVATIONS = "blockwise_activations.pt"
+
+
+class _Captured(Exception):
+    """Raised by the pre-hook on block 0 to stop the forward once its inputs are known."""
+
+
+def _block_call(block, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def block_inputs(model, ids: torch.Tensor, micro_batch: int = 1) -> tuple[torch.Tensor, dict]:
+    """(x, kwargs): the hidden states entering decoder block 0 for token ids (n, seq_len) as
+    float32 (n, seq_len, hidden), and the keyword arguments the model passes every block
+    (position embeddings, causal mask) captured for one sequence; they broadcast over a batch.
+    """
+    layers = decoder_layers(model)
+    seen: dict = {}
+
+    def hook(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+        seen["kw"] = kwargs
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    xs, kw = [], None
+    try:
+        for i in range(0, ids.shape[0], micro_batch):
+            try:
+                model(input_ids=ids[i : i + micro_batch], use_cache=False)
+            except _Captured:
+                xs.append(seen["x"].float())
+            if kw is None:
+                try:
+                    model(input_ids=ids[:1], use_cache=False)
+                except _Captured:
+                    kw = {k: v for k, v in seen["kw"].items()
+                          if k not in ("cache", "past_key_values", "past_key_value", "use_cache", "hidden_states")}
+    finally:
+        handle.remove()
+    return torch.cat(xs), kw
+
+
+def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "relative") -> torch.Tensor:
+    """Mean over tokens of ||out - target||^2 / ||target||^2 (``relative``) or the plain MSE.
+    Shapes (batch, seq, hidden); a scalar."""
+    err = (out.float() - target.float()).pow(2)
+    if kind == "mse":
+        return err.mean()
+    return (err.sum(-1) / target.float().pow(2).sum(-1).clamp_min(1e-12)).mean()
+
+
+def block_t(step: int, steps: int, recipe: Recipe) -> float:
+    """t of a block step: the recipe's scheduler over min(chunks, steps) chunks, or inf (``ste``)."""
+    if recipe.blockwise_quantizer == "ste":
+        return math.inf
+    chunks = max(2, min(recipe.chunks, steps))
+    return chunk_t(recipe.scheduler, min(step * chunks // steps, chunks - 1), chunks, recipe.schedule_span)
+
+
+@torch.no_grad()
+def _run(block, x: torch.Tensor, kwargs: dict, batch: int) -> torch.Tensor:
+    return torch.cat([_block_call(block, x[i : i + batch], kwargs).float() for i in range(0, x.shape[0], batch)])
+
+
+def _set_fp(block, fp: bool) -> None:
+    """lam = 0 runs every layer of the block at its full-precision weight (W~ St = W)."""
+    set_t(block, math.inf, 0.0 if fp else 1.0)
+
+
+def train_block(block, x: torch.Tensor, target: torch.Tensor, kwargs: dict, recipe: Recipe, index: int,
+                progress=None) -> dict:
+    """AdamW on one block's trainable parameters; returns its losses and wall time. The block is left
+    at the hard quantizer."""
+    t0 = time.perf_counter()
+    steps, batch = recipe.blockwise_steps, recipe.blockwise_batch
+    groups = trainable_groups(block, recipe)  # [latent weights, scales / norms / biases]
+    base_lr = (recipe.blockwise_lr, recipe.blockwise_scale_lr)
+    for grp, lr0 in zip(groups, base_lr):
+        grp["base_lr"] = lr0
+    opt = torch.optim.AdamW(groups, lr=recipe.blockwise_lr, betas=tuple(recipe.betas))
+    params = [p for g in opt.param_groups for p in g["params"]]
+    g = torch.Generator().manual_seed(recipe.seed * 1000 + index)
+    order = torch.cat([torch.randperm(x.shape[0], generator=g) for _ in range(math.ceil(steps * batch / x.shape[0]))])
+    task = progress.add_task(f"block {index + 1}", total=steps, info="") if progress else None
+    quant = list(quant_layers(block).values())
+    for q in quant:  # the block's own schedule, whatever the end-to-end stage uses (recipe quantizer)
+        q.ste = recipe.blockwise_quantizer == "ste"
+    block.train()
+    losses = []
+    for step in range(steps):
+        set_t(block, block_t(step, steps, recipe))
+        decay = 0.55 + 0.45 * math.cos(math.pi * step / max(1, steps - 1))  # cosine to a tenth
+        for grp in opt.param_groups:
+            grp["lr"] = grp["base_lr"] * decay
+        idx = order[step * batch : (step + 1) * batch]
+        loss = reconstruction_loss(_block_call(block, x[idx], kwargs), target[idx], recipe.blockwise_loss)
+        loss.backward()
+        if recipe.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if progress:
+            progress.update(task, advance=1, info=f"t {block_t(step, steps, recipe):.3g}  loss {losses[-1]:.4f}")
+    block.eval()
+    for q in quant:
+        q.ste = q.spec.ste
+    for p in params:
+        p.requires_grad_(False)
+    set_t(block, math.inf)
+    if progress:
+        progress.remove_task(task)
+    return {"block": index, "loss_first": losses[0], "loss_last": losses[-1], "wall_s": time.perf_counter() - t0}
+
+
+def blockwise_reconstruct(model, calib: torch.Tensor, recipe: Recipe, workdir: Path, record: BlockwiseRecord | None,
+                          progress=None, log=None, save=None) -> BlockwiseRecord:
+    """The block-wise stage over ``calib[:blockwise_sequences]`` (token ids, (n, seq_len)).
+
+    Continues a stage a checkpoint interrupted when ``record`` holds finished blocks (the cached
+    activations are then read from ``workdir``). ``save(record)`` writes a checkpoint; Ctrl-C
+    stops after the block in flight, saves and raises ``Interrupted``.
+    """
+    t0 = time.perf_counter()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = decoder_layers(model)
+    ids = calib[: recipe.blockwise_sequences].to(next(model.parameters()).device)
+    mb = max(1, recipe.micro_batch)
+    if record is not None and record.blocks:
+        saved = torch.load(workdir / ACTIVATIONS, weights_only=True)
+        x_fp, x_q = saved["x_fp"], saved.get("x_q")
+        _, kwargs = block_inputs(model, ids[:1])
+        start = len(record.blocks)
+    else:
+        _set_fp(model, True)
+        x_fp, kwargs = block_inputs(model, ids, mb)
+        x_q = x_fp.clone() if recipe.blockwise_inputs == "quantized" else None
+        n_cached = 3 if x_q is not None else 2
+        record = BlockwiseRecord(recipe.blockwise_inputs, recipe.blockwise_loss, recipe.blockwise_steps,
+                                 recipe.blockwise_batch, int(ids.shape[0]), recipe.blockwise_lr,
+                                 recipe.blockwise_steps * recipe.blockwise_batch * int(ids.shape[1]),
+                                 round(n_cached * x_fp.numel() * 4 / 2**20, 1))
+        start = 0
+    if log:
+        log(f"block-wise reconstruction: {len(layers)} blocks x {recipe.blockwise_steps} steps of "
+            f"{recipe.blockwise_batch} x {ids.shape[1]} tokens, {record.activation_mib} MiB of cached activations")
+    with StopOnInterrupt() as stop:
+        for i in range(start, len(layers)):
+            block = layers[i]
+            _set_fp(block, True)
+            target = _run(block, x_fp, kwargs, mb)
+            x_in = x_q if x_q is not None else x_fp
+            with torch.no_grad():
+                before = float(reconstruction_loss(_run_q(block, x_in, kwargs, mb), target, recipe.blockwise_loss))
+            res = train_block(block, x_in, target, kwargs, recipe, i, progress)
+            if x_q is not None:
+                x_q = _run(block, x_q, kwargs, mb)
+            after = float(reconstruction_loss(x_q if x_q is not None else _run(block, x_fp, kwargs, mb), target,
+                                              recipe.blockwise_loss))
+            x_fp = target
+            record.blocks.append({**res, "loss_hard_before": before, "loss_hard_after": after})
+            if log:
+                log(f"block {i + 1}/{len(layers)}: hard-sign loss {before:.4f} -> {after:.4f} "
+                    f"({res['wall_s']:.1f} s)")
+            if stop.requested:  # after the last block too: a resume then goes straight to QAT
+                record.wall_s += time.perf_counter() - t0
+                _save_activations(workdir, x_fp, x_q)
+                if save:
+                    save(record)
+                raise Interrupted(f"interrupted after block {i + 1}/{len(layers)}; checkpoint written")
+    set_t(model, math.inf)
+    (workdir / ACTIVATIONS).unlink(missing_ok=True)
+    record.wall_s += time.perf_counter() - t0
+    return record
+
+
+def _run_q(block, x, kwargs, mb):
+    set_t(block, math.inf)
+    return _run(block, x, kwargs, mb)
+
+
+def _save_activations(workdir: Path, x_fp: torch.Tensor, x_q: torch.Tensor | None) -> None:
+    tmp = workdir / (ACTIVATIONS + ".tmp")
+    torch.save({"x_fp": x_fp, **({"x_q": x_q} if x_q is not None else {})}, tmp)
+    tmp.replace(workdir / ACTIVATIONS)

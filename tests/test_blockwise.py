@@ -1,0 +1,183 @@
+"""Block-wise reconstruction (train/blockwise.py) on a tiny trained LLaMA with real text."""
+
+import json
+import math
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from binarize.errors import BinarizeError
+from binarize.models import decoder_layers
+from binarize.qlinear import finish_init, prepare, quant_layers
+from binarize.recipe import load_recipe
+from binarize.train import ConvertJob, Interrupted, convert
+from binarize.train.blockwise import block_inputs, blockwise_reconstruct, reconstruction_loss
+
+
+def bw_recipe(small_text, **kw):
+    base = dict(seq_len=64, batch_tokens=256, bai=False, calib_sequences=8, chunks=4, data=str(small_text),
+                calib=str(small_text), lr=1e-3, min_lr=1e-5, blockwise_steps=12, blockwise_sequences=8,
+                blockwise_batch=4, blockwise_lr=3e-3)
+    base.update(kw)
+    return load_recipe("binaryllm", base)
+
+
+def _model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def _calib(path, small_text, n=8, L=64):
+    from transformers import AutoTokenizer
+
+    from binarize.calibration.streams import TokenBlocks, tokenize_documents
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return TokenBlocks.from_stream(tokenize_documents(tok, [small_text.read_text()[:200_000]]), L).blocks[-n:]
+
+
+def test_captured_inputs_replay_the_full_precision_model(trained_tiny_dir, small_text):
+    model = _model(trained_tiny_dir).eval()
+    ids = _calib(trained_tiny_dir, small_text, n=3)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    x, kw = block_inputs(model, ids, micro_batch=2)
+    assert x.shape == (3, 64, model.config.hidden_size)
+    assert torch.allclose(x, hidden[0], atol=1e-6)
+    with torch.no_grad():  # the captured kwargs (one sequence) drive every block over a batch of three
+        for i, block in enumerate(decoder_layers(model)[:-1]):
+            out = block(x, **kw)
+            x = out[0] if isinstance(out, tuple) else out
+            assert torch.allclose(x, hidden[i + 1], atol=1e-4), i
+
+
+def test_relative_loss_weighs_tokens_alike():
+    y = torch.ones(1, 2, 4)
+    y[0, 0] *= 1000.0  # a massive activation at the first token
+    out = y.clone()
+    out[0, 1] += 0.5
+    assert reconstruction_loss(out, y, "relative") == pytest.approx(0.5 * (0.25 * 4 / 4))
+    assert reconstruction_loss(out, y, "mse") == pytest.approx(0.25 * 4 / 8)
+
+
+@pytest.mark.parametrize("inputs", ["quantized", "fp"])
+def test_reconstruction_lowers_every_blocks_hard_sign_error(trained_tiny_dir, small_text, tmp_path, inputs):
+    recipe = bw_recipe(small_text, blockwise_inputs=inputs, blockwise_steps=30)
+    model = _model(trained_tiny_dir)
+    prepare(model, recipe)
+    finish_init(model, recipe)
+    ids = _calib(trained_tiny_dir, small_text)
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=ids).loss  # hard sign, before
+    rec = blockwise_reconstruct(model, ids, recipe, tmp_path, None)
+    assert len(rec.blocks) == 2 and rec.tokens == 30 * 4 * 64
+    for b in rec.blocks:
+        assert b["loss_hard_after"] < 0.8 * b["loss_hard_before"], b
+    assert all(q.t == math.inf and q.lam == 1.0 for q in quant_layers(model).values())
+    assert not any(p.requires_grad for p in model.parameters())
+    if inputs == "quantized":  # each block corrects the error its inputs carry: the model's loss improves too
+        with torch.no_grad():
+            assert model(input_ids=ids, labels=ids).loss < ref
+
+
+def test_convert_with_blockwise_resumes_at_a_block(trained_tiny_dir, small_text, tmp_path):
+    recipe = bw_recipe(small_text)
+    full = tmp_path / "full"
+    convert(ConvertJob(str(trained_tiny_dir), 4_000, full, recipe, progress=False))
+    rec = json.loads((full / "run.json").read_text())
+    assert len(rec["blockwise"]["blocks"]) == 2 and rec["blockwise"]["activation_mib"] > 0
+
+    import binarize.train.blockwise as bw
+
+    real = bw.train_block
+
+    def interrupting(*a, **kw):  # Ctrl-C while block 1 trains: it finishes, then the run stops
+        out = real(*a, **kw)
+        if a[5] == 0:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    part = tmp_path / "part"
+    bw.train_block = interrupting
+    try:
+        with pytest.raises(Interrupted, match="after block 1/2"):
+            convert(ConvertJob(str(trained_tiny_dir), 4_000, part, recipe, progress=False))
+    finally:
+        bw.train_block = real
+    assert (tmp_path / "part.partial" / bw.ACTIVATIONS).exists()
+    convert(ConvertJob(str(trained_tiny_dir), 4_000, part, recipe, resume=True, progress=False))
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rb = json.loads((part / "run.json").read_text())
+    assert [s["loss"] for s in rec["steps"]] == [s["loss"] for s in rb["steps"]]
+    assert [x["loss_last"] for x in rec["blockwise"]["blocks"]] == [x["loss_last"] for x in rb["blockwise"]["blocks"]]
+
+
+def test_bad_blockwise_budgets_are_one_line(small_text):
+    with pytest.raises(BinarizeError, match="larger than the calibration set"):
+        bw_recipe(small_text, blockwise_sequences=16, calib_sequences=8)
+    with pytest.raises(BinarizeError, match="blockwise_batch 9 is larger"):
+        bw_recipe(small_text, blockwise_batch=9)
+    from binarize.train.plan import check_job
+
+    with pytest.raises(BinarizeError, match="no pretrained blocks"):
+        check_job(bw_recipe(small_text), 4_000, from_scratch="tiny")
+
+
+def test_a_teacher_that_does_not_fit_is_refused_before_training(trained_tiny_dir, small_text, tmp_path, monkeypatch):
+    import collections
+
+    import psutil
+
+    fake = collections.namedtuple("mem", "available")(1024)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: fake)
+    out = tmp_path / "kd"
+    with pytest.raises(BinarizeError, match="distillation needs a frozen copy of the model .* GiB of RAM is free"):
+        convert(ConvertJob(str(trained_tiny_dir), 4_000, out, bw_recipe(small_text, distill_alpha=1.0),
+                           progress=False))
+    assert not out.exists() and not (tmp_path / "kd.partial").exists()
+
+
+def test_blocks_follow_their_own_schedule_then_the_recipes(trained_tiny_dir, small_text, tmp_path, monkeypatch):
+    import binarize.train.blockwise as bw
+
+    recipe = bw_recipe(small_text, quantizer="ste", blockwise_steps=8, chunks=4)
+    model = _model(trained_tiny_dir)
+    prepare(model, recipe)
+    finish_init(model, recipe)
+    seen, real = [], bw.reconstruction_loss
+
+    def spy(out, target, kind):
+        if torch.is_grad_enabled():  # a training step, not the before/after measurement
+            seen.append({(q.ste, q.t) for q in quant_layers(decoder_layers(model)[0]).values()})
+        return real(out, target, kind)
+
+    monkeypatch.setattr(bw, "reconstruction_loss", spy)
+    blockwise_reconstruct(model, _calib(trained_tiny_dir, small_text), recipe, tmp_path, None)
+    # block 0's layers: progressive (ste off) with t rising over 4 chunks, although the recipe's QAT is straight-through
+    ts = [next(iter(s)) for s in seen[:8]]
+    assert all(len(s) == 1 for s in seen[:8]) and not any(ste for ste, _ in ts)
+    assert [t for _, t in ts] == sorted(t for _, t in ts) and ts[0][1] < 1 < ts[-1][1] < math.inf
+    assert all(q.ste and q.t == math.inf for q in quant_layers(model).values())  # back to the recipe's STE
+
+
+@pytest.mark.parametrize("name", ["binaryllm-distill", "ternary-distill"])
+def test_distill_recipes_convert_and_export(trained_tiny_dir, small_text, tmp_path, name):
+    from binarize.formats.packed_reader import load_packed
+    from binarize.train.run import ConvertJob as Job, convert_run
+
+    recipe = load_recipe(name, dict(seq_len=64, batch_tokens=256, bai_steps=2, bai_batch_tokens=128,
+                                    calib_sequences=8, blockwise_sequences=8, blockwise_steps=4, data=str(small_text),
+                                    calib=str(small_text)))
+    fmt = "ternary2" if recipe.method == "ternary" else "binary"
+    res = convert_run(Job(str(trained_tiny_dir), 1_024, tmp_path / "run", recipe, progress=False, export=fmt))
+    rec = res.record
+    assert len(rec.blockwise.blocks) == 2 and rec.bai is not None
+    assert all(s.kd is not None and math.isfinite(s.loss) and s.t == math.inf for s in rec.steps)  # STE + teacher KL
+    model, _, _ = load_packed(res.exported.path)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.randint(0, 1000, (1, 16))).logits).all()
