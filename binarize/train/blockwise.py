@@ -142,7 +142,8 @@ def train_block(block, x: torch.Tensor, target: torch.Tensor, kwargs: dict, reci
     block.train()
     losses = []
     for step in range(steps):
-        set_t(block, block_t(step, steps, recipe))
+        t = block_t(step, steps, recipe)
+        set_t(block, t)
         decay = 0.55 + 0.45 * math.cos(math.pi * step / max(1, steps - 1))  # cosine to a tenth
         for grp in opt.param_groups:
             grp["lr"] = grp["base_lr"] * decay
@@ -155,7 +156,7 @@ def train_block(block, x: torch.Tensor, target: torch.Tensor, kwargs: dict, reci
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if progress:
-            progress.update(task, advance=1, info=f"t {block_t(step, steps, recipe):.3g}  loss {losses[-1]:.4f}")
+            progress.update(task, advance=1, info=f"t {t:.3g}  loss {losses[-1]:.4f}")
     block.eval()
     for q in quant:
         q.ste = q.spec.ste
@@ -187,8 +188,7 @@ def blockwise_reconstruct(model, calib: torch.Tensor, recipe: Recipe, workdir: P
         _, kwargs = block_inputs(model, ids[:1])
         start = len(record.blocks)
     else:
-        _set_fp(model, True)
-        x_fp, kwargs = block_inputs(model, ids, mb)
+        x_fp, kwargs = block_inputs(model, ids, mb)  # block 0's inputs: no quantized layer runs yet
         x_q = x_fp.clone() if recipe.blockwise_inputs == "quantized" else None
         n_cached = 3 if x_q is not None else 2
         record = BlockwiseRecord(recipe.blockwise_inputs, recipe.blockwise_loss, recipe.blockwise_steps,
@@ -205,8 +205,9 @@ def blockwise_reconstruct(model, calib: torch.Tensor, recipe: Recipe, workdir: P
             _set_fp(block, True)
             target = _run(block, x_fp, kwargs, mb)
             x_in = x_q if x_q is not None else x_fp
+            set_t(block, math.inf)
             with torch.no_grad():
-                before = float(reconstruction_loss(_run_q(block, x_in, kwargs, mb), target, recipe.blockwise_loss))
+                before = float(reconstruction_loss(_run(block, x_in, kwargs, mb), target, recipe.blockwise_loss))
             res = train_block(block, x_in, target, kwargs, recipe, i, progress)
             if x_q is not None:
                 x_q = _run(block, x_q, kwargs, mb)
@@ -227,11 +228,6 @@ def blockwise_reconstruct(model, calib: torch.Tensor, recipe: Recipe, workdir: P
     (workdir / ACTIVATIONS).unlink(missing_ok=True)
     record.wall_s += time.perf_counter() - t0
     return record
-
-
-def _run_q(block, x, kwargs, mb):
-    set_t(block, math.inf)
-    return _run(block, x, kwargs, mb)
 
 
 def _save_activations(workdir: Path, x_fp: torch.Tensor, x_q: torch.Tensor | None) -> None:
