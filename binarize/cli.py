@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -43,6 +44,9 @@ def convert(
                                            "after the switch (length: --set phase_in_len=...)."),
     distill: Optional[float] = typer.Option(None, "--distill", help="Distil from the frozen original: loss = CE + "
                                             "ALPHA * KL (temperature: --set distill_temperature=...)."),
+    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
+                                                      help="Recompute block activations in backward: less memory, "
+                                                      "more time (recipe key grad_checkpointing)."),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="Train a new random LLaMA of --config's shape "
                                       "(MODEL only supplies the tokenizer)."),
     config: str = typer.Option("tiny", "--config", help="Shape for --from-scratch: tiny | small | medium."),
@@ -68,7 +72,8 @@ def convert(
     flags = {"data": data, "calib": calib, "seq_len": seq_len, "bai_steps": bai_steps, "chunks": chunks,
              "batch_tokens": batch_tokens, "bai_batch_tokens": bai_batch_tokens, "micro_batch": micro_batch,
              "lr": lr, "scheduler": scheduler, "seed": seed, "save_every": save_every, "switch_at": switch_at,
-             "retain_optimizer": retain_optimizer, "phase_in": phase_in, "distill_alpha": distill}
+             "retain_optimizer": retain_optimizer, "phase_in": phase_in, "distill_alpha": distill,
+             "grad_checkpointing": grad_checkpointing}
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if data is not None and calib is None:
         overrides.setdefault("calib", data)
@@ -81,8 +86,11 @@ def convert(
     try:
         result = convert_run(job)
     except Interrupted as exc:
-        typer.echo(f"{exc}: resume with the same command and --resume", err=True)
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+            typer.echo(f"{exc}: resume with the same command and --resume", err=True)
         raise typer.Exit(130)
+    if not result.main:
+        return
     record = result.record
     if record.bai:
         typer.echo(f"BaI: loss {record.bai.loss_before:.3f} -> {record.bai.loss_after:.3f}")
@@ -250,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="binarize")
     except BinarizeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per process of a multi-process launch
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 

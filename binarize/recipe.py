@@ -68,6 +68,8 @@ class Recipe:
     batch_tokens: int = 32768  # tokens per optimizer step (multiple of seq_len)
     micro_batch: int = 1  # sequences per forward; the rest is gradient accumulation
     train_fp: str = "norms"  # which full-precision params train too: none | norms | all
+    loss_chunk: int = 1024  # positions whose logits exist at once (train/losses.py); 0: the model's full logits
+    grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory, ~1.3x time)
     # --- data ---
     data: str = "auto"  # auto: PTB train when its local file is found, else self-generated text
     calib: str = "auto"
@@ -126,7 +128,7 @@ class Recipe:
             if v != int(v) and not 0 <= v < 1:
                 raise BinarizeError(f"recipe {self.name}: {key} is a whole step (>= 1) or a fraction in [0, 1), got {v}")
         for key in ("bai_steps", "warmup_steps", "save_every", "min_lr", "weight_decay", "grad_clip", "schedule_span",
-                    "switch_at", "distill_alpha", "blockwise_steps", "distill_ce"):
+                    "switch_at", "distill_alpha", "blockwise_steps", "distill_ce", "loss_chunk"):
             if getattr(self, key) < 0:
                 raise BinarizeError(f"recipe {self.name}: {key} must be >= 0, got {getattr(self, key)}")
         if self.distill_ce == 0 and self.distill_alpha == 0:

@@ -13,6 +13,7 @@ from ..evaluate import mean_loss
 from ..qlinear import quant_layers, set_t
 from ..recipe import Recipe
 from .loop import accumulate, log_now
+from .losses import TrainLoss
 from .record import BaiRecord
 
 BAI_EVAL_SEQUENCES = 8
@@ -39,9 +40,10 @@ def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None,
     losses = []
     task = progress.add_task("BaI", total=recipe.bai_steps, info="") if progress else None
     model.train()
+    loss_fn = TrainLoss(model, None, recipe.loss_chunk)
     for step in range(recipe.bai_steps):
         idx = [(step * per_step + i) % calib.shape[0] for i in range(per_step)]
-        loss, _ = accumulate(model, calib[idx], recipe.micro_batch, lambda l: l.backward())
+        loss, _ = accumulate(loss_fn, calib[idx], recipe.micro_batch, lambda l: l.backward())
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss)

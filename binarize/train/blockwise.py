@@ -169,12 +169,14 @@ def train_block(block, x: torch.Tensor, target: torch.Tensor, kwargs: dict, reci
 
 
 def blockwise_reconstruct(model, calib: torch.Tensor, recipe: Recipe, workdir: Path, record: BlockwiseRecord | None,
-                          progress=None, log=None, save=None) -> BlockwiseRecord:
+                          progress=None, log=None, save=None, write: bool = True) -> BlockwiseRecord:
     """The block-wise stage over ``calib[:blockwise_sequences]`` (token ids, (n, seq_len)).
 
     Continues a stage a checkpoint interrupted when ``record`` holds finished blocks (the cached
     activations are then read from ``workdir``). ``save(record)`` writes a checkpoint; Ctrl-C
-    stops after the block in flight, saves and raises ``Interrupted``.
+    stops after the block in flight, saves and raises ``Interrupted``. ``write=False`` (every
+    process but the main one of a multi-process run, each of which runs this stage on its own)
+    leaves ``workdir`` to the main process.
     """
     t0 = time.perf_counter()
     for p in model.parameters():
@@ -220,12 +222,14 @@ def blockwise_reconstruct(model, calib: torch.Tensor, recipe: Recipe, workdir: P
                     f"({res['wall_s']:.1f} s)")
             if stop.requested:  # after the last block too: a resume then goes straight to QAT
                 record.wall_s += time.perf_counter() - t0
-                _save_activations(workdir, x_fp, x_q)
-                if save:
+                if write:
+                    _save_activations(workdir, x_fp, x_q)
+                if save and write:
                     save(record)
                 raise Interrupted(f"interrupted after block {i + 1}/{len(layers)}; checkpoint written")
     set_t(model, math.inf)
-    (workdir / ACTIVATIONS).unlink(missing_ok=True)
+    if write:
+        (workdir / ACTIVATIONS).unlink(missing_ok=True)
     record.wall_s += time.perf_counter() - t0
     return record
 

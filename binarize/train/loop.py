@@ -9,6 +9,7 @@ per-step schedules are in ``plan.py`` and the record's schema in ``record.py``.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -23,6 +24,7 @@ from ..qlinear import QuantLinear, quant_layers, set_t
 from ..recipe import Recipe
 from ..schedules import phase_lambda
 from .data import RunData
+from .losses import Distill, TrainLoss
 from .plan import Budget, lr_at, step_t
 from .record import RunRecord, StepRecord
 
@@ -32,41 +34,12 @@ class Interrupted(Exception):
 
 
 @dataclass
-class Distill:
-    """Knowledge distillation from the frozen original: loss = w_ce * CE + alpha * tau^2 * KL(p_T || p_S).
-
-    ``ce_weight`` (recipe ``distill_ce``) is 1 for CE + KL (OneBit's and BitNet Distillation's
-    sum) and 0 for pure logit distillation: the teacher's distribution then is the only target.
-
-    KL is taken per position over the full vocabulary at temperature tau (Hinton et al.; the
-    tau^2 keeps its gradient scale independent of tau) and averaged over positions like CE.
-    Memory cost: a second full-precision copy of the model plus the teacher's logits and two
-    log-softmaxes per micro-batch (3 x micro_batch x seq_len x vocab floats).
-    """
-
-    teacher: torch.nn.Module
-    alpha: float
-    temperature: float
-    ce_weight: float = 1.0
-
-    def kl(self, x: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-        """x: (batch, seq) token ids; student_logits: (batch, seq, vocab). Returns tau^2 * KL, a scalar."""
-        tau = self.temperature
-        with torch.no_grad():
-            t_logp = torch.log_softmax(self.teacher(input_ids=x).logits.float() / tau, dim=-1)
-        s_logp = torch.log_softmax(student_logits.float() / tau, dim=-1)
-        kl = torch.nn.functional.kl_div(s_logp.flatten(0, -2), t_logp.flatten(0, -2), log_target=True,
-                                        reduction="batchmean")
-        return kl * tau * tau
-
-
-@dataclass
 class TrainState:
     """Everything the loop reads or changes. ``record`` is appended to once per step;
     ``workdir`` receives checkpoints; ``progress`` (a rich Progress) and ``log`` (a line
     printer) are optional; ``on_step(step)`` is a hook tests use to interrupt a run."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module  # the TrainLoss the loop runs, as the accelerator prepared it (DDP / FSDP wrapped)
     optimizer: torch.optim.Optimizer
     accelerator: object
     recipe: Recipe
@@ -74,7 +47,6 @@ class TrainState:
     data: RunData
     record: RunRecord
     workdir: Path
-    distill: Distill | None = None
     progress: object = None
     log: Callable[[str], None] | None = None
     on_step: Callable[[int], None] | None = None
@@ -102,7 +74,7 @@ def train_qat(s: TrainState, start_step: int = 0) -> None:
                           f"lam {r.lam:.3g}  loss {r.loss:.3f}{kd}  lr {r.lr:.2e}  {r.tokens_per_s:,.0f} tok/s")
                 if s.on_step:
                     s.on_step(step)
-                if stop.requested:
+                if any_process(s.accelerator, stop.requested):
                     save(s, "qat", step + 1)
                     raise Interrupted(f"interrupted after step {step + 1}/{steps}; checkpoint written")
                 if recipe.save_every and (step + 1) % recipe.save_every == 0 and step + 1 < steps:
@@ -124,9 +96,8 @@ def train_step(s: TrainState, step: int) -> StepRecord:
         g["lr"] = lr
     first = step * budget.seqs_per_step
     count = min(budget.seqs_per_step, budget.n_sequences - first)
-    batch = s.data.train.get(first, count)[acc.process_index::acc.num_processes]
     s.model.train()
-    loss, kd = accumulate(s.model, batch, recipe.micro_batch, acc.backward, s.distill)
+    loss, kd = step_gradients(s, s.data.train.get(first, count))
     if recipe.grad_clip > 0:
         acc.clip_grad_norm_([p for g in s.optimizer.param_groups for p in g["params"]], recipe.grad_clip)
     s.optimizer.step()
@@ -139,24 +110,56 @@ def train_step(s: TrainState, step: int) -> StepRecord:
     return r
 
 
-def accumulate(model, batch: torch.Tensor, micro_batch: int, backward, distill: Distill | None = None):
+def step_gradients(s: TrainState, batch: torch.Tensor) -> tuple[float, float | None]:
+    """Gradients of one optimizer step over ``batch`` (count, seq_len), the step's sequences on all
+    processes together; returns the global mean CE and KD (None without distillation).
+
+    Process r takes sequences r, r + P, r + 2P, ... (P processes). Its loss is weighted by
+    P x (its sequences) / count, so that DDP's gradient average over processes is the mean over the
+    step's sequences however unevenly they split; a process with no sequence of its own (a last
+    step shorter than P) runs one zero-weighted sequence, because every process must join each
+    gradient all-reduce. All micro-batches but the last run under ``no_sync``: one all-reduce per
+    step whatever each process's number of micro-batches.
+    """
+    acc, count = s.accelerator, batch.shape[0]
+    world, rank = getattr(acc, "num_processes", 1), getattr(acc, "process_index", 0)
+    if world == 1:
+        return accumulate(s.model, batch, s.recipe.micro_batch, acc.backward)
+    share = batch[rank::world]
+    n = share.shape[0]
+    ce, kd = accumulate(s.model, share if n else batch[:1], s.recipe.micro_batch, acc.backward,
+                        weight=world * n / count, no_sync=lambda: acc.no_sync(s.model))
+    sums = torch.tensor([ce * n, (kd or 0.0) * n], dtype=torch.float64, device=acc.device)
+    sums = acc.reduce(sums, reduction="sum")
+    return float(sums[0]) / count, (float(sums[1]) / count if kd is not None else None)
+
+
+def accumulate(model, batch: torch.Tensor, micro_batch: int, backward, distill: Distill | None = None,
+               weight: float = 1.0, no_sync: Callable[[], object] | None = None):
     """Mean next-token loss over ``batch`` (n, seq_len) and the mean KD term (or None), gradients
-    accumulated over micro-batches of ``micro_batch`` sequences as one batch."""
-    device = next(model.parameters()).device
+    accumulated over micro-batches of ``micro_batch`` sequences as one batch, times ``weight``.
+
+    ``model`` is a ``TrainLoss`` (possibly DDP / FSDP wrapped), or a causal LM that is then run
+    with its full logits and ``distill``. ``no_sync()``, when given, is the context (DDP's) under
+    which all micro-batches but the last run."""
+    loss_fn = model if isinstance(getattr(model, "module", model), TrainLoss) else TrainLoss(model, distill)
     total = kd_total = 0.0
-    for i in range(0, batch.shape[0], micro_batch):
-        x = batch[i : i + micro_batch].to(device)
-        out = model(input_ids=x, labels=x)
-        ce = loss = out.loss
-        if distill is not None:
-            kd = distill.kl(x, out.logits)
-            kd_total += float(kd.detach()) * x.shape[0]
-            loss = distill.ce_weight * ce + distill.alpha * kd
-        del out
-        backward(loss * (x.shape[0] / batch.shape[0]))
-        total += float(ce.detach()) * x.shape[0]
     n = batch.shape[0]
-    return total / n, (kd_total / n if distill is not None else None)
+    kd = None
+    for i in range(0, n, micro_batch):
+        x = batch[i : i + micro_batch].to(batch_device(loss_fn))
+        last = i + micro_batch >= n
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            loss, ce, kd = loss_fn(x)
+            backward(loss * (x.shape[0] / n * weight))
+        total += float(ce.detach()) * x.shape[0]
+        if kd is not None:
+            kd_total += float(kd.detach()) * x.shape[0]
+    return total / n, (kd_total / n if kd is not None else None)
+
+
+def batch_device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def trainable_groups(model, recipe: Recipe) -> list[dict]:
@@ -189,12 +192,25 @@ def trainable_groups(model, recipe: Recipe) -> list[dict]:
 
 
 def save(s: TrainState, phase: str, step: int) -> None:
-    """A resumable checkpoint (main process only): model, optimizer, RNG, recipe and record."""
+    """A resumable checkpoint (main process only; the others wait for it): model, optimizer, RNG,
+    recipe and record."""
     acc = s.accelerator
     if acc is None or acc.is_main_process:
         unwrapped = acc.unwrap_model(s.model) if acc else s.model
+        if isinstance(unwrapped, TrainLoss):
+            unwrapped = unwrapped.model
         save_checkpoint(s.workdir, unwrapped, s.optimizer,
                         {"phase": phase, "step": step, "recipe": s.recipe.to_dict(), "record": s.record.to_dict()})
+    if acc is not None and acc.num_processes > 1:
+        acc.wait_for_everyone()
+
+
+def any_process(acc, flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any (a Ctrl-C seen by one rank stops all
+    after the same step, so none waits forever in the next all-reduce)."""
+    if acc is None or acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum") > 0)
 
 
 def log_now(step: int, steps: int, lines: int = 25) -> bool:

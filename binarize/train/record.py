@@ -108,6 +108,7 @@ class RunRecord:
     wall_s: float = 0.0
     peak_memory_mib: dict | None = None
     blockwise: BlockwiseRecord | None = None
+    processes: int = 1  # training processes (DDP / FSDP ranks); the record's losses are global means
 
     def tail_loss(self, parts: int = 10) -> float | None:
         """Mean loss over the last 1/``parts`` of the steps (at least one); None without steps."""
@@ -121,7 +122,7 @@ class RunRecord:
                "recipe": self.recipe, "quantized_layers": self.quantized_layers, "data": self.data,
                "steps": [s.to_dict() for s in self.steps],
                "bai": dataclasses.asdict(self.bai) if self.bai else None,
-               "tokens": dataclasses.asdict(self.tokens), "wall_s": self.wall_s}
+               "tokens": dataclasses.asdict(self.tokens), "wall_s": self.wall_s, "processes": self.processes}
         if self.blockwise is not None:
             out["blockwise"] = dataclasses.asdict(self.blockwise)
         if self.peak_memory_mib is not None:
@@ -133,7 +134,7 @@ class RunRecord:
         return cls(d["binarize_version"], d["model"], d.get("from_scratch"), d["recipe"], d["quantized_layers"],
                    d.get("data", {}), TokenRecord(**d["tokens"]), [StepRecord.from_dict(s) for s in d["steps"]],
                    BaiRecord(**d["bai"]) if d.get("bai") else None, d.get("wall_s", 0.0), d.get("peak_memory_mib"),
-                   BlockwiseRecord(**d["blockwise"]) if d.get("blockwise") else None)
+                   BlockwiseRecord(**d["blockwise"]) if d.get("blockwise") else None, d.get("processes", 1))
 
     def write(self, path: Path) -> None:
         write_json(path, self.to_dict())

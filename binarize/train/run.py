@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,8 @@ from ..recipe import Recipe
 from .bai import binary_aware_init
 from .blockwise import blockwise_reconstruct
 from .data import SelfText, prepare_data
-from .loop import Distill, Interrupted, TrainState, save, train_qat, trainable_groups
+from .loop import Interrupted, TrainState, save, train_qat, trainable_groups
+from .losses import Distill, TrainLoss, check_chunked
 from .plan import check_job
 from .record import RunRecord, TokenRecord, plot_loss
 
@@ -66,6 +68,7 @@ class ConvertResult:
     path: Path
     record: RunRecord
     exported: Exported | None = None
+    main: bool = True  # False on every process but the main one of a multi-process run
 
 
 def convert(job: ConvertJob) -> Path:
@@ -78,6 +81,7 @@ def convert_run(job: ConvertJob) -> ConvertResult:
 
     work = job.out.with_name(job.out.name + ".partial")
     _check_out(job, work)
+    check_launch()
     state = read_checkpoint_state(work) if job.resume else None
     recipe = Recipe(**state["recipe"]).validate() if state else job.recipe
     tokens = state["record"]["tokens"]["requested"] if state else job.tokens
@@ -102,18 +106,24 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         raise BinarizeError(f"seq_len {recipe.seq_len} exceeds the model's maximum of {limit} positions")
     if recipe.distill_alpha > 0:
         check_teacher_fits(model)
-    if torch.cuda.is_available():
-        model.to("cuda")  # self-generation, if any, runs where training will
-    self_text = SelfText(model, tokenizer, src, recipe, job.progress, None if job.progress else plain_log)
-    data = prepare_data(tokenizer, recipe, budget, self_text)
+    check_model_options(model, recipe)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    main = accelerator.is_main_process
+    model.to(accelerator.device)  # self-generation, if any, runs where training will
+    self_text = SelfText(model, tokenizer, src, recipe, job.progress and main, None if job.progress or not main
+                         else plain_log)
+    with accelerator.main_process_first():  # self-generated text is written once, then read by the others
+        data = prepare_data(tokenizer, recipe, budget, self_text)
     if self_text.meta is not None:
         data.info["self_generation"] = {"file": str(self_text.path), **self_text.meta}
 
-    if not job.resume:
+    if not job.resume and main:
         for d in (job.out, work):
             if d.exists():
                 shutil.rmtree(d) if d.is_dir() else d.unlink()
         work.mkdir(parents=True)
+    accelerator.wait_for_everyone()
     torch.manual_seed(recipe.seed)
     distill = None
     if recipe.distill_alpha > 0:
@@ -126,13 +136,10 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         tokens=TokenRecord(requested=tokens, seq_len=recipe.seq_len, sequences=budget.n_sequences,
                            budget_used=budget.tokens_used, dropped_remainder=tokens % recipe.seq_len,
                            per_step=budget.seqs_per_step * recipe.seq_len, optimizer_steps=budget.steps))
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if torch.cuda.is_available() else "no")
-    model.to(accelerator.device)
+    record.processes = accelerator.num_processes
     if distill is not None:
         distill.teacher.to(accelerator.device)
     t_start = time.perf_counter()
-    main = accelerator.is_main_process
     log = None if job.progress or not main else plain_log
     with _progress(job.progress and main) as progress:
         if state is None or state["phase"] == "bai":
@@ -147,11 +154,12 @@ def convert_run(job: ConvertJob) -> ConvertResult:
 
             def save_blockwise(rec):
                 record.blockwise = rec
-                save_checkpoint(work, model, None, {"phase": "blockwise", "step": len(rec.blocks),
-                                                    "recipe": recipe.to_dict(), "record": record.to_dict()})
+                if main:
+                    save_checkpoint(work, model, None, {"phase": "blockwise", "step": len(rec.blocks),
+                                                        "recipe": recipe.to_dict(), "record": record.to_dict()})
 
             record.blockwise = blockwise_reconstruct(model, data.calib, recipe, work, record.blockwise, progress, log,
-                                                     save_blockwise)
+                                                     save_blockwise, write=main)
         if not job.bai_only:
             optimizer = torch.optim.AdamW(trainable_groups(model, recipe), lr=recipe.lr, betas=tuple(recipe.betas))
             start_step = 0
@@ -159,13 +167,17 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                 load_checkpoint(work, model, optimizer)
                 start_step = state["step"]
                 del record.steps[start_step:]
-            model, optimizer = accelerator.prepare(model, optimizer)
-            s = TrainState(model, optimizer, accelerator, recipe, budget, data, record, work, distill, progress, log,
+            if recipe.grad_checkpointing:
+                set_grad_checkpointing(model, True)
+            loss_fn, optimizer = accelerator.prepare(TrainLoss(model, distill, recipe.loss_chunk), optimizer)
+            s = TrainState(loss_fn, optimizer, accelerator, recipe, budget, data, record, work, progress, log,
                            job.on_step)
             if state is None:
                 save(s, "qat", 0)
             train_qat(s, start_step)
-            model = accelerator.unwrap_model(model)
+            model = accelerator.unwrap_model(loss_fn).model
+            if recipe.grad_checkpointing:
+                set_grad_checkpointing(model, False)
     record.wall_s += time.perf_counter() - t_start
     record.peak_memory_mib = peak_memory_mib()
     exported = None
@@ -179,7 +191,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
             from ..formats import export_run
 
             exported = export_run(job.out, job.out / "packed", export, overwrite=True)
-    return ConvertResult(job.out, record, exported)
+    accelerator.wait_for_everyone()  # the others return once OUT is complete
+    return ConvertResult(job.out, record, exported, main)
 
 
 def _progress(enabled: bool):
@@ -202,6 +215,47 @@ def _check_out(job: ConvertJob, work: Path) -> None:
         raise BinarizeError(f"output {out} exists and is not empty (use --overwrite, or --resume)")
     if work.exists() and not job.overwrite:
         raise BinarizeError(f"an interrupted run is in {work} (use --resume to continue it, or --overwrite)")
+
+
+def check_launch(env: dict | None = None) -> None:
+    """Multi-process launches binarize runs correctly: one process per device (DDP through
+    ``accelerate launch --multi_gpu`` or ``torchrun``; gloo on CPU). Sharded launches (FSDP,
+    DeepSpeed) are refused with one line, because checkpoints and the export are written from
+    the main process's full, unsharded model; so is asking for more processes per machine than it
+    has GPUs."""
+    env = os.environ if env is None else env
+    for key, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if env.get(key, "").lower() in ("1", "true", "yes"):
+            raise BinarizeError(f"{name} launches are not supported: checkpoints and the export are written from one "
+                                "process's full model. Launch with DDP instead (accelerate launch --multi_gpu "
+                                "--num_processes N, or torchrun --nproc_per_node N), with --grad-checkpointing "
+                                "to save memory")
+    local = int(env.get("LOCAL_WORLD_SIZE", "1") or 1)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and local > gpus:
+        raise BinarizeError(f"{local} processes per machine were launched but it has {gpus} GPU(s): "
+                            f"use --num_processes / --nproc_per_node {gpus}")
+
+
+def check_model_options(model, recipe: Recipe) -> None:
+    """Recipe options the loaded model must support, refused with one line before any work."""
+    if recipe.grad_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise BinarizeError(f"--grad-checkpointing: {type(model).__name__} does not support activation "
+                            "checkpointing in transformers; run without it")
+    if recipe.loss_chunk:
+        check_chunked(model)
+
+
+def set_grad_checkpointing(model, on: bool) -> None:
+    """transformers' activation checkpointing of every decoder block (non-reentrant ``torch.utils.checkpoint``)."""
+    if on:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # transformers < 5
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
 
 
 def check_teacher_fits(model) -> None:

@@ -1,0 +1,169 @@
+"""The training objective: next-token cross-entropy, plus the distillation KL against the frozen
+original, computed either from the model's full logits or in chunks that never hold them.
+
+``TrainLoss`` is the module the QAT loop runs (and that DDP / FSDP wrap): ``TrainLoss(x)`` with
+token ids x (batch, seq) returns (loss, ce, kd). With ``chunk`` > 0 the logits exist one chunk of
+positions at a time: ``ChunkedLinearLoss`` computes the loss and, in the same pass, its gradients
+with respect to the final hidden states and the output head (the fused linear cross-entropy of
+Liger-Kernel and of Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024,
+written in PyTorch, so it runs on CPU and GPU alike). Peak memory of the loss falls from a few
+(batch x seq x vocab) fp32 tensors to a few (chunk x vocab) ones; the values and gradients are
+those of the full path (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BinarizeError
+
+IGNORE = -100  # transformers' label value for "no target"
+
+
+@dataclass
+class Distill:
+    """Knowledge distillation from the frozen original: loss = w_ce * CE + alpha * tau^2 * KL(p_T || p_S).
+
+    ``ce_weight`` (recipe ``distill_ce``) is 1 for CE + KL (OneBit's and BitNet Distillation's
+    sum) and 0 for pure logit distillation: the teacher's distribution then is the only target.
+
+    KL is taken per position over the full vocabulary at temperature tau (Hinton et al.; the
+    tau^2 keeps its gradient scale independent of tau) and averaged over all batch x seq positions.
+    Memory cost: a second full-precision copy of the model, plus, on the full-logits path, the
+    teacher's logits and two log-softmaxes per micro-batch (3 x micro_batch x seq_len x vocab floats).
+    """
+
+    teacher: torch.nn.Module
+    alpha: float
+    temperature: float
+    ce_weight: float = 1.0
+
+    def kl(self, x: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+        """x: (batch, seq) token ids; student_logits: (batch, seq, vocab). Returns tau^2 * KL, a scalar."""
+        tau = self.temperature
+        with torch.no_grad():
+            t_logp = torch.log_softmax(self.teacher(input_ids=x).logits.float() / tau, dim=-1)
+        s_logp = torch.log_softmax(student_logits.float() / tau, dim=-1)
+        kl = F.kl_div(s_logp.flatten(0, -2), t_logp.flatten(0, -2), log_target=True, reduction="batchmean")
+        return kl * tau * tau
+
+
+def check_chunked(model) -> None:
+    """The chunked path computes logits as ``lm_head(final hidden state)``; a model that changes
+    them afterwards (Gemma 2/3's soft-capping, Cohere's logit scale) is refused with one line."""
+    cfg = model.config
+    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(cfg, key, None) not in (None, 1, 1.0):
+            raise BinarizeError(f"loss_chunk > 0 needs logits = lm_head(hidden), but {cfg.model_type} sets {key}: "
+                                "use --set loss_chunk=0 (the full-logits loss)")
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or not hasattr(model, "get_decoder"):
+        raise BinarizeError(f"loss_chunk > 0 needs a Linear output head and a decoder ({type(model).__name__} has "
+                            "neither): use --set loss_chunk=0")
+
+
+class TrainLoss(torch.nn.Module):
+    """(model, distillation, chunk) -> ``forward(x) = (loss, ce, kd)``, scalars; kd is None without
+    distillation. ce is the mean next-token loss over batch x (seq - 1) positions (as transformers'
+    ``labels=`` loss), kd the mean tau^2 * KL over batch x seq positions. ``chunk`` (recipe
+    ``loss_chunk``) is the number of positions whose logits exist at once; 0: the model's own
+    full-logits forward. The teacher is held outside the module's parameters, so DDP / FSDP never
+    synchronise or shard it."""
+
+    def __init__(self, model: torch.nn.Module, distill: Distill | None = None, chunk: int = 0):
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+        object.__setattr__(self, "distill", distill)  # not a submodule
+        if chunk:
+            check_chunked(model)
+
+    def forward(self, x: torch.Tensor):
+        d = self.distill
+        if not self.chunk:
+            out = self.model(input_ids=x, labels=x)
+            ce = out.loss
+            if d is None:
+                return ce, ce, None
+            kd = d.kl(x, out.logits)
+            return d.ce_weight * ce + d.alpha * kd, ce, kd
+        h = self.model.get_decoder()(input_ids=x).last_hidden_state.flatten(0, 1)  # (batch * seq, hidden)
+        head = self.model.get_output_embeddings()
+        targets = torch.cat([x[:, 1:], torch.full_like(x[:, :1], IGNORE)], dim=1).flatten()
+        teacher_h = t_head = None
+        if d is not None:
+            with torch.no_grad():
+                teacher_h = d.teacher.get_decoder()(input_ids=x).last_hidden_state.flatten(0, 1)
+            t_head = d.teacher.get_output_embeddings()
+        weights = (d.ce_weight, d.alpha, d.temperature) if d is not None else (1.0, 0.0, 1.0)
+        loss, ce, kd = ChunkedLinearLoss.apply(h, head.weight, head.bias, targets, teacher_h,
+                                               None if t_head is None else t_head.weight,
+                                               None if t_head is None else t_head.bias, weights, self.chunk)
+        return loss, ce, (kd if d is not None else None)
+
+
+class ChunkedLinearLoss(torch.autograd.Function):
+    """loss = w_ce * CE(h W^T + b, targets) + alpha * tau^2 * KL(softmax(teacher / tau) || softmax(student / tau)).
+
+    h: (N, hidden) final hidden states; W: (vocab, hidden), b: (vocab,) or None; targets: (N,)
+    with -100 for no target; teacher_h / teacher W, b: the teacher's, or None. CE is the mean over
+    the N' rows with a target, KL the mean over all N rows. Forward walks the rows ``chunk`` at a
+    time, computing each chunk's logits, its loss terms and the loss's gradient with respect to h
+    and W (and b), which backward only scales: d CE / d z = (softmax(z) - onehot) / N' and
+    d (tau^2 KL) / d z = tau * (softmax(z / tau) - p_T) / N. Returns (loss, ce, kd); only loss
+    carries a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, b, targets, teacher_h, t_w, t_b, weights, chunk):
+        w_ce, alpha, tau = weights
+        n = h.shape[0]
+        n_ce = max(1, int((targets != IGNORE).sum()))
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = b is not None and ctx.needs_input_grad[2]
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_b else None
+        ce_sum = h.new_zeros((), dtype=torch.float32)
+        kd_sum = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, n, chunk):
+            hc = h[i : i + chunk]
+            z = F.linear(hc, w, b).float()  # (c, vocab)
+            tc = targets[i : i + chunk]
+            valid = tc != IGNORE
+            logp = torch.log_softmax(z, dim=-1)
+            safe = tc.clamp_min(0)
+            ce_sum += -(logp.gather(1, safe[:, None])[:, 0] * valid).sum()
+            g = logp.exp_()  # softmax(z); logp is not needed any more
+            g[valid.nonzero()[:, 0], safe[valid]] -= 1.0
+            g *= (w_ce / n_ce) * valid[:, None]
+            if teacher_h is not None and alpha:
+                zt = F.linear(teacher_h[i : i + chunk], t_w, t_b).float()
+                t_logp = torch.log_softmax(zt / tau, dim=-1)
+                s_logp = torch.log_softmax(z / tau, dim=-1)
+                kd_sum += (t_logp.exp() * (t_logp - s_logp)).sum() * tau * tau
+                g += (s_logp.exp_() - t_logp.exp_()) * (alpha * tau / n)
+            del z, logp
+            g = g.to(h.dtype)
+            if need_h:
+                grad_h[i : i + chunk] = g @ w.to(h.dtype)
+            if need_w:
+                grad_w += g.float().T @ hc.float()
+            if need_b:
+                grad_b += g.float().sum(0)
+        ce, kd = ce_sum / n_ce, kd_sum / n
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (w.dtype, None if b is None else b.dtype)
+        ctx.mark_non_differentiable(ce, kd)
+        return w_ce * ce + alpha * kd, ce, kd
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad_loss).to(w_dtype),
+                None if grad_b is None else (grad_b * grad_loss).to(b_dtype), None, None, None, None, None, None)

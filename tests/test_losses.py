@@ -1,0 +1,92 @@
+"""The chunked linear + loss gives the full-logits loss and gradients; memory options and launch
+checks refuse what they cannot do with one line."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from binarize.errors import BinarizeError
+from binarize.recipe import load_recipe
+from binarize.train.losses import Distill, TrainLoss
+from binarize.train.run import check_launch, check_model_options
+
+
+def _grads(model, loss_fn, x, scale=0.3):
+    model.zero_grad(set_to_none=True)
+    loss, ce, kd = loss_fn(x)
+    (loss * scale).backward()
+    return loss.detach(), ce.detach(), kd, {n: p.grad.clone() for n, p in model.named_parameters()
+                                            if p.grad is not None}
+
+
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_chunked_loss_matches_full_logits(tiny_model, with_teacher):
+    model = tiny_model
+    teacher = copy.deepcopy(model).requires_grad_(False).eval() if with_teacher else None
+    torch.manual_seed(0)
+    with torch.no_grad():  # the student differs from its teacher, so the KL and its gradient are not zero
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.get_output_embeddings().weight.requires_grad_(True)  # tied to the embedding: both paths reach it
+    distill = Distill(teacher, alpha=0.7, temperature=2.0, ce_weight=0.5) if teacher is not None else None
+    x = torch.randint(0, model.config.vocab_size, (2, 37))
+    full = _grads(model, TrainLoss(model, distill, 0), x)
+    chunked = _grads(model, TrainLoss(model, distill, 11), x)  # 74 positions: 11 does not divide them
+    for a, b in zip(full[:2], chunked[:2]):
+        assert float(b) == pytest.approx(float(a), rel=1e-5)
+    if with_teacher:
+        assert float(full[2]) > 1e-4
+        assert float(chunked[2]) == pytest.approx(float(full[2]), rel=1e-4)
+    else:
+        assert full[2] is None and chunked[2] is None
+    assert full[3].keys() == chunked[3].keys() and len(full[3]) == len(list(model.parameters()))
+    for name, g in full[3].items():
+        err = float((chunked[3][name] - g).abs().max() / g.abs().max())
+        assert err < 1e-4, (name, err)
+
+
+def test_chunked_loss_refuses_softcapped_logits(tiny_model):
+    tiny_model.config.final_logit_softcapping = 30.0
+    with pytest.raises(BinarizeError, match="final_logit_softcapping"):
+        TrainLoss(tiny_model, None, 64)
+    TrainLoss(tiny_model, None, 0)  # the full-logits path computes what the model computes
+
+
+def test_grad_checkpointing_refused_where_the_model_cannot(tiny_model):
+    recipe = load_recipe("binaryllm", {"grad_checkpointing": True})
+    check_model_options(tiny_model, recipe)
+    tiny_model.supports_gradient_checkpointing = False
+    with pytest.raises(BinarizeError, match="does not support activation checkpointing"):
+        check_model_options(tiny_model, recipe)
+
+
+def test_grad_checkpointing_and_chunked_loss_train_the_same_model(trained_tiny_dir, small_text, tmp_path):
+    from binarize.train import ConvertJob, convert
+
+    losses = {}
+    for name, over in {"full": dict(loss_chunk=0), "chunked-gc": dict(loss_chunk=48, grad_checkpointing=True)}.items():
+        recipe = load_recipe("binaryllm", dict(seq_len=64, batch_tokens=128, bai_batch_tokens=128, bai_steps=2,
+                                               calib_sequences=4, chunks=2, data=str(small_text), lr=1e-2,
+                                               micro_batch=2, distill_alpha=1.0, **over))
+        out = convert(ConvertJob(model=str(trained_tiny_dir), tokens=512, out=tmp_path / name, recipe=recipe,
+                                 progress=False))
+        losses[name] = [s["loss"] for s in json.loads((out / "run.json").read_text())["steps"]]
+    assert len(losses["full"]) == 4
+    assert losses["chunked-gc"] == pytest.approx(losses["full"], rel=1e-4)
+    assert losses["full"][-1] != pytest.approx(losses["full"][0], rel=1e-3)
+
+
+def test_launch_checks(monkeypatch):
+    check_launch({})
+    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        with pytest.raises(BinarizeError, match="not supported.*DDP"):
+            check_launch({key: "true"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_launch({"LOCAL_WORLD_SIZE": "2"})
+    with pytest.raises(BinarizeError, match="4 processes per machine .* 2 GPU"):
+        check_launch({"LOCAL_WORLD_SIZE": "4"})
