@@ -28,6 +28,7 @@ import torch
 from binarize.errors import BinarizeError
 
 BYTES_PER_TOKEN_ON_DISK = 8  # generous: ~4 chars of text + ids in JSON, before gzip
+MAX_EMPTY_BATCHES = 8  # batches in a row that write no token before self-generation gives up
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,12 @@ def generate_sequences(model, tokenizer, cfg: SelfGenConfig, on_tokens=None) -> 
     eos = tokenizer.eos_token_id
     g = torch.Generator().manual_seed(cfg.seed)
     out: list[list[int]] = []
-    written = 0
+    written = empty = 0
     while written < cfg.tokens:
+        if empty >= MAX_EMPTY_BATCHES:
+            raise BinarizeError(f"self-generation stopped: the model ended every sample at once (EOS right after the "
+                                f"first token) in {empty} batches in a row, {written:,} of {cfg.tokens:,} tokens "
+                                "written; train on other text (--data ptb, --data FILE)")
         # the last batch only as wide as the budget still needs (sequences ending at EOS may
         # leave a little over, which one more narrow batch fills)
         b = min(cfg.batch_size, max(1, -(-(cfg.tokens - written) // cfg.seq_len)))
@@ -118,6 +123,7 @@ def generate_sequences(model, tokenizer, cfg: SelfGenConfig, on_tokens=None) -> 
                     break
             x = nxt[:, None].to(device)
         batch = torch.stack(seqs, 1).tolist()
+        before = written
         for s in batch:
             if eos is not None and eos in s:
                 s = s[: s.index(eos)]  # the loader puts EOS back between documents
@@ -126,6 +132,7 @@ def generate_sequences(model, tokenizer, cfg: SelfGenConfig, on_tokens=None) -> 
                 written += len(s)
                 if on_tokens:
                     on_tokens(len(s))
+        empty = empty + 1 if written == before else 0
     return out
 
 

@@ -147,3 +147,34 @@ def test_generate_data_cli(capsys, trained_tiny_dir, tmp_path, monkeypatch):
             shutil.copy(f, notok / f.name)
     code, err = run_cli(capsys, "generate-data", str(notok), "--tokens", "100", "--out", str(tmp_path / "y.jsonl"))
     assert_one_line_error(code, err, "cannot load model")
+
+
+class _EosFirstModel(torch.nn.Module):
+    """A causal LM whose every next token is EOS: its samples end right after the first token."""
+
+    def __init__(self, vocab_size: int, eos: int):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(vocab_size=vocab_size)
+        self.eos = eos
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.calls = 0
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True):
+        from types import SimpleNamespace
+
+        self.calls += 1
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.config.vocab_size)
+        logits[..., self.eos] = 10.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_generation_stops_when_samples_end_at_once(tok):
+    from binarize.calibration.selfgen import MAX_EMPTY_BATCHES
+    from binarize.errors import BinarizeError
+
+    model = _EosFirstModel(len(tok), tok.eos_token_id)
+    with pytest.raises(BinarizeError, match=f"EOS right after the first token.*{MAX_EMPTY_BATCHES} batches.*0 of 500"):
+        generate_sequences(model, tok, SelfGenConfig(tokens=500, seq_len=16, batch_size=4))
+    assert model.calls == MAX_EMPTY_BATCHES  # one forward per batch: each stops at its first EOS
