@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from contextlib import contextmanager
@@ -28,11 +29,24 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    share_files(tmp)
     old = final.with_name(final.name + ".old")
     if final.exists():
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def share_files(root: Path) -> None:
+    """Give every file under ``root`` the mode the umask gives a new file (0644 under umask 022).
+
+    safetensors writes through a private temporary file (mode 0600); without this the weights of
+    a run or an export could not be read by the other users its other files are shared with."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if p.is_file() and not p.is_symlink():
+            p.chmod(0o666 & ~mask)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -68,3 +68,6 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(BinarizeConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(BinarizeHfQuantizer)
+
+
+register()  # on import: ``import binarize`` brings this module in once transformers' quantizers load

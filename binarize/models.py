@@ -66,7 +66,9 @@ def resolve_model(spec: str | None) -> ModelSource:
         if not p.is_dir() or not (p / "config.json").exists():
             raise BinarizeError(f"{spec} is not a model directory (no config.json) nor a .gguf file")
         return ModelSource(spec, str(p))
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # hub ids are NAME or ORG/NAME
+    head = spec.split("/")[0]
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or ("/" in spec and Path(head).expanduser().is_dir()):
+        # hub ids are NAME or ORG/NAME; DIR/NAME under an existing local DIR is a path that is missing
         raise BinarizeError(f"model path not found: {spec}")
     return ModelSource(spec, spec)  # a hub id
 

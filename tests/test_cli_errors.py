@@ -125,3 +125,25 @@ def test_good_run_through_the_cli(capsys, base):
     assert "wrote" in capsys.readouterr().out
     assert json.loads((out / "run.json").read_text())["tokens"]["trained"] == (3000 // 64) * 64
     assert json.loads((out / "packed" / "binarize.json").read_text())["packing"] == "binary"  # exported by default
+
+
+def test_missing_local_path_never_goes_to_the_hub(capsys, tmp_path, monkeypatch):
+    """DIR/NAME under an existing local DIR is a missing path, answered at once (not a hub id)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # were it tried on the hub, the error would name the hub
+    code, err = run_cli(capsys, "eval", "runs/does-not-exist", "--limit", "1")
+    assert_one_line_error(code, err, "model path not found: runs/does-not-exist")
+
+
+def test_import_is_light_and_still_registers_the_quantizer():
+    """``import binarize`` loads neither torch nor transformers; transformers then still finds
+    binarize's quantizer once its quantizer package is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys, binarize; heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M; "
+            "print(heavy, 'binarize' in M, binarize.Recipe.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] True Recipe"

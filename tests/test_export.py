@@ -156,3 +156,16 @@ def test_chat_one_shot_on_packed_and_fp_models(capsys, exported, trained_tiny_di
     with pytest.raises(SystemExit) as exc:
         main(["chat", str(exported["binary"]), "--prompt", "Hi", "--max-new-tokens", "3"])
     assert exc.value.code in (0, None)
+
+
+def test_files_honour_the_umask(exported, converted_tiny_dir):
+    """Weights are as readable as the rest of a run or export (safetensors alone writes 0600)."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    dirs = [converted_tiny_dir, *exported.values()]
+    files = [p for d in dirs for p in d.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(0o666 & ~mask)}, modes

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
-from ..checkpoint import write_json
+from ..checkpoint import share_files, write_json
 from ..errors import BinarizeError
 from ..qlinear import finish_init, prepare, quant_layers, set_t
 from ..recipe import Recipe
@@ -88,6 +88,7 @@ def save_converted(model, tokenizer, recipe: Recipe, workdir: Path, layer_names:
         "weight_formula": WEIGHT_FORMULAS[recipe.method], "act_bits": recipe.act_bits,
         "scaling": recipe.scaling, "recipe": recipe.to_dict(),
     })
+    share_files(workdir)
 
 
 def load_converted(path: str | Path):
