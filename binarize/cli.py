@@ -12,29 +12,35 @@ import typer
 
 from .errors import BinarizeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Turn a pretrained LLM into a 1-bit / 1.58-bit model, then evaluate and serve it.")
 
 
 @app.command()
 def convert(
     model: Optional[str] = typer.Argument(None, help="Hub id, local HF dir or .gguf file (default: SmolLM2-135M-Instruct)."),
-    tokens: str = typer.Option(..., "--tokens", help="QAT token budget: 200k, 500M, 2B or an integer."),
+    tokens: str = typer.Option(..., "--tokens", help="End-to-end QAT token budget: 200k, 500M, 2B or an integer. "
+                               "BaI (bai_steps x bai_batch_tokens) and block-wise reconstruction (blocks x "
+                               "blockwise_steps x blockwise_batch x seq_len) come on top; the log's first lines "
+                               "show what each stage costs."),
     recipe: str = typer.Option("binaryllm", "--recipe", help="Recipe name in recipes/ or a YAML path."),
     data: Optional[str] = typer.Option(None, "--data", help="Training text: ptb, wikitext2:test, FILE, hf:ID[:CONFIG[:SPLIT]], "
                                        "self (the model's own samples), self+SOURCE:FRACTION, auto (default: PTB "
                                        "train if found locally, else self)."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text for BaI (same forms as --data)."),
     out: Path = typer.Option(Path("runs/convert"), "--out", help="Output directory."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len"),
-    bai_steps: Optional[int] = typer.Option(None, "--bai-steps"),
-    chunks: Optional[int] = typer.Option(None, "--chunks"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per training sequence (recipe: 2048)."),
+    bai_steps: Optional[int] = typer.Option(None, "--bai-steps", help="BaI optimizer steps (recipe: 50)."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Progressive chunks, one t each (recipe: 20)."),
     batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Tokens per optimizer step."),
-    bai_batch_tokens: Optional[int] = typer.Option(None, "--bai-batch-tokens"),
+    bai_batch_tokens: Optional[int] = typer.Option(None, "--bai-batch-tokens", help="Tokens per BaI step (recipe: "
+                                                   "4096)."),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Sequences per forward pass."),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate, cosine to min_lr (recipe: "
+                                       "1e-4)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="t per chunk: exponential | uniform | "
+                                            "logarithm | degree-uniform (recipe: exponential)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of data order and initialisation (recipe: 0)."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
     switch_at: Optional[float] = typer.Option(None, "--switch-at", help="Continual switch: train in full precision, "
                                               "quantize from this step (>= 1) or fraction of the steps (< 1)."),
@@ -111,7 +117,7 @@ def export(
     fmt: str = typer.Option("binary", "--format", help="binary | ternary2 | ternary-b3 | bitnet (transformers' "
                             "stock BitNet layout, for bitnet-b158 recipes) | gguf-tq2 | gguf-tq1 | gguf-q1 "
                             "(llama.cpp; --out X.gguf for a single file)"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Safetensors shard size (packed, "
                                                  "bitnet; default 2GB)."),
     cpu_cache: Optional[str] = typer.Option(None, "--cpu-cache", help="Default CPU unpack cache of a packed format: "
@@ -252,6 +258,20 @@ def ablate(
     typer.echo(f"wrote {out / 'table.md'} and {out / 'plot.png'}")
     if any(r["status"] == "failed" for r in results):
         raise typer.Exit(1)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from ._version import __version__
+
+        typer.echo(f"binarize {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Turn a pretrained LLM into a 1-bit / 1.58-bit model, then evaluate and serve it."""
 
 
 def main(argv: list[str] | None = None) -> None:

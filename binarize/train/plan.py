@@ -102,3 +102,25 @@ def step_t(step: int, steps: int, recipe: Recipe, switch: int = 0) -> tuple[int,
     if recipe.quantizer == "ste":
         return chunk, math.inf
     return chunk, chunk_t(recipe.scheduler, chunk, recipe.chunks, recipe.schedule_span)
+
+
+def stage_summary(recipe: Recipe, budget: Budget, n_blocks: int, bai_only: bool = False) -> list[str]:
+    """What each stage of the run will train, in tokens, for the start-up lines of ``convert``.
+
+    ``--tokens`` is the end-to-end QAT budget; BaI and block-wise reconstruction come on top."""
+    L = recipe.seq_len
+    lines = [f"recipe {recipe.name} ({recipe.method}, {recipe.quantizer}), sequences of {L} tokens"]
+    if recipe.bai:
+        per_step = max(1, recipe.bai_batch_tokens // L) * L
+        lines.append(f"BaI: {recipe.bai_steps} steps x {per_step:,} tokens = {recipe.bai_steps * per_step:,} tokens "
+                     f"(St only, on {recipe.calib_sequences} calibration sequences)")
+    if recipe.blockwise_steps and not bai_only:
+        per_block = recipe.blockwise_steps * recipe.blockwise_batch * L
+        lines.append(f"block-wise: {n_blocks} blocks x {recipe.blockwise_steps} steps x {recipe.blockwise_batch} "
+                     f"sequences = {per_block:,} tokens per block through one block "
+                     f"({recipe.blockwise_sequences} cached calibration sequences)")
+    if not bai_only:
+        kd = f", distillation alpha {recipe.distill_alpha:g}" if recipe.distill_alpha else ""
+        lines.append(f"QAT: {budget.tokens_used:,} tokens in {budget.steps} steps of {budget.seqs_per_step * L:,} "
+                     f"(--tokens {budget.tokens:,}){kd}")
+    return lines

@@ -27,7 +27,8 @@ from ..checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, sav
 from ..errors import BinarizeError
 from ..formats.latent import save_converted
 from ..formats.registry import Exported
-from ..models import check_supported, load_config, load_model, max_positions, resolve_model, scratch_model
+from ..models import (check_supported, decoder_layers, load_config, load_model, max_positions, resolve_model,
+                      scratch_model)
 from ..qlinear import finish_init, prepare
 from ..recipe import Recipe
 from .bai import binary_aware_init
@@ -35,7 +36,7 @@ from .blockwise import blockwise_reconstruct
 from .data import SelfText, prepare_data
 from .loop import Interrupted, TrainState, save, train_qat, trainable_groups
 from .losses import Distill, TrainLoss, check_chunked
-from .plan import check_job
+from .plan import check_job, stage_summary
 from .record import RunRecord, TokenRecord, plot_loss
 
 __all__ = ["ConvertJob", "ConvertResult", "Interrupted", "convert"]
@@ -110,6 +111,11 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision="bf16" if torch.cuda.is_available() else "no")
     main = accelerator.is_main_process
+    if main:
+        procs = f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
+        print(f"{src.spec} on {accelerator.device}{procs}", flush=True)
+        for line in stage_summary(recipe, budget, len(decoder_layers(model)), job.bai_only):
+            print("  " + line, flush=True)
     model.to(accelerator.device)  # self-generation, if any, runs where training will
     self_text = SelfText(model, tokenizer, src, recipe, job.progress and main, None if job.progress or not main
                          else plain_log)
