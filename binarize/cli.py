@@ -93,7 +93,7 @@ def convert(
         result = convert_run(job)
     except Interrupted as exc:
         if os.environ.get("RANK", "0") == "0":  # one line, not one per process
-            typer.echo(f"{exc}: resume with the same command and --resume", err=True)
+            typer.echo(f"{exc}: resume with the same command and --resume" if exc.resumable else str(exc), err=True)
         raise typer.Exit(130)
     if not result.main:
         return
@@ -281,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0":  # one line, not one per process of a multi-process launch
             print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before any work was written (loading, data)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,26 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_model_dir, small_text,
     assert ra["tokens"] == rb["tokens"]
 
 
+def test_ctrl_c_in_bai_leaves_nothing_to_trip_over(tiny_model_dir, small_text, tmp_path, monkeypatch):
+    """BaI keeps no checkpoint: Ctrl-C there removes the partial run, so the same command runs again."""
+    import binarize.train.run as run_mod
+
+    recipe = tiny_recipe(small_text)
+    real = run_mod.binary_aware_init
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod, "binary_aware_init", ctrl_c)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted, match="before the first checkpoint") as info:
+        convert(ConvertJob(str(tiny_model_dir), 4_000, out, recipe, progress=False))
+    assert not info.value.resumable
+    assert not out.exists() and not (tmp_path / "run.partial").exists()
+    monkeypatch.setattr(run_mod, "binary_aware_init", real)
+    assert (convert(ConvertJob(str(tiny_model_dir), 4_000, out, recipe, progress=False)) / "run.json").exists()
+
+
 def test_ste_and_scaling_variants_run(tiny_model_dir, small_text, tmp_path):
     for i, kw in enumerate([dict(quantizer="ste"), dict(scaling="learnable"), dict(scaling="analytic", bai=False)]):
         out = tmp_path / f"v{i}"

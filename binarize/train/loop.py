@@ -30,7 +30,12 @@ from .record import RunRecord, StepRecord
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training: a checkpoint was written and the run can be resumed."""
+    """Ctrl-C during a conversion. ``resumable``: a checkpoint was written and ``--resume``
+    continues from it; otherwise nothing was kept and the same command starts afresh."""
+
+    def __init__(self, message: str, resumable: bool = True):
+        super().__init__(message)
+        self.resumable = resumable
 
 
 @dataclass

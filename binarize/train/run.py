@@ -147,43 +147,46 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         distill.teacher.to(accelerator.device)
     t_start = time.perf_counter()
     log = None if job.progress or not main else plain_log
-    with _progress(job.progress and main) as progress:
-        if state is None or state["phase"] == "bai":
-            if recipe.bai:
-                record.bai = binary_aware_init(model, data.calib.to(accelerator.device), recipe, progress, log)
-            finish_init(model, recipe)
-        else:
-            finish_init(model, recipe, from_file=True)
-        if recipe.blockwise_steps and not job.bai_only and (state is None or state["phase"] == "blockwise"):
-            if state is not None:
-                load_checkpoint(work, model, None)
+    try:
+        with _progress(job.progress and main) as progress:
+            if state is None or state["phase"] == "bai":
+                if recipe.bai:
+                    record.bai = binary_aware_init(model, data.calib.to(accelerator.device), recipe, progress, log)
+                finish_init(model, recipe)
+            else:
+                finish_init(model, recipe, from_file=True)
+            if recipe.blockwise_steps and not job.bai_only and (state is None or state["phase"] == "blockwise"):
+                if state is not None:
+                    load_checkpoint(work, model, None)
 
-            def save_blockwise(rec):
-                record.blockwise = rec
-                if main:
-                    save_checkpoint(work, model, None, {"phase": "blockwise", "step": len(rec.blocks),
-                                                        "recipe": recipe.to_dict(), "record": record.to_dict()})
+                def save_blockwise(rec):
+                    record.blockwise = rec
+                    if main:
+                        save_checkpoint(work, model, None, {"phase": "blockwise", "step": len(rec.blocks),
+                                                            "recipe": recipe.to_dict(), "record": record.to_dict()})
 
-            record.blockwise = blockwise_reconstruct(model, data.calib, recipe, work, record.blockwise, progress, log,
-                                                     save_blockwise, write=main)
-        if not job.bai_only:
-            optimizer = torch.optim.AdamW(trainable_groups(model, recipe), lr=recipe.lr, betas=tuple(recipe.betas))
-            start_step = 0
-            if state is not None and state["phase"] == "qat":
-                load_checkpoint(work, model, optimizer)
-                start_step = state["step"]
-                del record.steps[start_step:]
-            if recipe.grad_checkpointing:
-                set_grad_checkpointing(model, True)
-            loss_fn, optimizer = accelerator.prepare(TrainLoss(model, distill, recipe.loss_chunk), optimizer)
-            s = TrainState(loss_fn, optimizer, accelerator, recipe, budget, data, record, work, progress, log,
-                           job.on_step)
-            if state is None:
-                save(s, "qat", 0)
-            train_qat(s, start_step)
-            model = accelerator.unwrap_model(loss_fn).model
-            if recipe.grad_checkpointing:
-                set_grad_checkpointing(model, False)
+                record.blockwise = blockwise_reconstruct(model, data.calib, recipe, work, record.blockwise, progress, log,
+                                                         save_blockwise, write=main)
+            if not job.bai_only:
+                optimizer = torch.optim.AdamW(trainable_groups(model, recipe), lr=recipe.lr, betas=tuple(recipe.betas))
+                start_step = 0
+                if state is not None and state["phase"] == "qat":
+                    load_checkpoint(work, model, optimizer)
+                    start_step = state["step"]
+                    del record.steps[start_step:]
+                if recipe.grad_checkpointing:
+                    set_grad_checkpointing(model, True)
+                loss_fn, optimizer = accelerator.prepare(TrainLoss(model, distill, recipe.loss_chunk), optimizer)
+                s = TrainState(loss_fn, optimizer, accelerator, recipe, budget, data, record, work, progress, log,
+                               job.on_step)
+                if state is None:
+                    save(s, "qat", 0)
+                train_qat(s, start_step)
+                model = accelerator.unwrap_model(loss_fn).model
+                if recipe.grad_checkpointing:
+                    set_grad_checkpointing(model, False)
+    except KeyboardInterrupt:  # outside the phases that checkpoint on Ctrl-C themselves (BaI, set-up)
+        raise _interrupted(work, main) from None
     record.wall_s += time.perf_counter() - t_start
     record.peak_memory_mib = peak_memory_mib()
     exported = None
@@ -199,6 +202,17 @@ def convert_run(job: ConvertJob) -> ConvertResult:
             exported = export_run(job.out, job.out / "packed", export, overwrite=True)
     accelerator.wait_for_everyone()  # the others return once OUT is complete
     return ConvertResult(job.out, record, exported, main)
+
+
+def _interrupted(work: Path, main: bool) -> Interrupted:
+    """Ctrl-C in a phase that does not checkpoint: keep the last checkpoint if there is one (then
+    --resume continues from it), else remove the partial run so that the same command starts again."""
+    if (work / CHECKPOINT / "state.json").exists():
+        return Interrupted("interrupted; the last checkpoint is kept")
+    if main:
+        shutil.rmtree(work, ignore_errors=True)
+    return Interrupted("interrupted before the first checkpoint: nothing was kept, run the same command again",
+                       resumable=False)
 
 
 def _progress(enabled: bool):
