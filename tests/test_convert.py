@@ -110,6 +110,8 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_model_dir, small_text,
     with pytest.raises(Interrupted, match="after step 14"):
         convert(ConvertJob(str(tiny_model_dir), 8_000, part, recipe, progress=False, on_step=interrupt))
     assert not part.exists() and (tmp_path / "part.partial" / "checkpoint").exists()
+    first_session = json.loads((tmp_path / "part.partial" / "checkpoint" / "state.json").read_text())["record"]["wall_s"]
+    assert first_session > 0
     convert(ConvertJob(str(tiny_model_dir), 8_000, part, recipe, resume=True, progress=False))
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -118,6 +120,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_model_dir, small_text,
     ra, rb = (json.loads((d / "run.json").read_text()) for d in (full, part))
     assert [s["loss"] for s in ra["steps"]] == [s["loss"] for s in rb["steps"]]
     assert ra["tokens"] == rb["tokens"]
+    assert rb["wall_s"] > first_session  # both sessions counted
 
 
 def test_ctrl_c_in_bai_leaves_nothing_to_trip_over(tiny_model_dir, small_text, tmp_path, monkeypatch):

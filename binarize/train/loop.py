@@ -13,7 +13,7 @@ import contextlib
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -55,6 +55,7 @@ class TrainState:
     progress: object = None
     log: Callable[[str], None] | None = None
     on_step: Callable[[int], None] | None = None
+    session_start: float = field(default_factory=time.perf_counter)  # this session's start (perf_counter)
 
 
 def train_qat(s: TrainState, start_step: int = 0) -> None:
@@ -204,8 +205,10 @@ def save(s: TrainState, phase: str, step: int) -> None:
         unwrapped = acc.unwrap_model(s.model) if acc else s.model
         if isinstance(unwrapped, TrainLoss):
             unwrapped = unwrapped.model
+        record = s.record.to_dict()
+        record["wall_s"] = s.record.wall_s + time.perf_counter() - s.session_start  # earlier sessions + this one
         save_checkpoint(s.workdir, unwrapped, s.optimizer,
-                        {"phase": phase, "step": step, "recipe": s.recipe.to_dict(), "record": s.record.to_dict()})
+                        {"phase": phase, "step": step, "recipe": s.recipe.to_dict(), "record": record})
     if acc is not None and acc.num_processes > 1:
         acc.wait_for_everyone()
 

@@ -151,7 +151,8 @@ class RunRecord:
 
 
 def plot_loss(record: RunRecord, path: Path) -> None:
-    """``loss.png``: the training loss against tokens, t on a second axis, BaI losses as lines."""
+    """``loss.png``: the training loss (and KL) against tokens, t on a second axis where it varies,
+    BaI losses as lines; every curve in the legend, which sits below the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,21 +160,29 @@ def plot_loss(record: RunRecord, path: Path) -> None:
 
     steps = record.steps
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    handles = []
     if steps:
         tok = [s.tokens for s in steps]
-        ax.plot(tok, [s.loss for s in steps], label="QAT loss", color="tab:blue")
-        ax2 = ax.twinx()
-        ax2.step(tok, [s.t if math.isfinite(s.t) else float("nan") for s in steps], where="post",
-                 color="tab:orange", alpha=0.6, label="t")
-        ax2.set_ylabel("t (progressive sharpness)")
+        handles += ax.plot(tok, [s.loss for s in steps], label="QAT loss (CE)", color="tab:blue")
+        if any(s.kd is not None for s in steps):
+            handles += ax.plot(tok, [s.kd if s.kd is not None else float("nan") for s in steps],
+                               label="distillation KL", color="tab:green", alpha=0.7)
+        ts = [s.t for s in steps if math.isfinite(s.t)]
+        if len(set(ts)) > 1:  # t only where it varies (progressive recipes); STE / BitNet stay hard throughout
+            ax2 = ax.twinx()
+            handles += ax2.step(tok, [s.t if math.isfinite(s.t) else float("nan") for s in steps], where="post",
+                                color="tab:orange", alpha=0.6, label="t (progressive sharpness, right axis)")
+            ax2.set_ylabel("t (progressive sharpness)")
     bai = record.bai
     if bai:
-        ax.axhline(bai.loss_before, ls=":", color="gray", label=f"before BaI {bai.loss_before:.2f}")
-        ax.axhline(bai.loss_after, ls="--", color="gray", label=f"after BaI {bai.loss_after:.2f}")
+        handles.append(ax.axhline(bai.loss_before, ls=":", color="gray", label=f"before BaI {bai.loss_before:.2f}"))
+        handles.append(ax.axhline(bai.loss_after, ls="--", color="gray", label=f"after BaI {bai.loss_after:.2f}"))
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("next-token loss")
+    ax.set_ylabel("next-token loss (nats)")
     ax.set_title(f"binarize convert: {record.recipe['name']}")
-    ax.legend(loc="upper right")
+    if handles:  # below the axes, so it never covers a curve
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=min(3, len(handles)),
+                  fontsize="small", frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -162,8 +162,9 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                 def save_blockwise(rec):
                     record.blockwise = rec
                     if main:
+                        saved = {**record.to_dict(), "wall_s": record.wall_s + time.perf_counter() - t_start}
                         save_checkpoint(work, model, None, {"phase": "blockwise", "step": len(rec.blocks),
-                                                            "recipe": recipe.to_dict(), "record": record.to_dict()})
+                                                            "recipe": recipe.to_dict(), "record": saved})
 
                 record.blockwise = blockwise_reconstruct(model, data.calib, recipe, work, record.blockwise, progress, log,
                                                          save_blockwise, write=main)
@@ -178,7 +179,7 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                     set_grad_checkpointing(model, True)
                 loss_fn, optimizer = accelerator.prepare(TrainLoss(model, distill, recipe.loss_chunk), optimizer)
                 s = TrainState(loss_fn, optimizer, accelerator, recipe, budget, data, record, work, progress, log,
-                               job.on_step)
+                               job.on_step, t_start)
                 if state is None:
                     save(s, "qat", 0)
                 train_qat(s, start_step)
