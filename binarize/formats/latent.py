@@ -20,6 +20,7 @@ import torch
 from .._version import __version__
 from ..checkpoint import share_files, write_json
 from ..errors import BinarizeError
+from ..models import restore_nonpersistent_buffers
 from ..qlinear import finish_init, prepare, quant_layers, set_t
 from ..recipe import Recipe
 
@@ -122,7 +123,7 @@ def load_converted(path: str | Path):
     bad = [m for m in missing if "rotary" not in m and m not in aliases]
     if bad or unexpected:
         raise BinarizeError(f"{path}: weights do not match the config (missing {bad[:3]}, unexpected {unexpected[:3]})")
-    model.model.rotary_emb.__init__(config=config)  # recompute non-persistent buffers after to_empty
+    restore_nonpersistent_buffers(model)  # rotary inv_freq, Gemma's embedding scale: garbage after to_empty
     model.eval()
     require_tokenizer_files(path)
     try:

@@ -119,6 +119,9 @@ def load_packed(path: str | Path, cpu_cache: str | None = None, dtype: torch.dty
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError) as exc:
         raise BinarizeError(f"{path}: cannot load packed model ({_first_line(exc)})") from None
+    from ..models import restore_nonpersistent_buffers
+
+    restore_nonpersistent_buffers(model)  # transformers leaves them uninitialised when a quantizer loads
     if cpu_cache is not None:
         if cpu_cache not in CPU_CACHE_MODES:
             raise BinarizeError(f"cpu cache must be one of {', '.join(CPU_CACHE_MODES)}")

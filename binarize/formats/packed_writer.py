@@ -21,7 +21,7 @@ from .._version import __version__
 from ..checkpoint import atomic_dir, write_json
 from ..errors import BinarizeError
 from ..hf_quantizer import BinarizeConfig, register
-from ..models import NORM_GROUPS
+from ..models import NORM_GROUPS, decoder_layers
 from ..packed import CPU_CACHE_MODES, PackedLinear
 from ..packing import pack
 from ..qlinear import quant_layers
@@ -32,8 +32,8 @@ from .registry import Exported, check_fit
 def _fold_shared_st(model, qlayers: dict) -> list[str]:
     """Fold St into the preceding norm where all of the norm's readers share it."""
     folded = []
-    prefix = next(n for n, m in model.named_modules() if m is model.model.layers)
-    for i, block in enumerate(model.model.layers):
+    prefix = next(n for n, m in model.named_modules() if m is decoder_layers(model))
+    for i, block in enumerate(decoder_layers(model)):
         for norm_name, readers in NORM_GROUPS:
             names = [f"{prefix}.{i}.{r}" for r in readers]
             if not all(n in qlayers for n in names):

@@ -44,7 +44,7 @@ class TrainState:
     ``workdir`` receives checkpoints; ``progress`` (a rich Progress) and ``log`` (a line
     printer) are optional; ``on_step(step)`` is a hook tests use to interrupt a run."""
 
-    model: torch.nn.Module  # the TrainLoss the loop runs, as the accelerator prepared it (DDP / FSDP wrapped)
+    model: torch.nn.Module  # the TrainLoss the loop runs, as the accelerator prepared it (DDP-wrapped)
     optimizer: torch.optim.Optimizer
     accelerator: object
     recipe: Recipe

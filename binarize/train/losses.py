@@ -51,11 +51,18 @@ class Distill:
         return kl * tau * tau
 
 
+def logit_softcap(model) -> float | None:
+    """Gemma 2's final soft-capping: logits = cap * tanh(z / cap) (None: plain logits)."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
 def check_chunked(model) -> None:
-    """The chunked path computes logits as ``lm_head(final hidden state)``; a model that changes
-    them afterwards (Gemma 2/3's soft-capping, Cohere's logit scale) is refused with one line."""
+    """The chunked path computes logits as ``lm_head(final hidden state)``, soft-capped where the
+    model soft-caps them (Gemma 2); a model that changes them otherwise (Cohere's logit scale) is
+    refused with one line."""
     cfg = model.config
-    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+    for key in ("logit_scale", "output_multiplier_scale"):
         if getattr(cfg, key, None) not in (None, 1, 1.0):
             raise BinarizeError(f"loss_chunk > 0 needs logits = lm_head(hidden), but {cfg.model_type} sets {key}: "
                                 "use --set loss_chunk=0 (the full-logits loss)")
@@ -99,6 +106,7 @@ class TrainLoss(torch.nn.Module):
                 teacher_h = d.teacher.get_decoder()(input_ids=x).last_hidden_state.flatten(0, 1)
             t_head = d.teacher.get_output_embeddings()
         weights = (d.ce_weight, d.alpha, d.temperature) if d is not None else (1.0, 0.0, 1.0)
+        weights = (*weights, logit_softcap(self.model) or 0.0, (logit_softcap(d.teacher) or 0.0) if d else 0.0)
         loss, ce, kd = ChunkedLinearLoss.apply(h, head.weight, head.bias, targets, teacher_h,
                                                None if t_head is None else t_head.weight,
                                                None if t_head is None else t_head.bias, weights, self.chunk)
@@ -119,7 +127,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, targets, teacher_h, t_w, t_b, weights, chunk):
-        w_ce, alpha, tau = weights
+        w_ce, alpha, tau, cap, t_cap = weights
         n = h.shape[0]
         n_ce = max(1, int((targets != IGNORE).sum()))
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -132,6 +140,9 @@ class ChunkedLinearLoss(torch.autograd.Function):
         for i in range(0, n, chunk):
             hc = h[i : i + chunk]
             z = F.linear(hc, w, b).float()  # (c, vocab)
+            if cap:  # Gemma 2: z = cap * tanh(z0 / cap), dz / dz0 = 1 - (z / cap)^2
+                z = cap * torch.tanh(z / cap)
+                dcap = 1.0 - (z / cap) ** 2
             tc = targets[i : i + chunk]
             valid = tc != IGNORE
             logp = torch.log_softmax(z, dim=-1)
@@ -142,10 +153,15 @@ class ChunkedLinearLoss(torch.autograd.Function):
             g *= (w_ce / n_ce) * valid[:, None]
             if teacher_h is not None and alpha:
                 zt = F.linear(teacher_h[i : i + chunk], t_w, t_b).float()
+                if t_cap:
+                    zt = t_cap * torch.tanh(zt / t_cap)
                 t_logp = torch.log_softmax(zt / tau, dim=-1)
                 s_logp = torch.log_softmax(z / tau, dim=-1)
                 kd_sum += (t_logp.exp() * (t_logp - s_logp)).sum() * tau * tau
                 g += (s_logp.exp_() - t_logp.exp_()) * (alpha * tau / n)
+            if cap:
+                g *= dcap
+                del dcap
             del z, logp
             g = g.to(h.dtype)
             if need_h:

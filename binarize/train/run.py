@@ -107,7 +107,7 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         raise BinarizeError(f"seq_len {recipe.seq_len} exceeds the model's maximum of {limit} positions")
     if recipe.distill_alpha > 0:
         check_teacher_fits(model)
-    check_model_options(model, recipe)
+    check_model_options(model, recipe, export)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision="bf16" if torch.cuda.is_available() else "no")
     main = accelerator.is_main_process
@@ -258,8 +258,15 @@ def check_launch(env: dict | None = None) -> None:
                             f"use --num_processes / --nproc_per_node {gpus}")
 
 
-def check_model_options(model, recipe: Recipe) -> None:
-    """Recipe options the loaded model must support, refused with one line before any work."""
+def check_model_options(model, recipe: Recipe, export: str | None = None) -> None:
+    """Recipe and export options the loaded model must support, refused with one line before any work."""
+    if export and export.startswith("gguf"):
+        from ..formats.gguf_writer import MAPPED_MODEL_TYPES
+
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in MAPPED_MODEL_TYPES:
+            raise BinarizeError(f"--export {export}: the GGUF writer maps {', '.join(MAPPED_MODEL_TYPES)} only; this "
+                                f"model is {model_type!r} (use --export binary)")
     if recipe.grad_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         raise BinarizeError(f"--grad-checkpointing: {type(model).__name__} does not support activation "
                             "checkpointing in transformers; run without it")

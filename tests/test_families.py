@@ -1,0 +1,110 @@
+"""Every supported family converts, exports packed and loads back with the converted model's logits
+(tiny random configs built here, the real SmolLM2 tokenizer); MoE models are refused by structure."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from binarize.errors import BinarizeError
+from binarize.models import SUPPORTED_MODEL_TYPES, decoder_layers, target_linears
+
+FAMILIES = {  # model_type -> config fields beside the shared tiny shape
+    "qwen2": {},
+    "gemma": dict(head_dim=16),
+    "gemma2": dict(head_dim=16),  # soft-capped logits, sliding window, (1 + w) norms
+    "gemma3_text": dict(head_dim=16),  # q/k norms
+    "phi3": {},  # fused qkv_proj and gate_up_proj
+    "gpt_neox": {},  # fused query_key_value with biases, LayerNorm with bias, parallel residual
+}
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256)
+
+
+def make_family(model_type: str, tokenizer_dir, out, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, **{**TINY, **FAMILIES.get(model_type, {}), **extra})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_converts_exports_and_loads_back(family, tokenizer_dir, small_text, tmp_path):
+    from binarize.formats.latent import load_converted
+    from binarize.formats.packed_reader import load_packed
+    from binarize.packed import PackedLinear
+    from binarize.qlinear import quant_layers
+    from binarize.recipe import load_recipe
+    from binarize.train import ConvertJob, convert_run
+
+    assert family in SUPPORTED_MODEL_TYPES
+    src = make_family(family, tokenizer_dir, tmp_path / "src")
+    recipe = load_recipe("binaryllm", dict(seq_len=32, batch_tokens=64, bai_batch_tokens=64, bai_steps=1,
+                                           calib_sequences=4, chunks=2, data=str(small_text), lr=1e-3))
+    result = convert_run(ConvertJob(model=str(src), tokens=256, out=tmp_path / "run", recipe=recipe, progress=False,
+                                    export="binary"))
+    ref, tok, _ = load_converted(result.path)
+    layers = quant_layers(ref)
+    assert len(layers) == result.record.quantized_layers > 0
+    assert not any(isinstance(m, torch.nn.Linear) for m in decoder_layers(ref).modules())  # every linear converted
+    x = torch.randint(0, len(tok), (2, 20))
+    with torch.no_grad():
+        want = ref(input_ids=x).logits
+    model, _, _ = load_packed(result.exported.path, "fp32")
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == len(layers)
+    with torch.no_grad():
+        got = model(input_ids=x).logits
+    assert torch.isfinite(want).all()
+    assert float((got - want).abs().max()) < 1e-4
+
+
+def test_gemma2_chunked_loss_matches_its_softcapped_logits(tokenizer_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from binarize.train.losses import Distill, TrainLoss
+
+    model = AutoModelForCausalLM.from_pretrained(make_family("gemma2", tokenizer_dir, tmp_path / "g",
+                                                             final_logit_softcapping=0.5), dtype=torch.float32)
+    teacher = copy.deepcopy(model).requires_grad_(False).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randint(0, model.config.vocab_size, (2, 17))
+    results = []
+    for chunk in (0, 5):
+        model.zero_grad(set_to_none=True)
+        loss, ce, kd = TrainLoss(model, Distill(teacher, 1.0, 1.0), chunk)(x)
+        loss.backward()
+        results.append((float(loss), float(kd), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l0, k0, g0), (l1, k1, g1) = results
+    assert l1 == pytest.approx(l0, rel=1e-5) and k1 == pytest.approx(k0, rel=1e-4)
+    for name, g in g0.items():
+        assert float((g1[name] - g).abs().max()) <= 1e-4 * float(g.abs().max()) + 1e-9, name
+
+
+def test_stacked_expert_weights_are_refused(tokenizer_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_family("mixtral", tokenizer_dir, tmp_path / "m",
+                                                             num_local_experts=4, num_experts_per_tok=2))
+    with pytest.raises(BinarizeError, match="stacked 3-D tensors .*experts"):
+        target_linears(model)
+
+
+def test_gguf_export_of_an_unmapped_family_is_refused_before_training(tokenizer_dir, small_text, tmp_path):
+    from binarize.recipe import load_recipe
+    from binarize.train import ConvertJob, convert_run
+
+    src = make_family("phi3", tokenizer_dir, tmp_path / "src")
+    recipe = load_recipe("binaryllm", dict(seq_len=32, batch_tokens=64, chunks=2, data=str(small_text), share_st=True))
+    with pytest.raises(BinarizeError, match="GGUF writer maps llama only; this model is 'phi3'"):
+        convert_run(ConvertJob(model=str(src), tokens=256, out=tmp_path / "run", recipe=recipe, progress=False,
+                               export="gguf-q1"))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
