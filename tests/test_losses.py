@@ -49,9 +49,11 @@ def test_chunked_loss_matches_full_logits(tiny_model, with_teacher):
         assert err < 1e-4, (name, err)
 
 
-def test_chunked_loss_refuses_softcapped_logits(tiny_model):
-    tiny_model.config.final_logit_softcapping = 30.0
-    with pytest.raises(BinarizeError, match="final_logit_softcapping"):
+def test_chunked_loss_refuses_scaled_logits(tiny_model):
+    """Logits the chunked path does not reproduce (Cohere's logit_scale) are refused with one line;
+    Gemma 2's soft-capping is reproduced (tests/test_families.py)."""
+    tiny_model.config.logit_scale = 0.0625
+    with pytest.raises(BinarizeError, match="logit_scale"):
         TrainLoss(tiny_model, None, 64)
     TrainLoss(tiny_model, None, 0)  # the full-logits path computes what the model computes
 
