@@ -67,14 +67,16 @@ def convert(
 ):
     """Convert a model by a recipe: BinaryLLM (BaI + progressive QAT, the default), BitNet b1.58 or the
     continual 16->1.58-bit switch; or train one from scratch (--from-scratch)."""
+    from .recipe import parse_set, parse_tokens
+
+    n_tokens = parse_tokens(tokens)  # argument errors first, before the heavy imports
+    overrides = parse_set(set_)
     from .formats import get_format
-    from .recipe import load_recipe, parse_set, parse_tokens
+    from .recipe import load_recipe
     from .train import ConvertJob, Interrupted, convert_run
 
     if export_format not in ("none", "auto"):
         get_format(export_format)
-    n_tokens = parse_tokens(tokens)
-    overrides = parse_set(set_)
     flags = {"data": data, "calib": calib, "seq_len": seq_len, "bai_steps": bai_steps, "chunks": chunks,
              "batch_tokens": batch_tokens, "bai_batch_tokens": bai_batch_tokens, "micro_batch": micro_batch,
              "lr": lr, "scheduler": scheduler, "seed": seed, "save_every": save_every, "switch_at": switch_at,
