@@ -1,8 +1,13 @@
-"""CPU decode speed and resident weight memory: packed export vs the FP32 transformers model.
+"""CPU decode speed and resident weight memory: packed export (each CPU unpack cache) vs the FP32
+transformers model.
 
-Greedy decode of the same prompt, fixed number of new tokens, ``--threads`` threads, the two
-models alternating over ``--rounds``; prints tokens/s of each and their ratio, and the bytes
-held by weights (packed alone, packed with the CPU unpack cache, FP32).
+Greedy decode of the same prompt, fixed number of new tokens, ``--threads`` threads, the models
+alternating over ``--rounds``; prints tokens/s of each, its ratio to FP32, the bytes held by
+weights (packed alone and with the cache) and whether each cache's greedy text equals the exact
+(``fp32`` cache) one. The CPU's capability (``torch.backends.cpu.get_cpu_capability``) and
+whether it has native bf16 (``avx512_bf16`` / ``amx_bf16``) are printed beside: without them
+PyTorch converts bf16 to fp32 inside the matmul, and whether the halved weight bytes still win
+depends on the CPU (results in ``benchmarks/results/cpu_decode_cpu.md``).
 
     python benchmarks/cpu_decode.py runs/smollm2-200k/packed
 """
@@ -14,6 +19,15 @@ import statistics
 import time
 
 import torch
+
+
+def native_bf16() -> bool:
+    """x86 flags avx512_bf16 / amx_bf16 in /proc/cpuinfo (False where there is no such file)."""
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def decode_tps(model, ids: torch.Tensor, new_tokens: int) -> float:
@@ -33,7 +47,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--cpu-cache", default="bf16", help="packed layers' CPU path: none | bf16 | fp32")
+    ap.add_argument("--cpu-caches", default="fp32,bf16", help="packed layers' CPU paths to compare: none,bf16,fp32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -44,24 +58,37 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     fp, tok, _ = load_model(args.fp)
-    packed, _, meta = load_packed(args.packed, args.cpu_cache)
+    caches = args.cpu_caches.split(",")
+    models = {"fp32 model": fp}
+    mem = {}
+    for c in caches:
+        packed, _, meta = load_packed(args.packed, c)
+        mem[c] = resident_bytes(packed)
+        models[f"packed {meta['packing']} / {c} cache"] = packed
     prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me about the history of Paris."}],
                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    mem_packed = resident_bytes(packed)
-    for m in (fp, packed):
-        decode_tps(m, prompt, 4)  # warm-up (fills the unpack cache)
-    mem_cached = resident_bytes(packed)
-    tps = {"fp32": [], "packed": []}
+    texts = {}
+    for name, m in models.items():  # warm-up (fills the unpack caches) and the greedy text of each
+        with torch.inference_mode():
+            texts[name] = m.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
+                                     do_sample=False, temperature=None, top_p=None, top_k=None,
+                                     pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    tps = {name: [] for name in models}
     for _ in range(args.rounds):
-        tps["fp32"].append(decode_tps(fp, prompt, args.new_tokens))
-        tps["packed"].append(decode_tps(packed, prompt, args.new_tokens))
+        for name, m in models.items():
+            tps[name].append(decode_tps(m, prompt, args.new_tokens))
     med = {k: statistics.median(v) for k, v in tps.items()}
     mib = 2**20
-    print(f"threads {args.threads}, {args.new_tokens} new tokens, prompt {prompt.shape[1]} tokens, {args.rounds} rounds")
-    print(f"FP32              {med['fp32']:6.1f} tok/s   weights {resident_bytes(fp) / mib:7.1f} MiB")
-    print(f"packed {meta['packing']:<10s} {med['packed']:6.1f} tok/s   weights {mem_packed / mib:7.1f} MiB packed, "
-          f"{mem_cached / mib:.1f} MiB with the {args.cpu_cache} CPU cache")
-    print(f"decode speed packed/FP32 = {med['packed'] / med['fp32']:.2f}x")
+    print(f"CPU {torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16()}; threads {args.threads}, "
+          f"{args.new_tokens} new tokens, prompt {prompt.shape[1]} tokens, {args.rounds} rounds")
+    exact = next((n for n in models if n.endswith("/ fp32 cache")), None)
+    for name, m in models.items():
+        weights = f"{resident_bytes(m) / mib:7.1f} MiB"
+        if name != "fp32 model":
+            weights = f"{mem[name.rsplit('/ ', 1)[1].split()[0]] / mib:6.1f} MiB packed, {weights} with the cache"
+        same = "" if exact is None or name == "fp32 model" else \
+            f"  greedy 32 tokens {'==' if texts[name] == texts[exact] else '!='} fp32 cache's"
+        print(f"{name:28s} {med[name]:6.1f} tok/s  {med[name] / med['fp32 model']:5.2f}x FP32   weights {weights}{same}")
 
 
 if __name__ == "__main__":

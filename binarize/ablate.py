@@ -102,7 +102,7 @@ def _mapping(value: Any, what: str) -> dict:
 
 def load_plan(name_or_path: str, tokens: str | None = None) -> Plan:
     """Parse and fully validate a plan: every member's recipe is loaded and its budget checked."""
-    from .train.plan import check_job
+    from .train.plan import check_job, fit_chunks
 
     path = find_plan(name_or_path)
     try:
@@ -142,7 +142,7 @@ def load_plan(name_or_path: str, tokens: str | None = None) -> Plan:
     for m in plan.members:
         try:
             recipe = load_recipe(m.recipe, plan.overrides(m))
-            check_job(recipe, plan.tokens_of(m), plan.from_scratch, "none")
+            check_job(fit_chunks(recipe, plan.tokens_of(m))[0], plan.tokens_of(m), plan.from_scratch, "none")
         except BinarizeError as exc:
             raise BinarizeError(f"plan {path}: run {m.name!r}: {exc}") from None
     return plan

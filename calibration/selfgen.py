@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ MAX_EMPTY_BATCHES = 8  # batches in a row that write no token before self-genera
 class SelfGenConfig:
     tokens: int
     seq_len: int = 512
-    batch_size: int = 16
+    batch_size: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
     greedy_prefix: int = 4
@@ -102,6 +103,8 @@ def generate_sequences(model, tokenizer, cfg: SelfGenConfig, on_tokens=None) -> 
     g = torch.Generator().manual_seed(cfg.seed)
     out: list[list[int]] = []
     written = empty = 0
+    # transformers >= 5.2x names the KV cache argument ``cache`` (``past_key_values`` warns there)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     while written < cfg.tokens:
         if empty >= MAX_EMPTY_BATCHES:
             raise BinarizeError(f"self-generation stopped: the model ended every sample at once (EOS right after the "
@@ -114,7 +117,7 @@ def generate_sequences(model, tokenizer, cfg: SelfGenConfig, on_tokens=None) -> 
         seqs, done = [first], torch.zeros(b, dtype=torch.bool)
         cache, x = DynamicCache(), first[:, None].to(device)
         for i in range(1, cfg.seq_len):
-            logits = model(input_ids=x, past_key_values=cache, use_cache=True).logits[:, -1].float().cpu()
+            logits = model(input_ids=x, **{cache_kw: cache}, use_cache=True).logits[:, -1].float().cpu()
             nxt = logits.argmax(-1) if i <= cfg.greedy_prefix else _sample(logits, cfg.temperature, cfg.top_p, g)
             seqs.append(nxt)
             if eos is not None:

@@ -9,6 +9,8 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter; set before any test imports triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one thread per worker, so two workers share two cores
+    torch.set_num_threads(1)
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)

@@ -88,10 +88,25 @@ def test_seq_len_above_model_maximum(capsys, base):
     assert not out.exists()
 
 
-def test_budget_too_small_for_the_chunks(capsys, base):
-    out, args = base
-    assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "500"), "fewer than the 4 chunks")
+def test_budget_too_small_for_a_schedule(capsys, base):
+    out, args = base  # 3 sequences of 64 tokens, 4 per step: one optimizer step cannot hold a t schedule
+    assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "200"), "fewer than the 4 chunks")
     assert not out.exists()
+
+
+def test_small_budget_runs_fewer_chunks_with_a_notice(capsys, base):
+    """7 sequences, 4 per step: two optimizer steps, so the 4-chunk schedule runs 2 chunks (t rising)
+    and says so, where it used to refuse the budget."""
+    out, args = base
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", *args, "--tokens", "500", "--set", "bai=false", "--export", "none"])
+    printed = capsys.readouterr()
+    assert exc.value.code in (0, None), printed.err
+    assert "the progressive schedule runs 2 chunks, one per step" in printed.out
+    run = json.loads((out / "run.json").read_text())
+    assert run["recipe"]["chunks"] == 2
+    assert [s["chunk"] for s in run["steps"]] == [0, 1]
+    assert float(run["steps"][0]["t"]) < float(run["steps"][1]["t"])  # t rises over the two chunks
 
 
 def test_existing_output_and_nothing_to_resume(capsys, base):
@@ -147,3 +162,20 @@ def test_import_is_light_and_still_registers_the_quantizer():
             "print(heavy, 'binarize' in M, binarize.Recipe.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[] True Recipe"
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_it(capsys, monkeypatch, tmp_path):
+    """A dependency's exception that no check caught: one line naming the command and exit 1; with
+    --debug the exception itself propagates (the full traceback)."""
+    import binarize.formats
+
+    def boom(*args, **kwargs):
+        raise ValueError("shape mismatch in a dependency\nsecond line of detail")
+
+    monkeypatch.setattr(binarize.formats, "export_run", boom)
+    code, err = run_cli(capsys, "export", str(tmp_path), "--out", str(tmp_path / "x"))
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: export failed: ValueError: shape mismatch in a dependency") and "--debug" in lines[0]
+    with pytest.raises(ValueError, match="shape mismatch"):
+        main(["export", str(tmp_path), "--out", str(tmp_path / "x"), "--debug"])

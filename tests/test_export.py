@@ -52,8 +52,8 @@ def test_bits_per_weight_on_real_shapes():
 
 @pytest.fixture(scope="module")
 def exported(converted_tiny_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("exported")
-    return {fmt: export(converted_tiny_dir, root / fmt, fmt) for fmt in FORMATS}
+    root = tmp_path_factory.mktemp("exported")  # fp32 outer tensors: the logits match the converted model's
+    return {fmt: export(converted_tiny_dir, root / fmt, fmt, outer_dtype="fp32") for fmt in FORMATS}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -93,6 +93,43 @@ def test_packed_model_is_smaller_in_memory(exported, converted_tiny_dir):
     linear_bytes = sum(m.qweight.numel() for m in packed.modules() if isinstance(m, PackedLinear))
     assert linear_bytes * 8 == sum(q.weight.numel() for q in ref.modules() if hasattr(q, "sl"))
     assert resident_bytes(packed) < sum(p.numel() * 4 for p in ref.parameters())
+
+
+@pytest.mark.parametrize("outer", ["bf16", "fp16"])
+def test_outer_tensors_are_stored_in_half_precision(exported, converted_tiny_dir, tmp_path, outer):
+    """The default export stores embeddings / lm_head in bf16 (norms fp32), loads them back as the
+    rounded fp32 values and computes in fp32; the packed layers are untouched."""
+    from safetensors import safe_open
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[outer]
+    out = export(converted_tiny_dir, tmp_path / outer, "binary", **({} if outer == "bf16" else {"outer_dtype": outer}))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["model.embed_tokens.weight"] == {"bf16": "BF16", "fp16": "F16"}[outer]
+    assert dtypes["model.norm.weight"] == "F32" and dtypes["model.layers.0.input_layernorm.weight"] == "F32"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert json.loads((out / "binarize.json").read_text())["outer_dtype"] == outer
+    full = exported["binary"] / "model.safetensors"
+    assert (out / "model.safetensors").stat().st_size < 0.75 * full.stat().st_size
+    ref, tok, _ = load_converted(converted_tiny_dir)
+    model, _, _ = load_packed(out)
+    emb = model.model.embed_tokens.weight
+    assert emb.dtype == torch.float32 and model.model.norm.weight.dtype == torch.float32
+    assert torch.equal(emb, ref.model.embed_tokens.weight.detach().to(half).float())
+    assert not torch.equal(emb, ref.model.embed_tokens.weight.detach())  # it was rounded
+    assert torch.equal(model.model.norm.weight, load_packed(exported["binary"])[0].model.norm.weight)
+    x = torch.randint(0, len(tok), (2, 24))
+    with torch.no_grad():
+        want, got = ref(input_ids=x).logits, model(input_ids=x).logits
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_outer_dtype_is_checked_before_any_work(converted_tiny_dir, tmp_path):
+    with pytest.raises(BinarizeError, match="--outer-dtype must be one of bf16, fp16, fp32"):
+        export(converted_tiny_dir, tmp_path / "x", "binary", outer_dtype="int4")
+    with pytest.raises(BinarizeError, match="takes no option --outer-dtype"):
+        export(converted_tiny_dir, tmp_path / "y", "gguf-tq2", outer_dtype="bf16")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def _copy(src, dst):
@@ -169,3 +206,4 @@ def test_files_honour_the_umask(exported, converted_tiny_dir):
     assert any(p.suffix == ".safetensors" for p in files)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {oct(0o666 & ~mask)}, modes
+

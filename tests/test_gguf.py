@@ -125,6 +125,13 @@ def test_blocks_dequantize_to_the_converted_weights(random_gguf):
     assert 0 < report.max_scale_rel_error <= FP16_HALF_ULP * 1.0001
 
 
+# transformers' GGUF loader dequantizes through the same gguf code the blocks test checks for every case,
+# and the rest (hparams, norms, rotary order, tokenizer) does not depend on the type: two cases, one per
+# code family (Q1_0 is registered by load_model, TQ1_0 ships with gguf), keep the suite's time down
+READ_BACK = [CASES[0], CASES[2]]
+
+
+@pytest.mark.parametrize("random_gguf", READ_BACK, indirect=True, ids=["-".join(c) for c in READ_BACK])
 def test_transformers_reads_the_gguf_back(random_gguf):
     """The whole file (hparams, folded norms, rotary order, tokenizer) through transformers' GGUF loader."""
     from binarize.models import load_model

@@ -82,7 +82,7 @@ def test_share_st_convert_export_round_trip(trained_tiny_dir, small_text, tmp_pa
     assert a.q_proj.st is a.v_proj.st and not torch.all(a.q_proj.st == 1)  # tied, and BaI moved it
     x = torch.randint(0, 1000, (2, 24))
     want = model(input_ids=x).logits
-    packed, _, meta = load_packed(export(run, tmp_path / "packed", "binary"), cpu_cache="fp32")
+    packed, _, meta = load_packed(export(run, tmp_path / "packed", "binary", outer_dtype="fp32"), cpu_cache="fp32")
     layers = [f"model.layers.{i}.{n}" for i in range(2) for n in ("self_attn.q_proj", "self_attn.k_proj",
                                                                      "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")]
     assert sorted(meta["st_layout"]["st_folded_into_norm"]) == sorted(layers)

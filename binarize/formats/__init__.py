@@ -20,7 +20,7 @@ from .registry import (FORMATS, PACKED_FORMATS, Exported, Format, check_fit, che
 
 def export_run(run_dir: str | Path, out: str | Path, fmt: str, *, overwrite: bool = False, **options) -> Exported:
     """Write the convert run ``run_dir`` to ``out`` in format ``fmt``; options as the format's
-    entry lists them (``max_shard_size``, ``cpu_cache``, ``gguf_outer``, ``gguf_fallback``).
+    entry lists them (``max_shard_size``, ``cpu_cache``, ``outer_dtype``, ``gguf_outer``, ``gguf_fallback``).
     Raises BinarizeError for an unknown format, an option it does not take or a model it
     cannot hold; nothing is left at ``out`` then."""
     f = get_format(fmt)

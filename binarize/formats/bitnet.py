@@ -22,6 +22,8 @@ from ..checkpoint import atomic_dir, write_json
 from ..errors import BinarizeError
 from ..qlinear import quant_layers
 from .latent import load_converted, require_run_dir
+from .outer import cast_outer_, keep_fp32_compute
+from .outer import outer_dtype as outer_dtype_of
 from .registry import BITNET_FIT as FIT
 from .registry import Exported
 
@@ -75,11 +77,15 @@ def to_bitnet_(model) -> list[str]:
     return names
 
 
-def export_bitnet(model, tokenizer, meta: dict, tmp: Path, max_shard_size: str = "2GB") -> dict:
-    """Write the BitNet checkpoint into ``tmp``; returns the size summary for binarize.json."""
+def export_bitnet(model, tokenizer, meta: dict, tmp: Path, max_shard_size: str = "2GB",
+                  outer_dtype: str = "bf16") -> dict:
+    """Write the BitNet checkpoint into ``tmp``; returns the size summary for binarize.json.
+    ``outer_dtype``: storage dtype of the full-precision matrices (``outer.py``)."""
     check_bitnet_fit(model, meta)
     names = to_bitnet_(model)
+    cast_outer_(model, outer_dtype, skip=(_BitLinearWeights,))
     model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    keep_fp32_compute(tmp)
     tokenizer.save_pretrained(tmp)
     n = sum(model.get_submodule(x).weight.numel() * 4 for x in names)
     stored = sum(model.get_submodule(x).weight.numel() * 8 + 32 for x in names)
@@ -87,24 +93,26 @@ def export_bitnet(model, tokenizer, meta: dict, tmp: Path, max_shard_size: str =
 
 
 def export_bitnet_dir(run_dir: Path, out: Path, fmt: str = "bitnet", *, overwrite: bool = False,
-                      max_shard_size: str = "2GB") -> Exported:
+                      max_shard_size: str = "2GB", outer_dtype: str = "bf16") -> Exported:
     """A convert run -> transformers' stock BitNet layout in ``out`` (atomic). Provenance goes to
     binarize_export.json, not binarize.json, so every loader (ours included) treats it as the
     plain HF model it is. Raises BinarizeError for a run the layout cannot hold exactly."""
     from transformers.utils import logging as hf_logging
 
+    outer_dtype_of(outer_dtype)
     require_run_dir(run_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise BinarizeError(f"output {out} exists and is not empty (use --overwrite)")
     model, tokenizer, meta = load_converted(run_dir)
     hf_logging.disable_progress_bar()
     with atomic_dir(out) as tmp:
-        info = export_bitnet(model, tokenizer, meta, tmp, max_shard_size)
+        info = export_bitnet(model, tokenizer, meta, tmp, max_shard_size, outer_dtype)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         write_json(tmp / "binarize_export.json", {
             "format": "transformers-bitnet", "binarize_version": __version__, "source_run": str(run_dir),
             "method": meta.get("method"), "act_bits": meta.get("act_bits"), "recipe": meta.get("recipe", {}), **info,
+            "outer_dtype": outer_dtype,
             "weight_formula": "W = code[i, j] / weight_scale (one scale per tensor); activations int8 per token",
         })
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))

@@ -26,6 +26,8 @@ from ..packed import CPU_CACHE_MODES, PackedLinear
 from ..packing import pack
 from ..qlinear import quant_layers
 from .latent import load_converted, require_run_dir
+from .outer import cast_outer_, keep_fp32_compute
+from .outer import outer_dtype as outer_dtype_of
 from .packed_reader import PACKED_FORMAT, PACKED_VERSION, sha256
 from .registry import Exported, check_fit
 
@@ -90,21 +92,24 @@ def storage_bits(model, layers: list[str]) -> dict:
 
 
 def export_packed(run_dir: Path, out: Path, fmt: str = "binary", *, overwrite: bool = False,
-                  max_shard_size: str = "2GB", cpu_cache: str = "bf16") -> Exported:
+                  max_shard_size: str = "2GB", cpu_cache: str = "bf16", outer_dtype: str = "bf16") -> Exported:
     """A convert run -> a packed directory ``out`` (written to a temporary sibling, then renamed).
 
-    ``cpu_cache`` is the default CPU unpack cache the loaded model uses (``packed.CPU_CACHE_MODES``).
+    ``cpu_cache`` is the default CPU unpack cache the loaded model uses (``packed.CPU_CACHE_MODES``);
+    ``outer_dtype`` the storage dtype of the full-precision matrices (``outer.py``).
     Raises BinarizeError for a bad option, a directory that is not a run, an existing ``out``
     without ``overwrite`` and a ternary run in the binary format.
     """
     if cpu_cache not in CPU_CACHE_MODES:
         raise BinarizeError(f"--cpu-cache must be one of {', '.join(CPU_CACHE_MODES)}, got {cpu_cache!r}")
+    outer_dtype_of(outer_dtype)
     require_run_dir(run_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise BinarizeError(f"output {out} exists and is not empty (use --overwrite)")
     model, tokenizer, meta = load_converted(run_dir)
     check_fit(meta.get("method", "binary"), fmt, str(run_dir))
     layout = pack_model_(model, fmt, cpu_cache)
+    cast_outer_(model, outer_dtype, skip=(PackedLinear,))
     bits = storage_bits(model, layout["layers"])
     qcfg = BinarizeConfig(format=fmt, format_version=PACKED_VERSION, bits=bits["bits_per_weight"],
                           layers=layout["layers"], st_layers=layout["st_layers"],
@@ -117,6 +122,7 @@ def export_packed(run_dir: Path, out: Path, fmt: str = "binary", *, overwrite: b
     hf_logging.disable_progress_bar()
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        keep_fp32_compute(tmp)
         tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -130,7 +136,7 @@ def export_packed(run_dir: Path, out: Path, fmt: str = "binary", *, overwrite: b
             "checksums": {f: sha256(tmp / f) for f in files}, **bits,
             "st_layout": {k: layout[k] for k in ("st_layers", "st_folded_into_norm", "st_dtypes")},
             "weight_formula": "W = scale[i] * code[i, j] * st[j] (st = 1 where folded into the norm or not stored)",
-            "act_bits": meta.get("act_bits", 0),
+            "act_bits": meta.get("act_bits", 0), "outer_dtype": outer_dtype,
         })
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return Exported(out, [f"{fmt}: {bits['bits_per_weight']:.4f} bits per converted weight (codes "

@@ -53,7 +53,7 @@ class Format:
         return getattr(importlib.import_module(f"binarize.formats.{module}"), fn)
 
 
-_PACKED_OPTIONS = {"max_shard_size": "2GB", "cpu_cache": "bf16"}
+_PACKED_OPTIONS = {"max_shard_size": "2GB", "cpu_cache": "bf16", "outer_dtype": "bf16"}
 _GGUF_OPTIONS = {"gguf_outer": "f16", "gguf_fallback": "q4_0"}
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
@@ -63,7 +63,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            "packed_writer:export_packed", _PACKED_OPTIONS),
     Format("ternary-b3", "packed", "base 3, 5 trits per byte", "packed_writer:export_packed", _PACKED_OPTIONS),
     Format("bitnet", "bitnet", "transformers' own BitNet checkpoint (quant_method: bitnet)",
-           "bitnet:export_bitnet_dir", {"max_shard_size": "2GB"}),
+           "bitnet:export_bitnet_dir", {"max_shard_size": "2GB", "outer_dtype": "bf16"}),
     Format("gguf-tq2", "gguf", "llama.cpp TQ2_0 (2.06 bits)", "gguf_writer:export_gguf_format", _GGUF_OPTIONS),
     Format("gguf-tq1", "gguf", "llama.cpp TQ1_0 (1.69 bits)", "gguf_writer:export_gguf_format", _GGUF_OPTIONS),
     Format("gguf-q1", "gguf", "llama.cpp Q1_0 (1.125 bits, binary only)", "gguf_writer:export_gguf_format",

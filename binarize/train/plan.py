@@ -6,6 +6,7 @@ A training change that alters how many steps a budget makes, or what lr / t a st
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -53,8 +54,25 @@ def plan_budget(recipe: Recipe, tokens: int) -> Budget:
         raise BinarizeError(
             f"{tokens} tokens make {steps - switch} optimizer steps{after}, fewer than the {recipe.chunks} chunks: "
             "raise --tokens or lower --batch-tokens / --chunks"
-        )
+        )  # fit_chunks lowers the chunks first where two or more quantized steps allow a schedule
     return Budget(tokens, L, n_seq, steps, per_step, switch, max(1, resolve_steps(recipe.phase_in_len, steps)))
+
+
+def fit_chunks(recipe: Recipe, tokens: int) -> tuple[Recipe, str | None]:
+    """A progressive recipe whose budget makes fewer optimizer steps (after any switch) than its
+    chunks runs one chunk per step instead: (recipe with ``chunks`` lowered, a notice), else
+    (recipe, None). The scheduler keeps its span (``schedules.chunk_t``), so t still climbs from
+    near 0 to the same t_end and the last chunk is the hard quantizer. Fewer than two quantized
+    steps cannot hold a schedule; ``plan_budget`` then refuses the budget."""
+    if recipe.quantizer != "progressive" or tokens // recipe.seq_len == 0:
+        return recipe, None
+    steps = math.ceil((tokens // recipe.seq_len) / (recipe.batch_tokens // recipe.seq_len))
+    quantized = steps - resolve_steps(recipe.switch_at, steps)
+    if not 2 <= quantized < recipe.chunks:
+        return recipe, None
+    return dataclasses.replace(recipe, chunks=quantized), (
+        f"{tokens:,} tokens make {quantized} quantized optimizer steps, fewer than the recipe's {recipe.chunks} "
+        f"chunks: the progressive schedule runs {quantized} chunks, one per step (same t range)")
 
 
 def check_job(recipe: Recipe, tokens: int, from_scratch: str | None = None, export: str | None = None) -> Budget:

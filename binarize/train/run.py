@@ -36,7 +36,7 @@ from .blockwise import blockwise_reconstruct
 from .data import SelfText, prepare_data
 from .loop import Interrupted, TrainState, save, train_qat, trainable_groups
 from .losses import Distill, TrainLoss, check_chunked
-from .plan import check_job, stage_summary
+from .plan import check_job, fit_chunks, stage_summary
 from .record import RunRecord, TokenRecord, plot_loss
 
 __all__ = ["ConvertJob", "ConvertResult", "Interrupted", "convert"]
@@ -93,6 +93,9 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         recipe = dataclasses.replace(recipe, train_fp="all")  # random embeddings, norms and head must learn too
     if not from_scratch:  # a missing model or unsupported architecture is reported first
         check_supported(load_config(resolve_model(job.model)))
+    notice = None
+    if not state:  # a resumed run's recipe was fitted when it started
+        recipe, notice = fit_chunks(recipe, tokens)
     budget = check_job(recipe, tokens, from_scratch, None if state else export)
     if export and not state:
         from ..formats import check_recipe
@@ -116,6 +119,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         print(f"{src.spec} on {accelerator.device}{procs}", flush=True)
         for line in stage_summary(recipe, budget, len(decoder_layers(model)), job.bai_only):
             print("  " + line, flush=True)
+        if notice:
+            print(f"  note: {notice}", flush=True)
     model.to(accelerator.device)  # self-generation, if any, runs where training will
     self_text = SelfText(model, tokenizer, src, recipe, job.progress and main, None if job.progress or not main
                          else plain_log)
