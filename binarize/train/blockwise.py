@@ -156,7 +156,7 @@ def train_block(block, x: torch.Tensor, target: torch.Tensor, kwargs: dict, reci
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if progress:
-            progress.update(task, advance=1, info=f"t {t:.3g}  loss {losses[-1]:.4f}")
+            progress.update(task, advance=1, info=f"t {t:.3g} loss {losses[-1]:.4f}")
     block.eval()
     for q in quant:
         q.ste = q.spec.ste

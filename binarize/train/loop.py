@@ -62,7 +62,8 @@ def train_qat(s: TrainState, start_step: int = 0) -> None:
     """Steps ``start_step .. budget.steps - 1``; Ctrl-C checkpoints after the step in flight and
     raises Interrupted, ``recipe.save_every`` checkpoints periodically."""
     steps, recipe = s.budget.steps, s.recipe
-    task = s.progress.add_task("QAT", total=steps, completed=start_step, info="") if s.progress else None
+    task = s.progress.add_task("QAT", total=steps, completed=start_step, done_before=start_step, info="") \
+        if s.progress else None
     try:
         with StopOnInterrupt() as stop:
             for step in range(start_step, steps):
@@ -72,8 +73,9 @@ def train_qat(s: TrainState, start_step: int = 0) -> None:
                         s.log(f"switch to quantized training at step {step + 1}: fresh optimizer state")
                 r = train_step(s, step)
                 if s.progress:
-                    s.progress.update(task, completed=step + 1, info=f"chunk {r.chunk + 1}/{recipe.chunks}  t {r.t:.3g}  "
-                                      f"lam {r.lam:.2g}  loss {r.loss:.3f}  {r.tokens_per_s:,.0f} tok/s")
+                    lam = f" lam {r.lam:.2g}" if r.lam < 1 else ""  # 80 columns: chunk, lr, kd go to the log
+                    s.progress.update(task, completed=step + 1, info=f"t {r.t:.3g}{lam} loss {r.loss:.4g} "
+                                      f"{r.tokens_per_s:,.0f} tok/s")
                 if s.log and log_now(step, steps):
                     kd = f"  kd {r.kd:.3f}" if r.kd is not None else ""
                     s.log(f"QAT step {step + 1}/{steps}  chunk {r.chunk + 1}/{recipe.chunks}  t {r.t:.3g}  "

@@ -222,11 +222,9 @@ def _interrupted(work: Path, main: bool) -> Interrupted:
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from ..progress import progress_bar
 
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    return Progress(*columns, disable=not enabled, transient=False)
+    return progress_bar(enabled)
 
 
 def _check_out(job: ConvertJob, work: Path) -> None:
