@@ -98,6 +98,10 @@ def convert(
         if os.environ.get("RANK", "0") == "0":  # one line, not one per process
             typer.echo(f"{exc}: resume with the same command and --resume" if exc.resumable else str(exc), err=True)
         raise typer.Exit(130)
+    except KeyboardInterrupt:  # loading the model or the data (self-generation included): nothing written yet
+        if os.environ.get("RANK", "0") == "0":
+            typer.echo(f"interrupted before anything was written to {out}: run the same command again", err=True)
+        raise typer.Exit(130)
     if not result.main:
         return
     record = result.record

@@ -143,6 +143,66 @@ def test_ctrl_c_in_bai_leaves_nothing_to_trip_over(tiny_model_dir, small_text, t
     assert (convert(ConvertJob(str(tiny_model_dir), 4_000, out, recipe, progress=False)) / "run.json").exists()
 
 
+@pytest.mark.parametrize("phase", ["load_model", "prepare_data"])
+def test_ctrl_c_before_any_output_exits_130_and_writes_nothing(tiny_model_dir, small_text, tmp_path, monkeypatch,
+                                                                capsys, phase):
+    """Loading the model and preparing the data (self-generation included) write nothing yet: Ctrl-C
+    there is exit 130 and an untouched output path."""
+    import binarize.train.run as run_mod
+    from binarize.cli import main
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod, phase, ctrl_c)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(tiny_model_dir), "--tokens", "4000", "--seq-len", "64", "--batch-tokens", "256",
+              "--chunks", "4", "--data", str(small_text), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 130 and err == [f"interrupted before anything was written to {out}: run the same "
+                                             "command again"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_writing_or_exporting_keeps_the_finished_run(tiny_model_dir, small_text, tmp_path, monkeypatch):
+    """After the last step: a Ctrl-C while the run is written waits for it (the run is complete);
+    one during the export leaves the complete run and no partial export, and says how to export."""
+    import binarize.formats
+    import binarize.train.run as run_mod
+
+    recipe = tiny_recipe(small_text, bai=False)
+    real_save = run_mod.save_converted
+
+    def save_then_ctrl_c(*args, **kwargs):
+        real_save(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)  # arrives while the run is being written
+
+    monkeypatch.setattr(run_mod, "save_converted", save_then_ctrl_c)
+    out = tmp_path / "a"
+    with pytest.raises(Interrupted, match="is complete, export it with `binarize export") as info:
+        convert(ConvertJob(str(tiny_model_dir), 2_048, out, recipe, progress=False, export="binary"))
+    assert not info.value.resumable
+    assert (out / "run.json").exists() and (out / "model.safetensors").exists()
+    assert not (tmp_path / "a.partial").exists() and not (out / "packed").exists()
+    load_converted(out)  # a complete run
+
+    monkeypatch.setattr(run_mod, "save_converted", real_save)
+
+    def export_ctrl_c(run_dir, out_dir, *args, **kwargs):
+        from binarize.checkpoint import atomic_dir
+
+        with atomic_dir(out_dir) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(binarize.formats, "export_run", export_ctrl_c)
+    out = tmp_path / "b"
+    with pytest.raises(Interrupted, match="interrupted during the export: the run .* is complete"):
+        convert(ConvertJob(str(tiny_model_dir), 2_048, out, recipe, progress=False, export="binary"))
+    assert (out / "run.json").exists() and sorted(p.name for p in out.iterdir() if p.name.startswith("packed")) == []
+
+
 def test_ste_and_scaling_variants_run(tiny_model_dir, small_text, tmp_path):
     for i, kw in enumerate([dict(quantizer="ste"), dict(scaling="learnable"), dict(scaling="analytic", bai=False)]):
         out = tmp_path / f"v{i}"

@@ -34,7 +34,7 @@ from ..recipe import Recipe
 from .bai import binary_aware_init
 from .blockwise import blockwise_reconstruct
 from .data import SelfText, prepare_data
-from .loop import Interrupted, TrainState, save, train_qat, trainable_groups
+from .loop import Interrupted, StopOnInterrupt, TrainState, save, train_qat, trainable_groups
 from .losses import Distill, TrainLoss, check_chunked
 from .plan import check_job, fit_chunks, stage_summary
 from .record import RunRecord, TokenRecord, plot_loss
@@ -197,15 +197,24 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     record.peak_memory_mib = peak_memory_mib()
     exported = None
     if main:
-        save_converted(model.float().cpu(), tokenizer, recipe, work, names)
-        record.write(work / "run.json")
-        plot_loss(record, work / "loss.png")
-        shutil.rmtree(work / CHECKPOINT, ignore_errors=True)
-        work.rename(job.out)
+        with StopOnInterrupt() as stop:  # writing the run takes seconds: a Ctrl-C then waits for it
+            save_converted(model.float().cpu(), tokenizer, recipe, work, names)
+            record.write(work / "run.json")
+            plot_loss(record, work / "loss.png")
+            shutil.rmtree(work / CHECKPOINT, ignore_errors=True)
+            work.rename(job.out)
+        later = f"export it with `binarize export {job.out} --out {job.out / 'packed'}`"
+        if stop.requested:
+            raise Interrupted(f"interrupted while the run was written: {job.out} is complete"
+                              + (f", {later}" if export else ""), resumable=False)
         if export:
             from ..formats import export_run
 
-            exported = export_run(job.out, job.out / "packed", export, overwrite=True)
+            try:
+                exported = export_run(job.out, job.out / "packed", export, overwrite=True)
+            except KeyboardInterrupt:  # the export writes to a temporary directory, removed on the way out
+                raise Interrupted(f"interrupted during the export: the run {job.out} is complete, {later}",
+                                  resumable=False) from None
     accelerator.wait_for_everyone()  # the others return once OUT is complete
     return ConvertResult(job.out, record, exported, main)
 
