@@ -1,0 +1,73 @@
+"""Help that tells the truth (issue 23 item 4): every command's help fits 80 columns, every option
+says what it does and which default it gets, and every `binarize ...` example in README.md and in
+the help texts parses."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import click
+import pytest
+import typer.main
+
+from binarize.cli import app, main
+
+COMMANDS = typer.main.get_command(app).commands
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _help(name: str, monkeypatch, capsys) -> str:
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as exc:
+        main([name, "--help"])
+    assert exc.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_fits_80_columns_and_every_option_says_its_default(name, monkeypatch, capsys):
+    out = _help(name, monkeypatch, capsys)
+    assert all(len(line) <= 80 for line in out.splitlines()) and "…" not in out, out
+    for p in COMMANDS[name].params:
+        if not isinstance(p, click.Option) or "--help" in p.opts:
+            continue
+        flag = p.opts[0]
+        assert p.help and p.help.strip(), f"binarize {name} {flag}: no help text"
+        assert flag in out, f"binarize {name} {flag}: not in the rendered help"
+        if not (p.required or p.is_flag or p.default is not None):  # no default for click to show
+            assert re.search(r"default|recipe|none|unless|only|otherwise", p.help, re.I), \
+                f"binarize {name} {flag}: the help does not say what it is when not given"
+
+
+def _examples(text: str) -> list[list[str]]:
+    """`binarize ...` command lines in text (continuations joined, && chains split, comments dropped)."""
+    text = text.replace("\\\n", " ")
+    found = []
+    for line in text.splitlines():
+        for part in line.split("&&"):
+            part = part.split("  #")[0].strip().strip("`")
+            if part.startswith("binarize ") and not part.startswith("binarize/"):
+                found.append(shlex.split(part)[1:])
+    return found
+
+
+def _parses(argv: list[str]) -> None:
+    name, args = argv[0], argv[1:]
+    assert name in COMMANDS, f"unknown command in example: binarize {' '.join(argv)}"
+    COMMANDS[name].make_context(name, [a for a in args if not a.startswith(("[", "<"))])
+
+
+def test_every_readme_example_parses():
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", README.read_text(), re.S)
+    examples = [argv for block in blocks for argv in _examples(block)]
+    assert len(examples) >= 10
+    for argv in examples:
+        _parses(argv)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_example_in_help_parses(name, monkeypatch, capsys):
+    for argv in _examples(_help(name, monkeypatch, capsys)):
+        _parses(argv)
