@@ -61,9 +61,10 @@ def plan_budget(recipe: Recipe, tokens: int) -> Budget:
 def fit_chunks(recipe: Recipe, tokens: int) -> tuple[Recipe, str | None]:
     """A progressive recipe whose budget makes fewer optimizer steps (after any switch) than its
     chunks runs one chunk per step instead: (recipe with ``chunks`` lowered, a notice), else
-    (recipe, None). The scheduler keeps its span (``schedules.chunk_t``), so t still climbs from
-    near 0 to the same t_end and the last chunk is the hard quantizer. Fewer than two quantized
-    steps cannot hold a schedule; ``plan_budget`` then refuses the budget."""
+    (recipe, None). The scheduler keeps its span (``schedules.chunk_t``): t starts at 0 and
+    follows the same curve in fewer, larger steps, so its last chunk ends lower (2 chunks: t = 0,
+    then 10.4; 20 chunks end at 83.7); the exported model uses the hard sign as always. Fewer than
+    two quantized steps cannot hold a schedule; ``plan_budget`` then refuses the budget."""
     if recipe.quantizer != "progressive" or tokens // recipe.seq_len == 0:
         return recipe, None
     steps = math.ceil((tokens // recipe.seq_len) / (recipe.batch_tokens // recipe.seq_len))
@@ -72,7 +73,7 @@ def fit_chunks(recipe: Recipe, tokens: int) -> tuple[Recipe, str | None]:
         return recipe, None
     return dataclasses.replace(recipe, chunks=quantized), (
         f"{tokens:,} tokens make {quantized} quantized optimizer steps, fewer than the recipe's {recipe.chunks} "
-        f"chunks: the progressive schedule runs {quantized} chunks, one per step (same t range)")
+        f"chunks: the progressive schedule runs {quantized} chunks, one per step (t along the same curve)")
 
 
 def check_job(recipe: Recipe, tokens: int, from_scratch: str | None = None, export: str | None = None) -> Budget:
