@@ -30,14 +30,15 @@ def native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def decode_tps(model, ids: torch.Tensor, new_tokens: int) -> float:
+def decode_tps(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
+    """(tokens/s, the greedy continuation) of ``new_tokens`` tokens after ``ids``."""
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                              pad_token_id=0)
     assert out.shape[1] - ids.shape[1] == new_tokens
-    return new_tokens / (time.perf_counter() - t0)
+    return new_tokens / (time.perf_counter() - t0), out[0, ids.shape[1]:].tolist()
 
 
 def main() -> None:
@@ -58,35 +59,31 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     fp, tok, _ = load_model(args.fp)
-    caches = args.cpu_caches.split(",")
+    caches = {}  # label -> CPU cache mode (None for the FP32 model)
     models = {"fp32 model": fp}
     mem = {}
-    for c in caches:
+    for c in args.cpu_caches.split(","):
         packed, _, meta = load_packed(args.packed, c)
-        mem[c] = resident_bytes(packed)
-        models[f"packed {meta['packing']} / {c} cache"] = packed
+        label = f"packed {meta['packing']} / {c} cache"
+        models[label], caches[label], mem[label] = packed, c, resident_bytes(packed)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me about the history of Paris."}],
                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    texts = {}
-    for name, m in models.items():  # warm-up (fills the unpack caches) and the greedy text of each
-        with torch.inference_mode():
-            texts[name] = m.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
-                                     do_sample=False, temperature=None, top_p=None, top_k=None,
-                                     pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    # warm-up (fills the unpack caches) and the greedy text of each
+    texts = {name: decode_tps(m, prompt, 32)[1] for name, m in models.items()}
     tps = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, m in models.items():
-            tps[name].append(decode_tps(m, prompt, args.new_tokens))
+            tps[name].append(decode_tps(m, prompt, args.new_tokens)[0])
     med = {k: statistics.median(v) for k, v in tps.items()}
     mib = 2**20
     print(f"CPU {torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16()}; threads {args.threads}, "
           f"{args.new_tokens} new tokens, prompt {prompt.shape[1]} tokens, {args.rounds} rounds")
-    exact = next((n for n in models if n.endswith("/ fp32 cache")), None)
+    exact = next((n for n, c in caches.items() if c == "fp32"), None)
     for name, m in models.items():
         weights = f"{resident_bytes(m) / mib:7.1f} MiB"
-        if name != "fp32 model":
-            weights = f"{mem[name.rsplit('/ ', 1)[1].split()[0]] / mib:6.1f} MiB packed, {weights} with the cache"
-        same = "" if exact is None or name == "fp32 model" else \
+        if name in caches:
+            weights = f"{mem[name] / mib:6.1f} MiB packed, {weights} with the cache"
+        same = "" if exact is None or name not in caches else \
             f"  greedy 32 tokens {'==' if texts[name] == texts[exact] else '!='} fp32 cache's"
         print(f"{name:28s} {med[name]:6.1f} tok/s  {med[name] / med['fp32 model']:5.2f}x FP32   weights {weights}{same}")
 

@@ -13,6 +13,9 @@ fp32: a few KB. Loaders compute in fp32 as before; only the stored values are ro
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from ..errors import BinarizeError
@@ -52,9 +55,6 @@ def keep_fp32_compute(directory) -> None:
     """``save_pretrained`` records the first matrix's dtype as the model's; set config.json back to
     float32 so a stock ``from_pretrained`` computes in fp32 as before (the stored bf16/fp16
     matrices are upcast on load, the fp32 norms kept)."""
-    import json
-    from pathlib import Path
-
     path = Path(directory) / "config.json"
     cfg = json.loads(path.read_text())
     for key in ("dtype", "torch_dtype"):

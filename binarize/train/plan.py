@@ -37,6 +37,12 @@ class Budget:
         return self.n_sequences * self.seq_len
 
 
+def _steps_and_switch(recipe: Recipe, tokens: int) -> tuple[int, int]:
+    """Optimizer steps of a budget (the last may hold fewer sequences) and the first quantized step."""
+    steps = math.ceil((tokens // recipe.seq_len) / (recipe.batch_tokens // recipe.seq_len))
+    return steps, resolve_steps(recipe.switch_at, steps)
+
+
 def plan_budget(recipe: Recipe, tokens: int) -> Budget:
     """Steps, switch and phase-in of a budget; an impossible combination is one BinarizeError."""
     L = recipe.seq_len
@@ -44,8 +50,7 @@ def plan_budget(recipe: Recipe, tokens: int) -> Budget:
     if n_seq == 0:
         raise BinarizeError(f"token budget {tokens} is less than one sequence of {L} tokens")
     per_step = recipe.batch_tokens // L
-    steps = math.ceil(n_seq / per_step)
-    switch = resolve_steps(recipe.switch_at, steps)
+    steps, switch = _steps_and_switch(recipe, tokens)
     if switch >= steps:
         raise BinarizeError(f"switch_at {recipe.switch_at:g} is step {switch}, but the budget has only {steps} "
                             "optimizer steps: nothing would be trained quantized")
@@ -67,8 +72,8 @@ def fit_chunks(recipe: Recipe, tokens: int) -> tuple[Recipe, str | None]:
     two quantized steps cannot hold a schedule; ``plan_budget`` then refuses the budget."""
     if recipe.quantizer != "progressive" or tokens // recipe.seq_len == 0:
         return recipe, None
-    steps = math.ceil((tokens // recipe.seq_len) / (recipe.batch_tokens // recipe.seq_len))
-    quantized = steps - resolve_steps(recipe.switch_at, steps)
+    steps, switch = _steps_and_switch(recipe, tokens)
+    quantized = steps - switch
     if not 2 <= quantized < recipe.chunks:
         return recipe, None
     return dataclasses.replace(recipe, chunks=quantized), (
