@@ -79,10 +79,15 @@ def load_config(src: ModelSource):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(src.path, **src.kwargs())
+        config = AutoConfig.from_pretrained(src.path, **src.kwargs())
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BinarizeError(f"cannot load model {src.spec!r}: {first}") from None
+    if src.gguf_file:  # transformers' GGUF reader drops rope scaling: put it back or refuse
+        from .formats.gguf_rope import restore_rope
+
+        restore_rope(config, Path(src.path) / src.gguf_file)
+    return config
 
 
 # Small LLaMA shapes for --from-scratch (seed 000's 16-bit -> 1.58-bit experiment at CPU scale).
@@ -151,7 +156,7 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.path, **src.kwargs())
         with _quiet_gguf():
-            model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **src.kwargs())
+            model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, config=config, **src.kwargs())
     except (OSError, ValueError, NotImplementedError) as exc:  # NotImplementedError: a GGUF type gguf cannot read
         first = str(exc).strip().splitlines()[0]
         raise BinarizeError(f"cannot load model {src.spec!r}: {first}") from None

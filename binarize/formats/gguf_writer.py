@@ -227,6 +227,8 @@ def _hparams(writer, config, name: str) -> None:
     if rope["rope_type"] == "linear":
         writer.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    if rope["rope_type"] == "llama3":  # the frequencies are the rope_freqs tensor; this names the parameters' context
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
     writer.add_vocab_size(config.vocab_size)
 
 
