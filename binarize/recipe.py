@@ -89,6 +89,7 @@ class Recipe:
     distill_alpha: float = 0.0  # loss = CE + alpha * tau^2 * KL(teacher || student); 0: off
     distill_temperature: float = 1.0
     distill_ce: float = 1.0  # weight of the next-token CE beside the KL: 1 = CE + KL, 0 = pure logit distillation
+    distill_topk: int = 0  # > 0: KL to the teacher's top-k logits, cached per sequence (train/losses.Distill); 0: full
 
     def validate(self) -> "Recipe":
         choices = {
@@ -128,7 +129,7 @@ class Recipe:
             if v != int(v) and not 0 <= v < 1:
                 raise BinarizeError(f"recipe {self.name}: {key} is a whole step (>= 1) or a fraction in [0, 1), got {v}")
         for key in ("bai_steps", "warmup_steps", "save_every", "min_lr", "weight_decay", "grad_clip", "schedule_span",
-                    "switch_at", "distill_alpha", "blockwise_steps", "distill_ce", "loss_chunk"):
+                    "switch_at", "distill_alpha", "blockwise_steps", "distill_ce", "loss_chunk", "distill_topk"):
             if getattr(self, key) < 0:
                 raise BinarizeError(f"recipe {self.name}: {key} must be >= 0, got {getattr(self, key)}")
         if self.distill_ce == 0 and self.distill_alpha == 0:

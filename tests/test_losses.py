@@ -92,3 +92,71 @@ def test_launch_checks(monkeypatch):
     check_launch({"LOCAL_WORLD_SIZE": "2"})
     with pytest.raises(BinarizeError, match="4 processes per machine .* 2 GPU"):
         check_launch({"LOCAL_WORLD_SIZE": "4"})
+
+
+def _perturbed_pair(model):
+    teacher = copy.deepcopy(model).requires_grad_(False).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.get_output_embeddings().weight.requires_grad_(True)
+    return teacher
+
+
+@pytest.mark.parametrize("chunk", [0, 11])
+def test_topk_distillation_over_the_whole_vocabulary_is_the_full_kl(tiny_model, chunk):
+    """distill_topk = vocab keeps every logit: the same loss and gradients as the full teacher (up to
+    the fp16 the cache stores); a small k gives a different (truncated) KL."""
+    model = tiny_model
+    teacher = _perturbed_pair(model)
+    vocab = model.config.vocab_size
+    x = torch.randint(0, vocab, (2, 37))
+    full = _grads(model, TrainLoss(model, Distill(teacher, 0.7, 2.0, 0.5), chunk), x)
+    sparse = _grads(model, TrainLoss(model, Distill(teacher, 0.7, 2.0, 0.5, topk=vocab), chunk), x)
+    assert float(full[2]) > 1e-4
+    assert float(sparse[2]) == pytest.approx(float(full[2]), rel=1e-3)
+    assert float(sparse[0]) == pytest.approx(float(full[0]), rel=1e-4)
+    for name, g in full[3].items():
+        err = float((sparse[3][name] - g).abs().max() / g.abs().max())
+        assert err < 1e-3, (name, err)
+    few = _grads(model, TrainLoss(model, Distill(teacher, 0.7, 2.0, 0.5, topk=8), chunk), x)
+    assert abs(float(few[2]) - float(full[2])) > 1e-3 * float(full[2])
+
+
+def test_topk_cache_runs_the_teacher_once_per_sequence(tiny_model):
+    model = tiny_model
+    teacher = _perturbed_pair(model)
+    calls = []
+    teacher.get_decoder().register_forward_hook(lambda mod, args, out: calls.append(1))
+    d = Distill(teacher, 1.0, 1.0, topk=16)
+    loss_fn = TrainLoss(model, d, 16)
+    x = torch.randint(0, model.config.vocab_size, (3, 20))
+    first = float(loss_fn(x)[2])
+    assert len(calls) == 1 and d.cache_info()["sequences"] == 3
+    again = float(loss_fn(x[[2, 0]])[2])  # seen sequences, another batch: no teacher forward
+    assert len(calls) == 1 and (d.hits, d.misses) == (2, 3)
+    assert again > 0 and first > 0
+    loss_fn(torch.cat([x[:1], torch.randint(0, model.config.vocab_size, (1, 20))]))
+    assert len(calls) == 2 and d.cache_info()["sequences"] == 4  # only the new sequence ran
+    info = d.cache_info()
+    assert info["MiB"] == round(4 * 20 * 16 * 6 / 2**20, 2)  # fp16 logit + int32 id per entry
+
+
+def test_topk_cache_serves_the_second_epoch(trained_tiny_dir, small_text, tmp_path):
+    """A conversion with two epochs over a small text runs the teacher in the first only."""
+    from binarize.train import ConvertJob, convert
+
+    text = tmp_path / "small.txt"
+    text.write_text(small_text.read_text()[:4000])
+    recipe = load_recipe("binaryllm", dict(seq_len=64, batch_tokens=256, bai_steps=0, bai=False, calib_sequences=2,
+                                           chunks=2, data=str(text), calib="ptb", lr=1e-3, micro_batch=2,
+                                           distill_alpha=1.0, distill_topk=16))
+    out = convert(ConvertJob(model=str(trained_tiny_dir), tokens=64 * 40, out=tmp_path / "run", recipe=recipe,
+                             progress=False))
+    run = json.loads((out / "run.json").read_text())
+    cache, epochs = run["data"]["teacher_topk_cache"], run["data"]["epochs_over_train_data"]
+    assert epochs > 1.5
+    assert cache["sequences"] == run["data"]["train_blocks_available"] < 40
+    assert cache["misses"] == cache["sequences"] and cache["hits"] == 40 - cache["sequences"]
+    assert all(s["kd"] > 0 for s in run["steps"])

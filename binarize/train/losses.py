@@ -13,7 +13,7 @@ those of the full path (tested).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,21 +34,78 @@ class Distill:
     tau^2 keeps its gradient scale independent of tau) and averaged over all batch x seq positions.
     Memory cost: a second full-precision copy of the model, plus, on the full-logits path, the
     teacher's logits and two log-softmaxes per micro-batch (3 x micro_batch x seq_len x vocab floats).
+
+    ``topk`` (recipe ``distill_topk``) > 0 distils from the teacher's k largest logits per position
+    instead (the sparse target q = softmax(top-k logits / tau), zero elsewhere; KL(q || p_S)), and
+    caches them per training sequence the first time the sequence is seen, so later epochs over the
+    same text never run the teacher: ``cache`` maps a sequence's token bytes to (logits minus their
+    maximum, fp16, (seq, k); vocabulary ids, int32, (seq, k)), 6 k bytes per token in host memory
+    (k = 64: 384 B; 1M distinct tokens: 366 MiB). The first epoch costs what the full teacher costs;
+    the loss is the truncated teacher's in every epoch, so epochs are comparable.
     """
 
     teacher: torch.nn.Module
     alpha: float
     temperature: float
     ce_weight: float = 1.0
+    topk: int = 0
+    cache: dict = field(default_factory=dict, repr=False)
+    hits: int = 0
+    misses: int = 0
 
     def kl(self, x: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
         """x: (batch, seq) token ids; student_logits: (batch, seq, vocab). Returns tau^2 * KL, a scalar."""
         tau = self.temperature
+        s_logp = torch.log_softmax(student_logits.float() / tau, dim=-1)
+        if self.topk:
+            idx, vals = self.sparse_targets(x, 0)
+            q_logp = torch.log_softmax(vals / tau, dim=-1)
+            picked = s_logp.flatten(0, -2).gather(1, idx)
+            return (q_logp.exp() * (q_logp - picked)).sum() / idx.shape[0] * tau * tau
         with torch.no_grad():
             t_logp = torch.log_softmax(self.teacher(input_ids=x).logits.float() / tau, dim=-1)
-        s_logp = torch.log_softmax(student_logits.float() / tau, dim=-1)
         kl = F.kl_div(s_logp.flatten(0, -2), t_logp.flatten(0, -2), log_target=True, reduction="batchmean")
         return kl * tau * tau
+
+    @torch.no_grad()
+    def sparse_targets(self, x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's top-k for every position of x (batch, seq): (ids (batch * seq, k) int64,
+        logits (batch * seq, k) float32, shifted so each row's largest is 0), from the cache where the
+        sequence was seen before. ``chunk`` > 0 computes missing logits that many positions at a time
+        (lm_head of the final hidden states, soft-capped as the model does); 0: the model's own logits."""
+        keys = [row.cpu().numpy().tobytes() for row in x]
+        missing = [i for i, key in enumerate(keys) if key not in self.cache]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            xm = x[missing]
+            k = min(self.topk, self.teacher.config.vocab_size)
+            if chunk:
+                h = self.teacher.get_decoder()(input_ids=xm).last_hidden_state
+                head, cap = self.teacher.get_output_embeddings(), logit_softcap(self.teacher)
+            else:
+                logits = self.teacher(input_ids=xm).logits
+            for j, i in enumerate(missing):
+                parts = []
+                for c in range(0, x.shape[1], chunk or x.shape[1]):
+                    if chunk:
+                        z = head(h[j, c : c + chunk]).float()
+                        z = cap * torch.tanh(z / cap) if cap else z
+                    else:
+                        z = logits[j, c:].float()
+                    parts.append(z.topk(k, dim=-1))
+                vals = torch.cat([v for v, _ in parts])
+                ids = torch.cat([ix for _, ix in parts])
+                self.cache[keys[i]] = ((vals - vals[:, :1]).half().cpu(), ids.int().cpu())
+        vals = torch.cat([self.cache[key][0] for key in keys]).to(x.device, torch.float32)
+        ids = torch.cat([self.cache[key][1] for key in keys]).to(x.device, torch.int64)
+        return ids, vals
+
+    def cache_info(self) -> dict:
+        """For run.json: k, sequences cached, lookups served from the cache and not, host MiB."""
+        nbytes = sum(v.numel() * v.element_size() + i.numel() * i.element_size() for v, i in self.cache.values())
+        return {"k": self.topk, "sequences": len(self.cache), "hits": self.hits, "misses": self.misses,
+                "MiB": round(nbytes / 2**20, 2)}
 
 
 def logit_softcap(model) -> float | None:
@@ -100,8 +157,10 @@ class TrainLoss(torch.nn.Module):
         h = self.model.get_decoder()(input_ids=x).last_hidden_state.flatten(0, 1)  # (batch * seq, hidden)
         head = self.model.get_output_embeddings()
         targets = torch.cat([x[:, 1:], torch.full_like(x[:, :1], IGNORE)], dim=1).flatten()
-        teacher_h = t_head = None
-        if d is not None:
+        teacher_h = t_head = sparse = None
+        if d is not None and d.topk:
+            sparse = d.sparse_targets(x, self.chunk)
+        elif d is not None:
             with torch.no_grad():
                 teacher_h = d.teacher.get_decoder()(input_ids=x).last_hidden_state.flatten(0, 1)
             t_head = d.teacher.get_output_embeddings()
@@ -109,7 +168,7 @@ class TrainLoss(torch.nn.Module):
         weights = (*weights, logit_softcap(self.model) or 0.0, (logit_softcap(d.teacher) or 0.0) if d else 0.0)
         loss, ce, kd = ChunkedLinearLoss.apply(h, head.weight, head.bias, targets, teacher_h,
                                                None if t_head is None else t_head.weight,
-                                               None if t_head is None else t_head.bias, weights, self.chunk)
+                                               None if t_head is None else t_head.bias, sparse, weights, self.chunk)
         return loss, ce, (kd if d is not None else None)
 
 
@@ -117,7 +176,9 @@ class ChunkedLinearLoss(torch.autograd.Function):
     """loss = w_ce * CE(h W^T + b, targets) + alpha * tau^2 * KL(softmax(teacher / tau) || softmax(student / tau)).
 
     h: (N, hidden) final hidden states; W: (vocab, hidden), b: (vocab,) or None; targets: (N,)
-    with -100 for no target; teacher_h / teacher W, b: the teacher's, or None. CE is the mean over
+    with -100 for no target; teacher_h / teacher W, b: the teacher's, or None; ``sparse``: instead of
+    them, the teacher's top-k (ids (N, k), logits (N, k); ``Distill.sparse_targets``), whose
+    softmax q replaces p_T (gradient tau * (softmax(z / tau) - q) / N). CE is the mean over
     the N' rows with a target, KL the mean over all N rows. Forward walks the rows ``chunk`` at a
     time, computing each chunk's logits, its loss terms and the loss's gradient with respect to h
     and W (and b), which backward only scales: d CE / d z = (softmax(z) - onehot) / N' and
@@ -126,7 +187,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, w, b, targets, teacher_h, t_w, t_b, weights, chunk):
+    def forward(ctx, h, w, b, targets, teacher_h, t_w, t_b, sparse, weights, chunk):
         w_ce, alpha, tau, cap, t_cap = weights
         n = h.shape[0]
         n_ce = max(1, int((targets != IGNORE).sum()))
@@ -159,6 +220,12 @@ class ChunkedLinearLoss(torch.autograd.Function):
                 s_logp = torch.log_softmax(z / tau, dim=-1)
                 kd_sum += (t_logp.exp() * (t_logp - s_logp)).sum() * tau * tau
                 g += (s_logp.exp_() - t_logp.exp_()) * (alpha * tau / n)
+            elif sparse is not None and alpha:
+                ids, q_logp = sparse[0][i : i + chunk], torch.log_softmax(sparse[1][i : i + chunk] / tau, dim=-1)
+                s_logp = torch.log_softmax(z / tau, dim=-1)
+                kd_sum += (q_logp.exp() * (q_logp - s_logp.gather(1, ids))).sum() * tau * tau
+                g += s_logp.exp_() * (alpha * tau / n)
+                g.scatter_add_(1, ids, q_logp.exp_() * (-alpha * tau / n))
             if cap:
                 g *= dcap
                 del dcap
@@ -182,4 +249,4 @@ class ChunkedLinearLoss(torch.autograd.Function):
         w_dtype, b_dtype = ctx.dtypes
         return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
                 None if grad_w is None else (grad_w * grad_loss).to(w_dtype),
-                None if grad_b is None else (grad_b * grad_loss).to(b_dtype), None, None, None, None, None, None)
+                None if grad_b is None else (grad_b * grad_loss).to(b_dtype), None, None, None, None, None, None, None)

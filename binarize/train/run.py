@@ -139,7 +139,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     distill = None
     if recipe.distill_alpha > 0:
         teacher = copy.deepcopy(model).requires_grad_(False).eval()
-        distill = Distill(teacher, recipe.distill_alpha, recipe.distill_temperature, recipe.distill_ce)
+        distill = Distill(teacher, recipe.distill_alpha, recipe.distill_temperature, recipe.distill_ce,
+                          recipe.distill_topk)
     names = prepare(model, recipe)
     record = RunRecord.from_dict(state["record"]) if state else RunRecord(
         binarize_version=__version__, model=src.spec, from_scratch=from_scratch, recipe=recipe.to_dict(),
@@ -189,6 +190,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                     save(s, "qat", 0)
                 train_qat(s, start_step)
                 model = accelerator.unwrap_model(loss_fn).model
+                if distill is not None and distill.topk:
+                    record.data["teacher_topk_cache"] = distill.cache_info()
                 if recipe.grad_checkpointing:
                     set_grad_checkpointing(model, False)
     except KeyboardInterrupt:  # outside the phases that checkpoint on Ctrl-C themselves (BaI, set-up)
