@@ -131,7 +131,7 @@ def export(
                                             "none | bf16 | fp32 (default bf16)."),
     outer_dtype: Optional[str] = typer.Option(None, "--outer-dtype", help="Embeddings, lm_head and other full-"
                                               "precision matrices of a packed or bitnet format: bf16 | fp16 | fp32 "
-                                              "(default bf16; norms stay fp32)."),
+                                              "| int8 (packed only; default bf16; norms stay fp32)."),
     gguf_outer: Optional[str] = typer.Option(None, "--gguf-outer", help="GGUF embeddings and lm_head: f16 | q8_0 "
                                              "(default f16)."),
     gguf_fallback: Optional[str] = typer.Option(None, "--gguf-fallback", help="GGUF type for linears whose rows fit "

@@ -124,8 +124,38 @@ def test_outer_tensors_are_stored_in_half_precision(exported, converted_tiny_dir
     assert (got - want).abs().max() < 0.05 * want.abs().max()
 
 
+def test_int8_outer_tensors_are_rows_of_codes_and_scales(exported, converted_tiny_dir, tmp_path):
+    """--outer-dtype int8 stores the (tied) embedding once as int8 codes plus a row scale, a quarter of
+    fp32's bytes, and loads back as codes * scale: within half a step of every row's absmax."""
+    from safetensors import safe_open
+
+    out = export(converted_tiny_dir, tmp_path / "int8", "binary", outer_dtype="int8")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert "model.embed_tokens.weight" not in dtypes and "lm_head.weight" not in dtypes
+    assert dtypes["model.embed_tokens.weight_int8"] == "I8" and dtypes["model.embed_tokens.weight_int8_scale"] == "F32"
+    meta = json.loads((out / "binarize.json").read_text())
+    assert meta["outer_dtype"] == "int8" and "model.embed_tokens.weight" in meta["outer_int8"]
+    ref, tok, _ = load_converted(converted_tiny_dir)
+    model, _, _ = load_packed(out)
+    want_emb = ref.model.embed_tokens.weight.detach()
+    emb = model.model.embed_tokens.weight
+    step = want_emb.abs().amax(dim=1, keepdim=True) / 127
+    assert emb.dtype == torch.float32 and ((emb - want_emb).abs() <= step / 2 * 1.0001).all()
+    assert not torch.equal(emb, want_emb)  # it was rounded
+    assert model.lm_head.weight is emb or torch.equal(model.lm_head.weight, emb)
+    full = exported["binary"] / "model.safetensors"
+    assert (out / "model.safetensors").stat().st_size < 0.4 * full.stat().st_size
+    x = torch.randint(0, len(tok), (2, 24))
+    with torch.no_grad():
+        want, got = ref(input_ids=x).logits, model(input_ids=x).logits
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    with pytest.raises(BinarizeError, match="must be one of bf16, fp16, fp32, got 'int8'"):
+        export(converted_tiny_dir, tmp_path / "bitnet", "bitnet", outer_dtype="int8")
+
+
 def test_outer_dtype_is_checked_before_any_work(converted_tiny_dir, tmp_path):
-    with pytest.raises(BinarizeError, match="--outer-dtype must be one of bf16, fp16, fp32"):
+    with pytest.raises(BinarizeError, match="--outer-dtype must be one of bf16, fp16, fp32, int8"):
         export(converted_tiny_dir, tmp_path / "x", "binary", outer_dtype="int4")
     with pytest.raises(BinarizeError, match="takes no option --outer-dtype"):
         export(converted_tiny_dir, tmp_path / "y", "gguf-tq2", outer_dtype="bf16")

@@ -99,7 +99,7 @@ def export_bitnet_dir(run_dir: Path, out: Path, fmt: str = "bitnet", *, overwrit
     plain HF model it is. Raises BinarizeError for a run the layout cannot hold exactly."""
     from transformers.utils import logging as hf_logging
 
-    outer_dtype_of(outer_dtype)
+    outer_dtype_of(outer_dtype, int8=False)  # stock transformers reads the layout: no int8 matrices
     require_run_dir(run_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise BinarizeError(f"output {out} exists and is not empty (use --overwrite)")

@@ -122,6 +122,10 @@ def load_packed(path: str | Path, cpu_cache: str | None = None, dtype: torch.dty
     from ..models import restore_nonpersistent_buffers
 
     restore_nonpersistent_buffers(model)  # transformers leaves them uninitialised when a quantizer loads
+    if meta.get("outer_int8"):  # embeddings / lm_head stored as int8 rows (outer.py): dequantize them in place
+        from .outer import restore_int8_
+
+        restore_int8_(model, [path / f for f in meta.get("checksums", {})], meta["outer_int8"])
     if cpu_cache is not None:
         if cpu_cache not in CPU_CACHE_MODES:
             raise BinarizeError(f"cpu cache must be one of {', '.join(CPU_CACHE_MODES)}")

@@ -26,7 +26,7 @@ from ..packed import CPU_CACHE_MODES, PackedLinear
 from ..packing import pack
 from ..qlinear import quant_layers
 from .latent import load_converted, require_run_dir
-from .outer import cast_outer_, keep_fp32_compute
+from .outer import cast_outer_, int8_state_dict, keep_fp32_compute
 from .outer import outer_dtype as outer_dtype_of
 from .packed_reader import PACKED_FORMAT, PACKED_VERSION, sha256
 from .registry import Exported, check_fit
@@ -120,8 +120,13 @@ def export_packed(run_dir: Path, out: Path, fmt: str = "binary", *, overwrite: b
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    int8 = {}
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if outer_dtype == "int8":
+            state, int8 = int8_state_dict(model, skip=(PackedLinear,))
+            model.save_pretrained(tmp, max_shard_size=max_shard_size, state_dict=state)
+        else:
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
         keep_fp32_compute(tmp)
         tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -137,6 +142,7 @@ def export_packed(run_dir: Path, out: Path, fmt: str = "binary", *, overwrite: b
             "st_layout": {k: layout[k] for k in ("st_layers", "st_folded_into_norm", "st_dtypes")},
             "weight_formula": "W = scale[i] * code[i, j] * st[j] (st = 1 where folded into the norm or not stored)",
             "act_bits": meta.get("act_bits", 0), "outer_dtype": outer_dtype,
+            **({"outer_int8": int8} if int8 else {}),
         })
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return Exported(out, [f"{fmt}: {bits['bits_per_weight']:.4f} bits per converted weight (codes "
