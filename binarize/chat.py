@@ -38,10 +38,12 @@ class ChatSession:
                                                  return_dict=True)["input_ids"]
         return ids.to(next(self.model.parameters()).device)
 
-    def reply(self, text: str, out=sys.stdout) -> str:
-        """Stream the model's answer to ``text`` to ``out``; the turn is kept in the history."""
+    def reply(self, text: str, out=None) -> str:
+        """Stream the model's answer to ``text`` to ``out`` (default: the current ``sys.stdout``, looked
+        up per call, not bound at import); the turn is kept in the history."""
         from transformers import TextIteratorStreamer
 
+        out = sys.stdout if out is None else out
         self.history.append({"role": "user", "content": text})
         ids = self._inputs()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
