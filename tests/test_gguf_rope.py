@@ -10,8 +10,8 @@ from binarize.qlinear import LayerSpec, quant_layers, quantize_, share_st_
 
 gguf = pytest.importorskip("gguf")
 
+# plain rope through load_model is tests/test_gguf.py's read-back test
 ROPES = {
-    "default": None,
     "linear": {"rope_type": "linear", "factor": 4.0},
     # original context 64 at max_position 256, so the smoothed band holds several of the 32 frequencies
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -19,11 +19,11 @@ ROPES = {
 }
 
 
-def _converted_llama(tokenizer_dir, rope: dict | None):
+def _converted_llama(tokenizer_dir, rope: dict):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    params = {"rope_theta": 10000.0, **(rope or {"rope_type": "default"})}
+    params = {"rope_theta": 10000.0, **rope}
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -53,14 +53,13 @@ def test_gguf_input_keeps_rope_scaling(kind, tokenizer_dir, tmp_path):
         want, got = model(input_ids=x).logits, loaded(input_ids=x).logits
     err = (got - want).abs().max() / want.abs().max()
     assert err <= 2e-2, err  # fp16 scales and embeddings only
-    if kind != "default":
-        from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-        plain = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
-        assert plain.config.rope_parameters["rope_type"] == "default"  # the reader's loss this module restores
-        with torch.no_grad():
-            dropped = plain(input_ids=x).logits
-        assert (dropped - want).abs().max() / want.abs().max() > 5 * err
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
+    assert plain.config.rope_parameters["rope_type"] == "default"  # the reader's loss this module restores
+    with torch.no_grad():
+        dropped = plain(input_ids=x).logits
+    assert (dropped - want).abs().max() / want.abs().max() > 5 * err
 
 
 def _gguf_with(path, **kv):

@@ -85,15 +85,16 @@ class Distill:
                 head, cap = self.teacher.get_output_embeddings(), logit_softcap(self.teacher)
             else:
                 logits = self.teacher(input_ids=xm).logits
+            step = chunk or x.shape[1]
             for j, i in enumerate(missing):
                 parts = []
-                for c in range(0, x.shape[1], chunk or x.shape[1]):
+                for c in range(0, x.shape[1], step):
                     if chunk:
-                        z = head(h[j, c : c + chunk]).float()
+                        z = head(h[j, c : c + step]).float()
                         z = cap * torch.tanh(z / cap) if cap else z
                     else:
-                        z = logits[j, c:].float()
-                    parts.append(z.topk(k, dim=-1))
+                        z = logits[j, c : c + step].float()
+                    parts.append(z.topk(k, dim=-1))  # values sorted: column 0 is the row's largest
                 vals = torch.cat([v for v, _ in parts])
                 ids = torch.cat([ix for _, ix in parts])
                 self.cache[keys[i]] = ((vals - vals[:, :1]).half().cpu(), ids.int().cpu())
