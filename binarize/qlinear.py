@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .families import family_of, kv_tie
 from .fake_quant import LayerSpec, weight_quantizer
 from .models import decoder_layers, target_linears
 from .quantizers import analytic_scale, lambda_mix, quantize_activations_int8
@@ -135,21 +136,22 @@ def quantize_(model: nn.Module, spec: LayerSpec = LayerSpec()) -> list[str]:
 
 
 def share_st_(model: nn.Module) -> None:
-    """Tie St so that export can fold it away (recipe ``share_st``): q/k/v share one St (folds into
-    input_layernorm), gate/up share one (post_attention_layernorm), and o_proj's St is one value per
-    column of a KV head, repeated over the query heads of that group (folds into v_proj's rows);
-    down_proj keeps its own (folds into up_proj's rows). Call before BaI, while every St is 1."""
-    cfg = model.config
-    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    """Tie St so that export can fold it away (recipe ``share_st``): the linears that read one norm
+    share one St (q/k/v -> input_layernorm, gate/up -> the MLP's norm; a fused qkv / gate_up is one
+    linear already), and o_proj's St is one value per column of a KV head, repeated over the query
+    heads of that group (folds into the value rows). down_proj keeps its own (folds into the up rows
+    where the MLP is gated). Where each family's St goes: ``binarize.families``. Call before BaI,
+    while every St is 1."""
+    family = family_of(model.config)
+    groups, head_dim = kv_tie(model.config)
     for block in decoder_layers(model):
-        attn, mlp = block.self_attn, block.mlp
-        for readers in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+        for _, names in family.norm_groups:
+            readers = [block.get_submodule(n) for n in names]
             for q in readers[1:]:
                 q.st = readers[0].st
-        o = attn.o_proj
-        o.st = nn.Parameter(torch.ones(kv * head_dim, device=o.weight.device), requires_grad=False)
-        o.st_groups = (heads // kv, head_dim)
+        o = block.get_submodule(family.o_proj)
+        o.st = nn.Parameter(torch.ones(o.in_features // groups, device=o.weight.device), requires_grad=False)
+        o.st_groups = (groups, head_dim)
 
 
 def prepare(model: nn.Module, recipe) -> list[str]:

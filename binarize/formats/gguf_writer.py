@@ -1,7 +1,8 @@
 """``binarize export --format gguf-tq2|gguf-tq1|gguf-q1``: one .gguf file that upstream llama.cpp runs.
 
-Written with the ``gguf`` package's ``GGUFWriter`` and block quantizers, for the ``llama`` architecture
-(SmolLM, Llama 2/3 and other ``LlamaForCausalLM`` checkpoints):
+Written with the ``gguf`` package's ``GGUFWriter`` and block quantizers, for the families llama.cpp
+runs (``gguf_arch.ARCHS``: llama, mistral, qwen2, qwen3, gemma, phi3, gpt_neox; how each maps is
+in that module):
 
 * Converted linears become TQ2_0 (2 bits, 256 per block), TQ1_0 (1.69 bits) or, for binary models,
   Q1_0 (1 bit, 128 per block; llama.cpp decodes a set bit as +d). Binary models may also go out as
@@ -14,12 +15,15 @@ Written with the ``gguf`` package's ``GGUFWriter`` and block quantizers, for the
   -1/0/+1, packed by hand because gguf's Q4_0 quantizer would pick d = max/-8 and round +s to 7/8 of
   it), or Q8_0 (``fallback="q8_0"``, 8.5 bits: d = s/127, codes +-127 and 0). Rows that fit no
   32-block go out as F16. The report counts the weights that fell back.
-* St has no place in a GGUF linear, so it must vanish into neighbouring weights. q/k/v share one
-  St (recipe option ``share_st``) that multiplies ``attn_norm``; gate/up share one that multiplies
-  ``ffn_norm``; o_proj's St (tied per KV group by ``share_st``) multiplies v_proj's rows; down_proj's
-  St multiplies up_proj's rows. A run whose St is untied (the default binaryllm recipe learns one
-  St per layer) is refused with that advice; recipes without BaI have St = 1 and always fit.
-* q and k rows are permuted into the rotary layout llama.cpp uses for llama (pairs (i, i + d/2)
+* St has no place in a GGUF linear, so it must vanish into neighbouring weights
+  (``binarize.families``): q/k/v share one St (recipe option ``share_st``) that multiplies
+  ``attn_norm`` (Gemma's whole (1 + w) multiplier; a LayerNorm's bias too); gate/up share one that
+  multiplies ``ffn_norm``; o_proj's St (tied per KV group by ``share_st``) multiplies the value rows
+  and their bias; down_proj's St multiplies the up rows of a gated MLP. A run whose St is untied
+  (the default binaryllm recipe learns one St per layer), or a GPT-NeoX run whose down St is not 1
+  (GELU has no linear place for it), is refused with that advice; recipes without BaI have St = 1.
+* Biases of converted linears (Qwen2, GPT-NeoX) go out in F32, as do norms.
+* For llama, q and k rows are permuted into the rotary layout llama.cpp uses for llama (pairs (i, i + d/2)
   become neighbours), as its own HF converter does; llama3 rope scaling is written as the
   ``rope_freqs`` tensor (the ratio of plain to scaled inverse frequencies).
 * Embeddings and a separate lm_head go out in F16 (``outer="q8_0"`` for Q8_0), norms in F32.
@@ -43,8 +47,10 @@ import torch
 from .._version import __version__
 from ..checkpoint import atomic_dir, write_json
 from ..errors import BinarizeError
-from ..models import NORM_GROUPS
+from ..families import family_of
+from ..models import decoder_layers
 from ..qlinear import quant_layers
+from .gguf_arch import GGUFArch, arch_of, head_dim, kv_heads, rope_params, write_hparams
 from .gguf_q1 import _gguf, register_q1_0
 from .gguf_tokenizer import _source_gguf, add_hf_tokenizer_fields, copy_tokenizer_fields
 from .latent import load_converted, require_run_dir
@@ -55,7 +61,6 @@ from .registry import Exported, check_fit
 FORMATS = tuple(n for n, f in ALL_FORMATS.items() if f.kind == "gguf")
 OUTER_TYPES = ("f16", "q8_0")
 FALLBACK_TYPES = ("q4_0", "q8_0")
-MAPPED_MODEL_TYPES = ("llama",)
 
 
 @dataclass
@@ -100,69 +105,75 @@ def check_options(fmt: str, outer: str, fallback: str) -> None:
         raise BinarizeError(f"--gguf-fallback must be one of {', '.join(FALLBACK_TYPES)}, got {fallback!r}")
 
 
-def check_gguf_fit(model, meta: dict, fmt: str) -> None:
-    """Refuse what the llama writer cannot hold (one reason, before anything is written)."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in MAPPED_MODEL_TYPES:
-        raise BinarizeError(f"the GGUF writer maps the llama architecture only; this model is {model_type!r}")
+def check_gguf_fit(model, meta: dict, fmt: str) -> GGUFArch:
+    """Refuse what the writer cannot hold (one reason, before anything is written); the family's entry."""
+    arch = arch_of(model.config)
     check_fit(meta.get("method", "binary"), fmt, "this run")
     if fmt == "gguf-q1" and not hasattr(_gguf().GGMLQuantizationType, "Q1_0"):
         raise BinarizeError("the installed gguf package has no Q1_0 type (pip install -U gguf); binary weights "
                             "are exact in gguf-tq1 / gguf-tq2 too")
-    for name, q in quant_layers(model).items():
-        if q.bias is not None:
-            raise BinarizeError(f"{name} has a bias; the GGUF writer maps bias-free llama layers only")
-    rope = _rope(model.config)
-    if rope["rope_type"] not in ("default", "llama3", "linear"):
-        raise BinarizeError(f"rope scaling {rope['rope_type']!r} is not mapped by the GGUF writer "
-                            "(default, linear, llama3)")
-
-
-def _rope(config) -> dict:
-    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
-    return params
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def _kv_heads(config) -> int:
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if arch.tied_only and model.get_output_embeddings() is not None and \
+            model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        raise BinarizeError(f"llama.cpp's {arch.name.lower()} architecture has no separate lm_head; this model's "
+                            "is untied")
+    return arch
 
 
 @torch.no_grad()
-def folded_weights(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(linears, norms): every converted linear as codes * row scale with St moved out of it, and the
-    RMSNorm weights that took St in. Raises when some St cannot be folded (not tied)."""
-    cfg = model.config
-    kv = _kv_heads(cfg)
-    groups, hd = cfg.num_attention_heads // kv, _head_dim(cfg)
+def folded_weights(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(linears, norms, biases): every converted linear as codes * row scale with St moved out of it;
+    every norm's whole multiplier (Gemma's 1 + w), St folded in where the norm feeds converted
+    linears; the biases of converted linears and norms (parameter names), scaled alike. Raises
+    BinarizeError when some St cannot be folded (not tied, or no linear place for it)."""
+    family = family_of(model.config)
+    groups, hd = model.config.num_attention_heads // kv_heads(model.config), head_dim(model.config)
     qlayers = quant_layers(model)
-    prefix = next(n for n, m in model.named_modules() if m is model.model.layers)
-    codes, scales, norms = {}, {}, {}
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    codes, scales, biases, norms = {}, {}, {}, {}
     for name, q in qlayers.items():
         c, s = q.codes()
         codes[name], scales[name] = c.to(torch.int8), s.detach().float().clone()
-    for i, block in enumerate(model.model.layers):
+        if q.bias is not None:
+            biases[name + ".bias"] = q.bias.detach().float().clone()
+    for name, mod in model.named_modules():  # every norm: its whole multiplier, biases as they are
+        w = getattr(mod, "weight", None)
+        if name not in qlayers and isinstance(w, torch.Tensor) and w.dim() == 1:
+            norms[name] = family.norm_offset + w.detach().float()
+            if getattr(mod, "bias", None) is not None:
+                biases[name + ".bias"] = mod.bias.detach().float().clone()
+
+    def scale_rows(linear: str, rows, st: torch.Tensor) -> None:
+        idx = slice(None) if rows is None else rows
+        scales[linear][idx] *= st
+        if linear + ".bias" in biases:
+            biases[linear + ".bias"][idx] *= st
+
+    for i in range(len(layers)):
         p = f"{prefix}.{i}."
-        for norm_name, readers in NORM_GROUPS:
+        for norm_name, readers in family.norm_groups:
             sts = [qlayers[p + r].scale_in().detach().float() for r in readers]
             for r, st in zip(readers[1:], sts[1:]):
                 if not torch.equal(st, sts[0]):
                     raise BinarizeError(f"{p}{r} and {p}{readers[0]} have different St, which cannot fold into "
                                         f"{norm_name}: {TIE_ADVICE}")
-            norms[p + norm_name] = getattr(block, norm_name).weight.detach().float() * sts[0]
-        st_o = qlayers[p + "self_attn.o_proj"].scale_in().detach().float().view(kv, groups, hd)
+            norms[p + norm_name] *= sts[0]
+            if p + norm_name + ".bias" in biases:
+                biases[p + norm_name + ".bias"] *= sts[0]
+        st_o = qlayers[p + family.o_proj].scale_in().detach().float().view(-1, groups, hd)
         if not torch.equal(st_o, st_o[:, :1].expand_as(st_o)):
-            raise BinarizeError(f"{p}self_attn.o_proj's St differs within a KV group, so it cannot fold into "
-                                f"v_proj: {TIE_ADVICE}")
-        scales[p + "self_attn.v_proj"] *= st_o[:, 0].reshape(-1)
-        scales[p + "mlp.up_proj"] *= qlayers[p + "mlp.down_proj"].scale_in().detach().float()
+            raise BinarizeError(f"{p}{family.o_proj}'s St differs within a KV group, so it cannot fold into "
+                                f"the value rows: {TIE_ADVICE}")
+        scale_rows(p + family.v_linear, family.v_rows(model.config), st_o[:, 0].reshape(-1))
+        st_down = qlayers[p + family.down_proj].scale_in().detach().float()
+        if family.up_linear is not None:
+            scale_rows(p + family.up_linear, family.up_rows(model.config), st_down)
+        elif not torch.all(st_down == 1):
+            raise BinarizeError(f"{p}{family.down_proj} has a St that cannot fold through the "
+                                f"{model.config.model_type} MLP's activation into a GGUF; export a run without "
+                                "BaI (e.g. --recipe bitnet-b158-absmean) or use --format binary")
     weights = {n: codes[n].float() * scales[n].view(-1, 1) for n in qlayers}
-    return weights, norms
+    return weights, norms, biases
 
 
 def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -174,7 +185,7 @@ def _llama3_rope_factors(config) -> np.ndarray:
     """llama.cpp divides each rotary frequency by rope_freqs[i]: plain / llama3-scaled inv_freq."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    base, dim = _rope(config)["rope_theta"], _head_dim(config)
+    base, dim = rope_params(config)["rope_theta"], head_dim(config)
     plain = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     return (plain / scaled.double()).float().numpy()
@@ -208,48 +219,26 @@ def _pick_type(in_features: int, target, fallback):
     return gguf.GGMLQuantizationType.F16
 
 
-def _hparams(writer, config, name: str) -> None:
-    rope = _rope(config)
-    hd = _head_dim(config)
-    writer.add_name(name)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(_kv_heads(config))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(float(rope["rope_theta"]))
-    writer.add_rope_dimension_count(hd)
-    if hd != config.hidden_size // config.num_attention_heads:
-        writer.add_key_length(hd)
-        writer.add_value_length(hd)
-    if rope["rope_type"] == "linear":
-        writer.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
-    if rope["rope_type"] == "llama3":  # the frequencies are the rope_freqs tensor; this names the parameters' context
-        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-    writer.add_vocab_size(config.vocab_size)
-
-
 def write_gguf(model, tokenizer, meta: dict, path: Path, fmt: str, *, outer: str = "f16", fallback: str = "q4_0",
                tok_dir: Path | None = None, source_gguf: Path | None = None) -> GGUFReport:
     """Write ``model`` (a converted QuantLinear model) to ``path``; returns what was written."""
     gguf = _gguf()
     check_options(fmt, outer, fallback)
-    check_gguf_fit(model, meta, fmt)
+    arch = check_gguf_fit(model, meta, fmt)
     if fmt == "gguf-q1":
         register_q1_0()
-    linears, norms = folded_weights(model)
+    linears, norms, biases = folded_weights(model)
     cfg = model.config
     target = target_type(fmt)
     outer_type = gguf.GGMLQuantizationType.F16 if outer == "f16" else gguf.GGMLQuantizationType.Q8_0
     fallback_type = gguf.GGMLQuantizationType.Q4_0 if fallback == "q4_0" else gguf.GGMLQuantizationType.Q8_0
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    model_arch = getattr(gguf.MODEL_ARCH, arch.name)
+    names = gguf.get_tensor_name_map(model_arch, cfg.num_hidden_layers)
     report = GGUFReport(format=fmt)
 
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    _hparams(writer, cfg, meta.get("name") or f"binarize {meta.get('recipe', {}).get('name', '')} {fmt}")
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[model_arch])
+    report.notes += write_hparams(writer, cfg, meta.get("name") or f"binarize {meta.get('recipe', {}).get('name', '')} "
+                                  f"{fmt}", arch)
     writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{target.name}"))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if source_gguf is not None:
@@ -267,18 +256,31 @@ def write_gguf(model, tokenizer, meta: dict, path: Path, fmt: str, *, outer: str
     def raw(qtype):  # block types go in as bytes; F32/F16 arrays carry their own dtype
         return None if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else qtype
 
+    def gguf_name(hf_name: str) -> str:
+        found = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise BinarizeError(f"no llama.cpp {arch.name.lower()} tensor for {hf_name}")
+        return found
+
     def add_plain(hf_name: str, t: torch.Tensor, qtype) -> None:
         a = t.detach().float().contiguous().numpy()
         stored = a if qtype == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(a, qtype)
-        writer.add_tensor(names.get_name(hf_name, try_suffixes=(".weight",)), stored, raw_dtype=raw(qtype))
+        writer.add_tensor(gguf_name(hf_name), stored, raw_dtype=raw(qtype))
 
-    embed = model.get_input_embeddings().weight
-    add_plain("model.embed_tokens.weight", embed, outer_type)
+    def reorder(name: str, t: torch.Tensor) -> torch.Tensor:
+        for suffix, rows in (arch.row_order or {}).items():
+            if name.removesuffix(".bias").endswith(suffix):
+                return t[rows(cfg)]
+        return t
+
+    embed = model.get_input_embeddings()
+    add_plain(next(n for n, m in model.named_modules() if m is embed) + ".weight", embed.weight, outer_type)
     for name, w in linears.items():
-        if name.endswith("self_attn.q_proj"):
+        if arch.permute_qk and name.endswith("q_proj"):
             w = permute_rotary(w, cfg.num_attention_heads)
-        elif name.endswith("self_attn.k_proj"):
-            w = permute_rotary(w, _kv_heads(cfg))
+        elif arch.permute_qk and name.endswith("k_proj"):
+            w = permute_rotary(w, kv_heads(cfg))
+        w = reorder(name, w)
         qtype = _pick_type(w.shape[1], target, fallback_type)
         a = w.contiguous().numpy()
         stored, back = _quantize(a, qtype)
@@ -287,8 +289,7 @@ def write_gguf(model, tokenizer, meta: dict, path: Path, fmt: str, *, outer: str
         if ok.any():
             err = float((np.abs(back - a).max(axis=1)[ok] / rows[ok]).max())
             report.max_scale_rel_error = max(report.max_scale_rel_error, err)
-        writer.add_tensor(names.get_name(name + ".weight", try_suffixes=(".weight",)), stored,
-                          raw_dtype=raw(qtype))
+        writer.add_tensor(gguf_name(name + ".weight"), stored, raw_dtype=raw(qtype))
         report.converted_weights += a.size
         report.converted_bytes += stored.nbytes
         report.weights_by_type[qtype.name] = report.weights_by_type.get(qtype.name, 0) + a.size
@@ -297,12 +298,12 @@ def write_gguf(model, tokenizer, meta: dict, path: Path, fmt: str, *, outer: str
             report.fallback_weights += a.size
     for name, w in norms.items():
         add_plain(name + ".weight", w, gguf.GGMLQuantizationType.F32)
-    final_norm = next(n for n, m in model.named_modules() if m is model.model.norm)
-    add_plain(final_norm + ".weight", model.model.norm.weight, gguf.GGMLQuantizationType.F32)
+    for name, b in biases.items():
+        add_plain(name, reorder(name, b), gguf.GGMLQuantizationType.F32)
     head = model.get_output_embeddings()
-    if head is not None and head.weight.data_ptr() != embed.data_ptr():
-        add_plain("lm_head.weight", head.weight, outer_type)
-    if _rope(cfg)["rope_type"] == "llama3":
+    if head is not None and head.weight.data_ptr() != embed.weight.data_ptr():
+        add_plain(next(n for n, m in model.named_modules() if m is head) + ".weight", head.weight, outer_type)
+    if rope_params(cfg)["rope_type"] == "llama3":
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_rope_factors(cfg))
 
     writer.write_header_to_file()

@@ -21,7 +21,8 @@ from .._version import __version__
 from ..checkpoint import atomic_dir, write_json
 from ..errors import BinarizeError
 from ..hf_quantizer import BinarizeConfig, register
-from ..models import NORM_GROUPS, decoder_layers
+from ..families import family_of, fold_into_norm_
+from ..models import decoder_layers
 from ..packed import CPU_CACHE_MODES, PackedLinear
 from ..packing import pack
 from ..qlinear import quant_layers
@@ -32,11 +33,13 @@ from .packed_reader import PACKED_FORMAT, PACKED_VERSION, sha256
 from .registry import Exported, check_fit
 
 def _fold_shared_st(model, qlayers: dict) -> list[str]:
-    """Fold St into the preceding norm where all of the norm's readers share it."""
+    """Fold St into the preceding norm where all of the norm's readers share it (``binarize.families``:
+    Gemma's (1 + w) multiplier and a LayerNorm's bias included)."""
     folded = []
+    family = family_of(model.config)
     prefix = next(n for n, m in model.named_modules() if m is decoder_layers(model))
     for i, block in enumerate(decoder_layers(model)):
-        for norm_name, readers in NORM_GROUPS:
+        for norm_name, readers in family.norm_groups:
             names = [f"{prefix}.{i}.{r}" for r in readers]
             if not all(n in qlayers for n in names):
                 continue
@@ -44,8 +47,7 @@ def _fold_shared_st(model, qlayers: dict) -> list[str]:
             norm = getattr(block, norm_name, None)
             if norm is None or not all(torch.equal(sts[0], s) for s in sts[1:]):
                 continue
-            with torch.no_grad():
-                norm.weight.mul_(sts[0].to(norm.weight.dtype))
+            fold_into_norm_(norm, sts[0].float(), family.norm_offset)
             folded.extend(names)
     return folded
 

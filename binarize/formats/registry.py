@@ -91,7 +91,7 @@ def check_fit(method: str, fmt: str, what: str) -> Format:
 def check_recipe(recipe, fmt: str) -> Format:
     """Before training: the recipe can produce a model this format holds (method, St, scales)."""
     f = check_fit(recipe.method, fmt, f"recipe {recipe.name}")
-    if f.kind == "gguf" and recipe.bai and not recipe.share_st:
+    if f.kind == "gguf" and (recipe.bai or recipe.train_st) and not recipe.share_st:
         raise BinarizeError(f"{fmt} has no per-input scale, and recipe {recipe.name} learns one St per layer: "
                             f"{GGUF_TIE_ADVICE}")
     if f.kind == "bitnet" and (recipe.method != "ternary" or recipe.act_bits != 8 or recipe.per_row or recipe.bai

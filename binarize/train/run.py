@@ -276,12 +276,17 @@ def check_launch(env: dict | None = None) -> None:
 def check_model_options(model, recipe: Recipe, export: str | None = None) -> None:
     """Recipe and export options the loaded model must support, refused with one line before any work."""
     if export and export.startswith("gguf"):
-        from ..formats.gguf_writer import MAPPED_MODEL_TYPES
+        from ..families import family_of
+        from ..formats.gguf_arch import arch_of
 
-        model_type = getattr(model.config, "model_type", None)
-        if model_type not in MAPPED_MODEL_TYPES:
-            raise BinarizeError(f"--export {export}: the GGUF writer maps {', '.join(MAPPED_MODEL_TYPES)} only; this "
-                                f"model is {model_type!r} (use --export binary)")
+        try:
+            arch_of(model.config)
+        except BinarizeError as e:
+            raise BinarizeError(f"--export {export}: {e}") from None
+        if family_of(model.config).up_linear is None and (recipe.bai or recipe.train_st):
+            raise BinarizeError(f"--export {export}: recipe {recipe.name} learns St, and a {model.config.model_type} "
+                                "MLP has no linear place to fold down's St into a GGUF (use a recipe without BaI "
+                                "and train_st, or --export binary)")
     if recipe.grad_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         raise BinarizeError(f"--grad-checkpointing: {type(model).__name__} does not support activation "
                             "checkpointing in transformers; run without it")
