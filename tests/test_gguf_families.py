@@ -110,3 +110,18 @@ def test_neox_down_st_that_cannot_fold_is_refused(tokenizer_dir, tmp_path):
         q.st.fill_(2.0)
     with pytest.raises(BinarizeError, match="cannot fold through the gpt_neox MLP's activation"):
         write_gguf(model, tok, {"method": "binary"}, tmp_path / "x.gguf", "gguf-q1", tok_dir=tokenizer_dir)
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "phi3", "gpt_neox"])
+def test_packed_export_folds_tied_st_into_each_familys_norms(model_type, tokenizer_dir):
+    """The packed writer folds a shared St into the norm in front (Gemma: (1 + w) * St - 1; a
+    LayerNorm's bias too) and keeps the converted logits."""
+    from binarize.formats.packed_writer import pack_model_
+
+    model, tok = converted_family(model_type, tokenizer_dir)
+    x = torch.randint(0, len(tok), (2, 12))
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        pack_model_(model, "binary", "fp32")
+        got = model(input_ids=x).logits
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
