@@ -1,9 +1,9 @@
-"""``binarize chat``: streaming generation with the tokenizer's chat template."""
+"""``binarize chat``: streaming generation with the tokenizer's chat template, through the static-cache
+decode loop of ``binarize.decode`` (greedy unless a temperature is given)."""
 
 from __future__ import annotations
 
 import sys
-import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +21,7 @@ class ChatSession:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    compile: bool | None = None  # capture the decode step (torch.compile reduce-overhead); None: on a GPU only
     history: list[dict] = field(default_factory=list)
 
     @classmethod
@@ -41,42 +42,31 @@ class ChatSession:
     def reply(self, text: str, out=None) -> str:
         """Stream the model's answer to ``text`` to ``out`` (default: the current ``sys.stdout``, looked
         up per call, not bound at import); the turn is kept in the history."""
-        from transformers import TextIteratorStreamer
+        from .decode import decode
 
         out = sys.stdout if out is None else out
         self.history.append({"role": "user", "content": text})
         ids = self._inputs()
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        sample = self.temperature > 0
-        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
-                      do_sample=sample, streamer=streamer, pad_token_id=self.tokenizer.eos_token_id)
-        if sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        torch.manual_seed(self.seed)
-        errors: list[BaseException] = []
+        new: list[int] = []
+        shown = 0
 
-        def run():
-            try:
-                with torch.inference_mode():
-                    self.model.generate(**kwargs)
-            except BaseException as exc:  # surfaced in the caller's thread
-                errors.append(exc)
-                streamer.on_finalized_text("", stream_end=True)
+        def stream(token: torch.Tensor) -> None:  # print the text the new token completes
+            nonlocal shown
+            new.append(int(token[0]))
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+                out.write(text[shown:])
+                out.flush()
+                shown = len(text)
 
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        parts = []
-        for piece in streamer:
-            parts.append(piece)
-            out.write(piece)
-            out.flush()
-        worker.join()
-        out.write("\n")
-        if errors:
-            raise errors[0]
-        answer = "".join(parts).strip()
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        decode(self.model, ids, self.max_new_tokens, eos_token_id=gen_eos if gen_eos is not None
+               else self.tokenizer.eos_token_id,
+               temperature=self.temperature, top_p=self.top_p, seed=self.seed, on_token=stream,
+               compile=self.compile if self.compile is not None else ids.is_cuda)
+        answer = self.tokenizer.decode(new, skip_special_tokens=True)
+        out.write(answer[shown:] + "\n")
+        answer = answer.strip()
         self.history.append({"role": "assistant", "content": answer})
         return answer
 

@@ -55,7 +55,11 @@ def converted_family(model_type: str, tokenizer_dir, method: str = "binary"):
 
 
 def test_every_mapped_family_has_a_config_here():
+    from binarize.families import FAMILIES
+    from binarize.models import SUPPORTED_MODEL_TYPES
+
     assert set(FAMILY_CONFIG) | {"llama"} == set(ARCHS)  # llama: tests/test_gguf.py
+    assert set(FAMILIES) == set(SUPPORTED_MODEL_TYPES)  # every supported family says where its St folds
 
 
 @pytest.mark.parametrize("model_type", list(FAMILY_CONFIG))
