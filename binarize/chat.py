@@ -21,7 +21,7 @@ class ChatSession:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    compile: bool | None = None  # capture the decode step (torch.compile reduce-overhead); None: on a GPU only
+    compile: bool = False  # capture the decode step (torch.compile reduce-overhead); off until a GPU run checks it
     history: list[dict] = field(default_factory=list)
 
     @classmethod
@@ -63,7 +63,7 @@ class ChatSession:
         decode(self.model, ids, self.max_new_tokens, eos_token_id=gen_eos if gen_eos is not None
                else self.tokenizer.eos_token_id,
                temperature=self.temperature, top_p=self.top_p, seed=self.seed, on_token=stream,
-               compile=self.compile if self.compile is not None else ids.is_cuda)
+               compile=self.compile)
         answer = self.tokenizer.decode(new, skip_special_tokens=True)
         out.write(answer[shown:] + "\n")
         answer = answer.strip()
