@@ -50,13 +50,11 @@ def _forward(model, keyword: str, cache, input_ids: torch.Tensor, position: torc
 _CAPTURED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (cache, batch, length, step, fullgraph)
 
 
-def _cache_and_step(model, batch: int, length: int, compile: bool, fullgraph: bool = True):
+def _cache_and_step(model, keyword: str, batch: int, length: int, compile: bool, fullgraph: bool = True):
     """A static cache for ``length`` positions and the decode step over it. Captured steps are kept per
     model with their cache (reset between calls, grown to the next power of two when a call needs
     more), so a chat compiles once rather than on every reply."""
     from transformers import StaticCache
-
-    keyword = _cache_keyword(model)
 
     def make(size: int):
         cache = StaticCache(config=model.config, max_cache_len=size)
@@ -99,8 +97,8 @@ def decode(model, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id:
     generator = None
     if seed is not None and temperature > 0:
         generator = torch.Generator(device=device).manual_seed(seed)
-    cache, step = _cache_and_step(model, batch, prompt_len + max_new_tokens, compile, fullgraph)
     keyword = _cache_keyword(model)
+    cache, step = _cache_and_step(model, keyword, batch, prompt_len + max_new_tokens, compile, fullgraph)
     logits = _forward(model, keyword, cache, input_ids, torch.arange(prompt_len, device=device))  # prefill
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens = []

@@ -31,10 +31,12 @@ from .errors import BinarizeError
 Rows = Callable[[object], torch.Tensor | None]  # config -> row indices (None: every row)
 
 
-def _heads(cfg) -> tuple[int, int, int]:
-    heads = cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    return heads, kv, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 def _all_rows(cfg) -> None:
@@ -42,7 +44,7 @@ def _all_rows(cfg) -> None:
 
 
 def _phi3_v_rows(cfg) -> torch.Tensor:  # qkv_proj rows: [q (heads), k (kv), v (kv)] x head_dim
-    heads, kv, hd = _heads(cfg)
+    heads, kv, hd = cfg.num_attention_heads, kv_heads(cfg), head_dim(cfg)
     return torch.arange((heads + kv) * hd, (heads + 2 * kv) * hd)
 
 
@@ -51,7 +53,7 @@ def _phi3_up_rows(cfg) -> torch.Tensor:  # gate_up_proj rows: [gate; up] (Phi3ML
 
 
 def _neox_v_rows(cfg) -> torch.Tensor:  # query_key_value rows: per head [q, k, v] x head_dim
-    heads, _, hd = _heads(cfg)
+    heads, hd = cfg.num_attention_heads, head_dim(cfg)
     return (torch.arange(heads).view(-1, 1) * 3 * hd + 2 * hd + torch.arange(hd)).reshape(-1)
 
 
@@ -113,5 +115,4 @@ def fold_into_norm_(norm: torch.nn.Module, st: torch.Tensor, offset: float) -> N
 
 def kv_tie(config) -> tuple[int, int]:
     """(query heads per KV head, head_dim): o_proj's St is one value per KV-head column."""
-    heads, kv, hd = _heads(config)
-    return heads // kv, hd
+    return config.num_attention_heads // kv_heads(config), head_dim(config)

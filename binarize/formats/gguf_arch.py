@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from ..errors import BinarizeError
+from ..families import head_dim, kv_heads
 
 
 def rope_params(config) -> dict:
@@ -34,14 +35,6 @@ def rope_params(config) -> dict:
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
     return params
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def kv_heads(config) -> int:
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 def rotary_dim(config) -> int:

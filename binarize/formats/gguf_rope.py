@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BinarizeError
+from ..families import head_dim
 
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
@@ -154,8 +155,7 @@ def _params(config) -> dict:
 
 
 def _plain_inv_freq(config, theta: float) -> np.ndarray:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dim = int(head_dim * _params(config).get("partial_rotary_factor", 1.0))
+    dim = int(head_dim(config) * _params(config).get("partial_rotary_factor", 1.0))
     return 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
 
 

@@ -47,10 +47,10 @@ import torch
 from .._version import __version__
 from ..checkpoint import atomic_dir, write_json
 from ..errors import BinarizeError
-from ..families import family_of
+from ..families import family_of, head_dim, kv_heads, kv_tie
 from ..models import decoder_layers
 from ..qlinear import quant_layers
-from .gguf_arch import GGUFArch, arch_of, head_dim, kv_heads, rope_params, write_hparams
+from .gguf_arch import GGUFArch, arch_of, rope_params, write_hparams
 from .gguf_q1 import _gguf, register_q1_0
 from .gguf_tokenizer import _source_gguf, add_hf_tokenizer_fields, copy_tokenizer_fields
 from .latent import load_converted, require_run_dir
@@ -112,8 +112,8 @@ def check_gguf_fit(model, meta: dict, fmt: str) -> GGUFArch:
     if fmt == "gguf-q1" and not hasattr(_gguf().GGMLQuantizationType, "Q1_0"):
         raise BinarizeError("the installed gguf package has no Q1_0 type (pip install -U gguf); binary weights "
                             "are exact in gguf-tq1 / gguf-tq2 too")
-    if arch.tied_only and model.get_output_embeddings() is not None and \
-            model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+    head = model.get_output_embeddings()
+    if arch.tied_only and head is not None and head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
         raise BinarizeError(f"llama.cpp's {arch.name.lower()} architecture has no separate lm_head; this model's "
                             "is untied")
     return arch
@@ -126,7 +126,7 @@ def folded_weights(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
     linears; the biases of converted linears and norms (parameter names), scaled alike. Raises
     BinarizeError when some St cannot be folded (not tied, or no linear place for it)."""
     family = family_of(model.config)
-    groups, hd = model.config.num_attention_heads // kv_heads(model.config), head_dim(model.config)
+    groups, hd = kv_tie(model.config)
     qlayers = quant_layers(model)
     layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
