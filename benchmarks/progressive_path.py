@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from binarize.quantizers import PROGRESSIVE_FORMS, binary_weight, ternary_weight
-from binarize.schedules import schedule
+from binarize.schedules import bai_path_points, schedule
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -76,7 +76,9 @@ def _calibration_tokens(tokenizer, eval_ids: torch.Tensor, n_eval: int, n: int) 
 
 
 class _BaiLinear(nn.Module):
-    """W frozen, St learned: W_eff = Sa(W/St) * sign(W/St) * St (the hard-sign BaI forward)."""
+    """W frozen, St learned: W_eff = Sa(W/St) * F(W/(St Sa), t) * St (t = inf: the hard-sign BaI forward)."""
+
+    t = math.inf  # set for all layers at once, as qlinear.set_t does
 
     def __init__(self, lin: nn.Linear):
         super().__init__()
@@ -87,12 +89,14 @@ class _BaiLinear(nn.Module):
 
     def forward(self, x):
         st = self.st.clamp_min(1e-2)  # the recipe's st_min
-        w = binary_weight(self.weight / st, self.one, st, math.inf, sa_grad=True)
+        w = binary_weight(self.weight / st, self.one, st, _BaiLinear.t, sa_grad=True)
         return nn.functional.linear(x, w, self.bias)
 
 
-def bai(model, lins: dict[str, nn.Linear], calib: torch.Tensor, steps: int, lr: float) -> dict[str, torch.Tensor]:
-    """A few Adam steps on St (one calibration sequence each); St rounded to fp16 as fold_st does."""
+def bai(model, lins: dict[str, nn.Linear], calib: torch.Tensor, steps: int, lr: float,
+        points: list[float] = (math.inf,)) -> dict[str, torch.Tensor]:
+    """A few Adam steps on St (one calibration sequence each) at t cycling over ``points``, the last
+    step at the last point (train/bai.py's order); St rounded to fp16 as fold_st does."""
     if steps == 0:
         return {n: torch.ones(m.in_features) for n, m in lins.items()}
     wrapped = {}
@@ -108,12 +112,13 @@ def bai(model, lins: dict[str, nn.Linear], calib: torch.Tensor, steps: int, lr: 
     opt = torch.optim.Adam(params, lr=lr)
     model.train()
     for step in range(steps):
+        _BaiLinear.t = points[(step - steps) % len(points)]
         x = calib[step % calib.shape[0]][None]
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        print(f"  BaI step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
+        print(f"  BaI step {step + 1}/{steps}: t {_BaiLinear.t:.3g}, loss {loss.item():.3f}", flush=True)
     model.eval()
     for name, lin in lins.items():
         parent, _, child = name.rpartition(".")
@@ -142,6 +147,8 @@ def main(argv=None):
     ap.add_argument("--bai-steps", type=int, default=3, help="BaI Adam steps before measuring (0: St = 1)")
     ap.add_argument("--bai-seq-len", type=int, default=256)
     ap.add_argument("--bai-lr", type=float, default=1e-2)
+    ap.add_argument("--bai-path", action="store_true",
+                    help="fit St along the schedule (recipe key bai_path: schedules.bai_path_points), not at t = inf only")
     ap.add_argument("--methods", default="binary,ternary")
     ap.add_argument("--forms", default=",".join(PROGRESSIVE_FORMS))
     ap.add_argument("--threads", type=int, default=None)
@@ -170,8 +177,10 @@ def main(argv=None):
         n_cal = args.bai_steps * args.bai_seq_len
         cal, where = _calibration_tokens(tokenizer, ids, args.tokens, n_cal)
         cal = cal[: (cal.numel() // args.bai_seq_len) * args.bai_seq_len].view(-1, args.bai_seq_len)
-        print(f"BaI: {args.bai_steps} steps x {args.bai_seq_len} tokens of {where}, lr {args.bai_lr}")
-        st = bai(model, lins, cal, args.bai_steps, args.bai_lr)
+        points = bai_path_points("exponential", 20) if args.bai_path else [math.inf]
+        print(f"BaI: {args.bai_steps} steps x {args.bai_seq_len} tokens of {where}, lr {args.bai_lr}, "
+              f"t over {', '.join(f'{t:.3g}' for t in points)}")
+        st = bai(model, lins, cal, args.bai_steps, args.bai_lr, points)
 
     def loss_with(fn) -> float:
         with torch.no_grad():

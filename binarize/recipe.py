@@ -44,6 +44,7 @@ class Recipe:
     bai_steps: int = 50
     bai_lr: float = 1e-2  # paper gives none; 1e-3 barely moves St in 50 steps (SmolLM2-135M: 13.4 -> 8.4 at 1e-2)
     bai_batch_tokens: int = 4096
+    bai_path: bool = False  # False: St fitted at the hard sign (paper) | True: BaI steps cycle t over the schedule (bai.py)
     calib_sequences: int = 128  # size of the calibration set BaI cycles through
     st_min: float = 1e-2  # St is clamped to [st_min, inf) so W/St stays finite
     train_st: bool = False  # keep learning St during QAT (paper: St fixed after BaI)
@@ -134,6 +135,9 @@ class Recipe:
                 raise BinarizeError(f"recipe {self.name}: {key} must be >= 0, got {getattr(self, key)}")
         if self.distill_ce == 0 and self.distill_alpha == 0:
             raise BinarizeError(f"recipe {self.name}: distill_ce=0 with distill_alpha=0 leaves no loss to train on")
+        if self.bai_path and self.quantizer != "progressive":
+            raise BinarizeError(f"recipe {self.name}: bai_path fits St along the progressive schedule; "
+                                f"quantizer={self.quantizer!r} has none (use bai_path: false)")
         if self.chunks < 2 and self.quantizer == "progressive":
             raise BinarizeError(f"recipe {self.name}: progressive training needs chunks >= 2, got {self.chunks}")
         if self.blockwise_steps and self.blockwise_sequences > self.calib_sequences:

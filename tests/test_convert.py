@@ -214,3 +214,35 @@ def test_ste_and_scaling_variants_run(tiny_model_dir, small_text, tmp_path):
         model, _, _ = load_converted(out)
         with torch.no_grad():
             assert torch.isfinite(model(input_ids=torch.randint(0, 1000, (1, 16))).logits).all()
+
+
+def test_bai_path_fits_st_under_each_path_point_and_ends_at_the_sign(trained_tiny_dir, small_text):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from binarize.qlinear import set_t
+    from binarize.schedules import bai_path_points
+
+    tok = AutoTokenizer.from_pretrained(trained_tiny_dir)
+    mid_losses, sts = {}, {}
+    for path in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(trained_tiny_dir, dtype=torch.float32)
+        recipe = tiny_recipe(small_text, bai_steps=6, bai_lr=1e-2, calib_sequences=16, chunks=8, bai_path=path)
+        data = prepare_data(tok, recipe, plan_budget(recipe, 20_000))
+        quantize_(model)
+        first = next(iter(quant_layers(model).values()))
+        model.eval()  # BaI's before/after measures run in eval mode; only its steps train
+        seen = []
+        hook = first.register_forward_pre_hook(lambda m, a: seen.append(m.t) if m.training else None)
+        res = binary_aware_init(model, data.calib, recipe)
+        hook.remove()
+        points = bai_path_points("exponential", 8) if path else [math.inf]
+        per_step = len(seen) // recipe.bai_steps  # micro-batches per step
+        steps_t = seen[::per_step]
+        assert steps_t == [points[(s - 6) % len(points)] for s in range(6)], steps_t
+        assert steps_t[-1] == math.inf and all(q.t == math.inf for q in quant_layers(model).values())
+        assert res.loss_after < res.loss_before
+        set_t(model, points[0] if path else bai_path_points("exponential", 8)[0])
+        mid_losses[path] = mean_loss(model, data.calib[:8])
+        sts[path] = torch.cat([q.st.flatten() for q in quant_layers(model).values()])
+    assert not torch.allclose(sts[True], sts[False])  # the intermediate t changed the search
+    # St fitted along the path gives a lower loss at the path's first point than St fitted at the sign
+    assert mid_losses[True] < mid_losses[False], mid_losses

@@ -38,3 +38,15 @@ def test_bad_scheduler_or_chunk():
         chunk_t("cubic", 0, 20)
     with pytest.raises(ValueError):
         chunk_t("exponential", 20, 20)
+
+
+def test_bai_path_points_sample_the_first_half_of_the_schedule_then_the_sign():
+    from binarize.schedules import bai_path_points
+
+    ts = schedule("exponential", 20)
+    pts = bai_path_points("exponential", 20)
+    assert pts[:-1] == [ts[2], ts[4], ts[6], ts[8], ts[10]] and pts[-1] == math.inf
+    assert pts[0] == pytest.approx(0.7185, abs=1e-4)  # 1.3 e^0.44 - 1.3
+    assert all(a < b for a, b in zip(pts, pts[1:]))
+    assert bai_path_points("uniform", 8)[:-1] == [schedule("uniform", 8)[c] for c in (2, 4)]
+    assert bai_path_points("exponential", 2) == [math.inf]  # too short a schedule: the paper's hard-sign BaI

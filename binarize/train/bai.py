@@ -1,6 +1,17 @@
 """Binary-aware initialization (BinaryLLM, arXiv 2508.06974, section 3.1): with every weight
 frozen, the per-input-channel scales St are searched by next-token loss under hard-sign weights
 on the calibration set; then St is folded into the latent weight (W~ = W / St) for QAT.
+
+With ``bai_path`` (our addition, issue 20 item 0) the Adam steps cycle t over
+``schedules.bai_path_points`` (points of the QAT schedule's first half, then the hard sign), so
+St fits the progressive path QAT walks, not only its end. St fitted at the hard sign alone
+leaves intermediate t far worse than the sign (SmolLM2-135M, 16 steps: t = 1.22 -> 17.5 nats,
+t = inf -> 11.5): the outlier weights the model's massive activation rests on are clipped to
+~1.6 Sa and it fires on ordinary tokens. Fitting St along the path flattens that
+(``benchmarks/progressive_path.py --bai-path``; 30 steps: every t <= 12.2 against 12.1 at the
+sign). It is off by default because it costs the end model: St is then worse at the hard sign
+(calibration loss after 16 steps 12.76 against 9.88) and binaryllm at 32k tokens ends worse
+(quick WikiText-2 62,885 against 48,498; benchmarks/results/quality_cpu.md).
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ import torch
 from ..evaluate import mean_loss
 from ..qlinear import quant_layers, set_t
 from ..recipe import Recipe
+from ..schedules import bai_path_points
 from .loop import accumulate, log_now
 from .losses import TrainLoss
 from .record import BaiRecord
@@ -20,7 +32,9 @@ BAI_EVAL_SEQUENCES = 8
 
 
 def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None, log=None) -> BaiRecord:
-    """Search per-input-channel St by next-token loss under hard-sign weights, weights frozen.
+    """Search per-input-channel St by next-token loss under hard-sign weights, weights frozen
+    (with ``recipe.bai_path``: under the t values of ``schedules.bai_path_points`` in turn, the
+    last step at the hard sign).
 
     ``calib`` is (n, seq_len) token ids; each of ``recipe.bai_steps`` Adam steps (lr ``bai_lr``)
     takes ``bai_batch_tokens`` of it in order, cycling. Loss is measured before and after on the
@@ -37,11 +51,15 @@ def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None,
     before = mean_loss(model, eval_set, recipe.micro_batch)
     opt = torch.optim.Adam(st, lr=recipe.bai_lr)
     per_step = max(1, recipe.bai_batch_tokens // recipe.seq_len)
+    points = (bai_path_points(recipe.scheduler, recipe.chunks, recipe.schedule_span) if recipe.bai_path
+              else [math.inf])
     losses = []
     task = progress.add_task("BaI", total=recipe.bai_steps, info="") if progress else None
     model.train()
     loss_fn = TrainLoss(model, None, recipe.loss_chunk)
     for step in range(recipe.bai_steps):
+        t = points[(step - recipe.bai_steps) % len(points)]  # cycles so that the last step is the last point
+        set_t(model, t)
         idx = [(step * per_step + i) % calib.shape[0] for i in range(per_step)]
         loss, _ = accumulate(loss_fn, calib[idx], recipe.micro_batch, lambda l: l.backward())
         opt.step()
@@ -50,7 +68,8 @@ def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None,
         if progress:
             progress.update(task, advance=1, info=f"loss {loss:.3f}")
         if log and log_now(step, recipe.bai_steps):
-            log(f"BaI step {step + 1}/{recipe.bai_steps}  loss {loss:.3f}")
+            log(f"BaI step {step + 1}/{recipe.bai_steps}  loss {loss:.3f}" + (f"  t {t:.3g}" if recipe.bai_path else ""))
+    set_t(model, math.inf)
     model.eval()
     after = mean_loss(model, eval_set, recipe.micro_batch)
     if log:
