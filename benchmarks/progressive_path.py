@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from binarize.quantizers import PROGRESSIVE_FORMS, binary_weight, ternary_weight
-from binarize.schedules import bai_path_points, schedule
+from binarize.schedules import bai_path_points, bai_step_t, schedule
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -112,7 +112,7 @@ def bai(model, lins: dict[str, nn.Linear], calib: torch.Tensor, steps: int, lr: 
     opt = torch.optim.Adam(params, lr=lr)
     model.train()
     for step in range(steps):
-        _BaiLinear.t = points[(step - steps) % len(points)]
+        _BaiLinear.t = bai_step_t(points, step, steps)
         x = calib[step % calib.shape[0]][None]
         loss = model(input_ids=x, labels=x).loss
         loss.backward()

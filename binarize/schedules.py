@@ -81,6 +81,11 @@ def bai_path_points(scheduler: str, chunks: int, span: float = 20.0) -> list[flo
     return [ts[c] for c in range(2, chunks // 2 + 1, 2)] + [math.inf]
 
 
+def bai_step_t(points: list[float], step: int, steps: int) -> float:
+    """t of BaI step ``step`` (0-based) of ``steps``: ``points`` in turn, so the last step is at the last point."""
+    return points[(step - steps) % len(points)]
+
+
 # ----------------------------------------------------------------------------- continual switch
 
 PHASE_INS = ("abrupt", "linear", "sigmoid")

@@ -23,7 +23,7 @@ import torch
 from ..evaluate import mean_loss
 from ..qlinear import quant_layers, set_t
 from ..recipe import Recipe
-from ..schedules import bai_path_points
+from ..schedules import bai_path_points, bai_step_t
 from .loop import accumulate, log_now
 from .losses import TrainLoss
 from .record import BaiRecord
@@ -58,7 +58,7 @@ def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None,
     model.train()
     loss_fn = TrainLoss(model, None, recipe.loss_chunk)
     for step in range(recipe.bai_steps):
-        t = points[(step - recipe.bai_steps) % len(points)]  # cycles so that the last step is the last point
+        t = bai_step_t(points, step, recipe.bai_steps)
         set_t(model, t)
         idx = [(step * per_step + i) % calib.shape[0] for i in range(per_step)]
         loss, _ = accumulate(loss_fn, calib[idx], recipe.micro_batch, lambda l: l.backward())
