@@ -11,7 +11,8 @@ columns. It can leave the linear only into something linear in front of it:
   KV-head column repeated over its query heads;
 * the up rows feeding down_proj in a gated MLP (act(gate) * up is linear in up). A plain GELU MLP
   (GPT-NeoX) has no such place: down's St stays explicit there, and GGUF (which has no per-input
-  scale) refuses a run whose down St is not 1.
+  scale) refuses a run whose down St is not 1. MoE experts (``binarize.experts``) keep every
+  expert's St explicit: the norm in front of them also feeds the full-precision router.
 
 Names are relative to a decoder block. ``norm_offset`` is the constant a norm adds to its weight:
 Gemma's RMSNorm multiplies by (1 + w), so folding St gives w' = (1 + w) * St - 1. A LayerNorm with
@@ -65,8 +66,8 @@ class Family:
     o_proj: str
     v_linear: str
     v_rows: Rows
-    down_proj: str
-    up_linear: str | None  # None: down's St cannot fold (GELU MLP)
+    down_proj: str | None  # None: no single down projection (MoE experts, binarize.experts)
+    up_linear: str | None  # None: down's St cannot fold (GELU MLP; MoE)
     up_rows: Rows = _all_rows
     norm_offset: float = 0.0
 
@@ -78,6 +79,10 @@ _LLAMA = Family(norm_groups=(("input_layernorm", ("self_attn.q_proj", "self_attn
 _GEMMA = Family(**{**_LLAMA.__dict__, "norm_offset": 1.0})
 _GEMMA2 = Family(**{**_GEMMA.__dict__, "norm_groups": (_LLAMA.norm_groups[0],
                                                        ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")))})
+# MoE (Mixtral, Qwen2-MoE, Qwen3-MoE): the norm in front of the experts also feeds the FP router, so
+# only the attention's St is shared and folded; each expert linear keeps its own explicit St.
+_MOE = Family(norm_groups=_LLAMA.norm_groups[:1], o_proj=_LLAMA.o_proj, v_linear=_LLAMA.v_linear, v_rows=_all_rows,
+              down_proj=None, up_linear=None)
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
     "gemma": _GEMMA, "gemma2": _GEMMA2, "gemma3_text": _GEMMA2,
@@ -89,6 +94,7 @@ FAMILIES: dict[str, Family] = {
                                     ("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
                        o_proj="attention.dense", v_linear="attention.query_key_value", v_rows=_neox_v_rows,
                        down_proj="mlp.dense_4h_to_h", up_linear=None),
+    "mixtral": _MOE, "qwen2_moe": _MOE, "qwen3_moe": _MOE,
 }
 
 

