@@ -137,15 +137,3 @@ def test_moe_export_to_a_format_without_experts_is_refused_before_training(expor
         convert_run(ConvertJob(model=str(src), tokens=256, out=tmp_path / "run", recipe=recipe, progress=False,
                                export=export))
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
-
-
-def test_gguf_export_of_an_unmapped_family_is_refused_before_training(tokenizer_dir, small_text, tmp_path):
-    from binarize.recipe import load_recipe
-    from binarize.train import ConvertJob, convert_run
-
-    src = make_family("gemma2", tokenizer_dir, tmp_path / "src")
-    recipe = load_recipe("binaryllm", dict(seq_len=32, batch_tokens=64, chunks=2, data=str(small_text), share_st=True))
-    with pytest.raises(BinarizeError, match="--export gguf-q1: the GGUF writer does not map the 'gemma2' family"):
-        convert_run(ConvertJob(model=str(src), tokens=256, out=tmp_path / "run", recipe=recipe, progress=False,
-                               export="gguf-q1"))
-    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()

@@ -21,6 +21,13 @@ FAMILY_CONFIG = {
     "qwen2": dict(num_key_value_heads=2),  # q/k/v biases
     "qwen3": dict(num_key_value_heads=2, head_dim=32),  # per-head q/k norms
     "gemma": dict(num_key_value_heads=2, head_dim=32),  # (1 + w) norms, scaled embeddings, GeGLU
+    # + post-attention / pre- and post-feed-forward norms, attention and final soft-capping (caps low enough
+    # to bite), a window shorter than the prompt on the sliding layer (layer 0 slides, layer 1 attends to all)
+    "gemma2": dict(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, attn_logit_softcapping=2.0,
+                   final_logit_softcapping=3.0, sliding_window=6),
+    # + per-head q/k norms, a rotary base of its own on sliding layers; layer_types as the model says
+    "gemma3_text": dict(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=6,
+                        layer_types=["sliding_attention", "full_attention"]),
     "phi3": dict(num_key_value_heads=2),  # fused qkv_proj / gate_up_proj
     "gpt_neox": dict(rotary_pct=0.5),  # fused per-head qkv with biases, LayerNorm with bias, parallel residual
 }
@@ -125,3 +132,21 @@ def test_packed_export_folds_tied_st_into_each_familys_norms(model_type, tokeniz
         pack_model_(model, "binary", "fp32")
         got = model(input_ids=x).logits
     assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("model_type, extra, says", [
+    ("gemma2", dict(query_pre_attn_scalar=64), r"scales queries by 1/sqrt\(32\) .* query_pre_attn_scalar is 64"),
+    ("gemma3_text", dict(attn_logit_softcapping=50.0), "gemma3 has no attention logit soft-capping"),
+    ("gemma3_text", dict(rope_parameters={"sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+                                          "full_attention": {"rope_type": "default", "rope_theta": 1e6}}),
+     "no rope scaling on sliding-window layers"),
+])
+def test_gemma_settings_llama_cpp_does_not_read_are_refused(model_type, extra, says):
+    from transformers import AutoConfig
+
+    from binarize.errors import BinarizeError
+    from binarize.formats.gguf_arch import arch_of
+
+    cfg = AutoConfig.for_model(model_type, **SHAPE, **{**FAMILY_CONFIG[model_type], **extra})
+    with pytest.raises(BinarizeError, match=says):
+        arch_of(cfg)

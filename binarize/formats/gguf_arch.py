@@ -15,8 +15,17 @@ so that upstream llama.cpp runs the file as the original:
 * ``gpt_neox`` -> gptneox: ``query_key_value``'s per-head [q, k, v] rows regrouped into [q; k; v]
   (weights and biases), LayerNorm with bias, parallel residual flag, partial rotary.
 
-Gemma 2 / 3 (soft-capping, alternating sliding windows, extra norms) and mixture-of-experts
-models are not mapped: refused with a line naming the family.
+* ``gemma2`` -> gemma2 and ``gemma3_text`` -> gemma3: (1 + w) norms as for Gemma, the extra
+  post-attention / pre- and post-feed-forward norms under llama.cpp's names, the sliding window
+  and, per layer, which layers slide (the ``sliding_window_pattern`` array written from
+  ``config.layer_types``, so no default pattern is assumed), Gemma 2's attention and final logit
+  soft-capping, Gemma 3's per-head q/k norms and its sliding layers' rotary base
+  (``rope.freq_base_swa``). llama.cpp scales queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads)
+  at the 27B layer counts) rather than reading ``query_pre_attn_scalar``: a config whose scalar
+  differs is refused, as are Gemma 3 attention soft-capping (llama.cpp's gemma3 has none) and
+  rope scaling on its sliding layers. Gemma 2 has a tied head only.
+
+Mixture-of-experts models are not mapped: refused with a line naming the family.
 """
 
 from __future__ import annotations
@@ -30,8 +39,12 @@ from ..errors import BinarizeError
 from ..families import head_dim, kv_heads
 
 
-def rope_params(config) -> dict:
+def rope_params(config, layer_type: str = "full_attention") -> dict:
+    """The rotary parameters (theta, type, scaling) of ``layer_type``'s layers; a config that keeps one
+    set per layer type (Gemma 3: ``{"full_attention": ..., "sliding_attention": ...}``) gives that set."""
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    if isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
     return params
@@ -65,6 +78,8 @@ ARCHS: dict[str, GGUFArch] = {
     "qwen2": GGUFArch("QWEN2"),
     "qwen3": GGUFArch("QWEN3"),
     "gemma": GGUFArch("GEMMA", tied_only=True),
+    "gemma2": GGUFArch("GEMMA2", tied_only=True),
+    "gemma3_text": GGUFArch("GEMMA3"),
     "phi3": GGUFArch("PHI3", rope_types=("default",)),
     "gpt_neox": GGUFArch("GPTNEOX", norm_eps="layer", row_order={"attention.query_key_value": _neox_qkv_rows}),
 }
@@ -81,7 +96,28 @@ def arch_of(config) -> GGUFArch:
     if rope not in arch.rope_types:
         raise BinarizeError(f"rope scaling {rope!r} is not mapped by the GGUF writer for {model_type} "
                             f"({', '.join(arch.rope_types)})")
+    if arch.name in _GEMMA_SWA:
+        _check_gemma(config, arch)
     return arch
+
+
+_GEMMA_SWA = {"GEMMA2": 46, "GEMMA3": 62}  # llama.cpp architecture -> the layer count it treats as 27B
+
+
+def _check_gemma(config, arch: GGUFArch) -> None:
+    """What llama.cpp's gemma2 / gemma3 fix rather than read (see the module docstring)."""
+    hd, layers = head_dim(config), config.num_hidden_layers
+    scale = config.hidden_size // config.num_attention_heads if layers == _GEMMA_SWA[arch.name] else hd
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar is not None and scalar != scale:
+        raise BinarizeError(f"llama.cpp's {arch.name.lower()} scales queries by 1/sqrt({scale}) for this shape; "
+                            f"this model's query_pre_attn_scalar is {scalar}")
+    if arch.name == "GEMMA3" and getattr(config, "attn_logit_softcapping", None):
+        raise BinarizeError("llama.cpp's gemma3 has no attention logit soft-capping; this model sets "
+                            f"attn_logit_softcapping = {config.attn_logit_softcapping}")
+    if arch.name == "GEMMA3" and rope_params(config, "sliding_attention")["rope_type"] != "default":
+        raise BinarizeError("llama.cpp's gemma3 has no rope scaling on sliding-window layers; this model's is "
+                            f"{rope_params(config, 'sliding_attention')['rope_type']!r}")
 
 
 def write_hparams(writer, config, name: str, arch: GGUFArch) -> list[str]:
@@ -104,7 +140,7 @@ def write_hparams(writer, config, name: str, arch: GGUFArch) -> list[str]:
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_rope_dimension_count(rotary_dim(config))
-    if hd != config.hidden_size // config.num_attention_heads or arch.name == "GEMMA":
+    if hd != config.hidden_size // config.num_attention_heads or arch.name.startswith("GEMMA"):
         writer.add_key_length(hd)
         writer.add_value_length(hd)
     if rope["rope_type"] == "linear":
@@ -115,7 +151,18 @@ def write_hparams(writer, config, name: str, arch: GGUFArch) -> list[str]:
     writer.add_vocab_size(config.vocab_size)
     notes = []
     window = getattr(config, "sliding_window", None)
-    if window and window < config.max_position_embeddings and (
+    if arch.name in _GEMMA_SWA:
+        if getattr(config, "attn_logit_softcapping", None):
+            writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        if getattr(config, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        if arch.name == "GEMMA3":
+            writer.add_rope_freq_base_swa(float(rope_params(config, "sliding_attention")["rope_theta"]))
+        types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
+        if window:
+            writer.add_sliding_window(int(window))
+            writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+    elif window and window < config.max_position_embeddings and (
             getattr(config, "use_sliding_window", True) is not False):
         if arch.name == "PHI3":
             writer.add_sliding_window(int(window))

@@ -1,7 +1,7 @@
 """``binarize export --format gguf-tq2|gguf-tq1|gguf-q1``: one .gguf file that upstream llama.cpp runs.
 
 Written with the ``gguf`` package's ``GGUFWriter`` and block quantizers, for the families llama.cpp
-runs (``gguf_arch.ARCHS``: llama, mistral, qwen2, qwen3, gemma, phi3, gpt_neox; how each maps is
+runs (``gguf_arch.ARCHS``: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, gpt_neox; how each maps is
 in that module):
 
 * Converted linears become TQ2_0 (2 bits, 256 per block), TQ1_0 (1.69 bits) or, for binary models,
