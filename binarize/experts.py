@@ -12,10 +12,11 @@ one ``nn.Linear`` per expert and projection (``gate_up_proj.<e>``: hidden -> 2 *
 expert linear then becomes a QuantLinear (latent W~, Sa / Sl per output row of that expert, St
 per input column of that expert), is packed as its own layer and loads back the same way.
 
-Kept in full precision, as the router is in OneBit/BinaryLLM-style conversions of MoE models:
-the router (``gate``: a 3-D-free ``TopKRouter`` parameter in transformers 5, an ``nn.Linear``
-named ``gate`` or ``router`` in older layouts) and Qwen-MoE's ``shared_expert_gate`` (one sigmoid
-gate per token). The shared expert of Qwen-MoE is a plain MLP and converts as one.
+Kept in full precision (a choice: they are a tiny share of the weights, and a quantized router
+would send tokens to other experts than the ones trained on them): the router (``gate``: a 2-D
+parameter of a ``TopKRouter`` module in transformers 5, an ``nn.Linear`` named ``gate`` or
+``router`` in older layouts) and Qwen-MoE's ``shared_expert_gate`` (one sigmoid gate per token).
+The shared expert of Qwen-MoE is a plain MLP and converts as one.
 
 Choices written here:
 
