@@ -110,6 +110,24 @@ def test_convert_with_self_and_mixed_data(capsys, trained_tiny_dir, tmp_path, sm
     assert (n_self, n_real) == (8, 24)  # 2048 tokens = 32 blocks of 64: a quarter self-generated
 
 
+def test_self_tokens_caps_generation_and_training_repeats_it(trained_tiny_dir, tmp_path):
+    from binarize.cli import main
+
+    out = tmp_path / "capped"
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(trained_tiny_dir), "--tokens", "2048", "--seq-len", "64", "--batch-tokens", "256",
+              "--chunks", "4", "--bai-steps", "2", "--set", "calib_sequences=4", "--set", "self_tokens=768",
+              "--data", "self", "--no-progress", "--export", "none", "--out", str(out)])
+    assert exc.value.code in (0, None)
+    run = json.loads((out / "run.json").read_text())
+    info = run["data"]
+    assert info["self_generation"]["settings"]["tokens"] == 768 and info["self_generation"]["tokens"] < 2048
+    assert info["calib_sequences"] == 4 and info["calib_source"].endswith("held out of training)")
+    assert 0 < info["train_blocks_available"] <= 768 // 64 - 4  # what is left after the held-out calibration
+    assert info["epochs_over_train_data"] > 2  # 32 training sequences over a few blocks
+    assert run["tokens"]["trained"] == 2048
+
+
 @pytest.mark.parametrize("spec", ["self+ptb", "self+ptb:1.5", "ptb+c4", "self+:0.5"])
 def test_bad_mix_syntax(capsys, trained_tiny_dir, tmp_path, spec):
     out = tmp_path / "o"
