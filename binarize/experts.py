@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+MOE_REFUSAL = ("transformers' BitNet format reads {model_type}'s experts as stacked tensors and cannot hold one "
+               "packed linear per expert; use --export binary / ternary")
 ROUTER_NAMES = frozenset({"gate", "router", "shared_expert_gate"})  # linears that route: kept in full precision
 
 

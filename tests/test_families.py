@@ -137,3 +137,17 @@ def test_moe_export_to_a_format_without_experts_is_refused_before_training(expor
         convert_run(ConvertJob(model=str(src), tokens=256, out=tmp_path / "run", recipe=recipe, progress=False,
                                export=export))
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_bitnet_export_of_a_converted_moe_run_is_refused(tokenizer_dir, tmp_path):
+    """``binarize export --format bitnet`` checks the loaded run too, not only convert's --export."""
+    from transformers import AutoModelForCausalLM
+
+    from binarize.formats.bitnet import check_bitnet_fit
+    from binarize.qlinear import LayerSpec, quantize_
+
+    model = AutoModelForCausalLM.from_pretrained(make_family("mixtral", tokenizer_dir, tmp_path / "m",
+                                                             **FAMILIES["mixtral"]))
+    quantize_(model, LayerSpec(method="ternary", act_bits=8))
+    with pytest.raises(BinarizeError, match="BitNet format reads mixtral's experts as stacked tensors"):
+        check_bitnet_fit(model, {"method": "ternary", "act_bits": 8})

@@ -20,6 +20,7 @@ from torch import nn
 from .._version import __version__
 from ..checkpoint import atomic_dir, write_json
 from ..errors import BinarizeError
+from ..experts import MOE_REFUSAL, has_moe_experts
 from ..qlinear import quant_layers
 from .latent import load_converted, require_run_dir
 from .outer import cast_outer_, keep_fp32_compute
@@ -45,6 +46,8 @@ def check_bitnet_fit(model, meta: dict) -> None:
     if meta.get("act_bits", 0) != 8:
         raise BinarizeError(f"transformers' BitLinear always quantizes activations to 8 bits; this run was trained "
                             f"with act_bits={meta.get('act_bits', 0)} ({FIT})")
+    if has_moe_experts(model):
+        raise BinarizeError(MOE_REFUSAL.format(model_type=model.config.model_type))
     for name, q in quant_layers(model).items():
         _, scale = q.codes()
         if not torch.all(scale == scale[0]):

@@ -25,7 +25,7 @@ import torch
 from .._version import __version__
 from ..checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, save_checkpoint
 from ..errors import BinarizeError
-from ..experts import has_moe_experts
+from ..experts import MOE_REFUSAL, has_moe_experts
 from ..formats.latent import save_converted
 from ..formats.registry import Exported
 from ..models import (check_supported, decoder_layers, load_config, load_model, max_positions, resolve_model,
@@ -112,7 +112,7 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     if recipe.distill_alpha > 0:
         check_teacher_fits(model)
     check_model_options(model, recipe, export)
-    # MoE: a step whose tokens route to no token of some expert leaves that expert without a gradient
+    # MoE: a step in which no token routes to some expert leaves that expert without a gradient
     ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if has_moe_experts(model) else None
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision="bf16" if torch.cuda.is_available() else "no", kwargs_handlers=ddp)
@@ -291,8 +291,7 @@ def check_model_options(model, recipe: Recipe, export: str | None = None) -> Non
                                 "MLP has no linear place to fold down's St into a GGUF (use a recipe without BaI "
                                 "and train_st, or --export binary)")
     if export == "bitnet" and has_moe_experts(model):
-        raise BinarizeError(f"--export bitnet: transformers' BitNet format reads {model.config.model_type}'s experts as "
-                            "stacked tensors and cannot hold one packed linear per expert; use --export binary / ternary")
+        raise BinarizeError("--export bitnet: " + MOE_REFUSAL.format(model_type=model.config.model_type))
     if recipe.grad_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         raise BinarizeError(f"--grad-checkpointing: {type(model).__name__} does not support activation "
                             "checkpointing in transformers; run without it")
