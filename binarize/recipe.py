@@ -78,7 +78,7 @@ class Recipe:
     self_temperature: float = 1.0  # LLM-QAT samples from the full softmax
     self_top_p: float = 1.0
     self_greedy_prefix: int = 4  # top-1 tokens after the random first token (LLM-QAT: 3-5)
-    self_tokens: int = 0  # cap on the self-generated text (training repeats it in epochs); 0: all the run needs
+    self_tokens: int = 0  # size of the self-generated corpus (more steps repeat it in epochs); 0: what the run needs
     seed: int = 0
     save_every: int = 0  # steps between checkpoints; 0: only on Ctrl-C and at the end
     # --- continual switch (seed 000): full precision first, quantized from switch_at ---
@@ -162,7 +162,7 @@ class Recipe:
             raise BinarizeError(f"recipe {self.name}: {exc} (keys self_batch, self_temperature, self_top_p, "
                                 "self_greedy_prefix)") from None
         if self.self_tokens < 0:
-            raise BinarizeError(f"recipe {self.name}: self_tokens must be >= 0 (0: no cap), got {self.self_tokens}")
+            raise BinarizeError(f"recipe {self.name}: self_tokens must be >= 0 (0: what the run needs), got {self.self_tokens}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise BinarizeError(f"recipe {self.name}: betas must be two numbers in [0, 1), got {self.betas}")
         return self

@@ -110,7 +110,7 @@ def test_convert_with_self_and_mixed_data(capsys, trained_tiny_dir, tmp_path, sm
     assert (n_self, n_real) == (8, 24)  # 2048 tokens = 32 blocks of 64: a quarter self-generated
 
 
-def test_self_tokens_caps_generation_and_training_repeats_it(trained_tiny_dir, tmp_path):
+def test_self_tokens_sizes_the_corpus_and_training_repeats_it(trained_tiny_dir, tmp_path):
     from binarize.cli import main
 
     out = tmp_path / "capped"

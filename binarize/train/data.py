@@ -111,9 +111,10 @@ def prepare_data(tokenizer, recipe: Recipe, budget: Budget, self_text: "SelfText
 class SelfText:
     """Self-generated documents for prepare_data: generated (or found in the cache) once for
     everything reserved, then handed out in order, so training and calibration never share text.
-    The recipe's ``self_tokens`` caps what is generated: the calibration set is still held out of
-    it, and training repeats the rest in epochs (generation costs about as much per token as a
-    QAT step on a CPU, so a capped corpus buys more steps for the same time)."""
+    The recipe's ``self_tokens`` fixes the corpus size instead: runs that need more repeat it in
+    epochs (calibration still held out), runs that need less read its start, and runs with the
+    same settings share one cached file (generation costs about as much per token as a QAT step
+    on a CPU, so a small corpus buys more steps for the same time)."""
 
     def __init__(self, model, tokenizer, src, recipe: Recipe, progress: bool = False, log=None):
         self.model, self.tokenizer, self.src, self.recipe = model, tokenizer, src, recipe
@@ -131,8 +132,7 @@ class SelfText:
 
         if self.docs is None:
             r = self.recipe
-            need = max(self.reserved, n_tokens)
-            cfg = SelfGenConfig(tokens=min(need, r.self_tokens) if r.self_tokens else need, seq_len=r.seq_len,
+            cfg = SelfGenConfig(tokens=r.self_tokens or max(self.reserved, n_tokens), seq_len=r.seq_len,
                                 batch_size=r.self_batch,
                                 temperature=r.self_temperature, top_p=r.self_top_p,
                                 greedy_prefix=r.self_greedy_prefix, seed=r.seed)
