@@ -102,11 +102,6 @@ def unstack_experts_(model: nn.Module) -> int:
     return len(targets)
 
 
-def has_experts(model: nn.Module) -> bool:
-    """Whether ``model`` holds unstacked experts (``LinearExperts``)."""
-    return any(isinstance(m, LinearExperts) for m in model.modules())
-
-
 def has_moe_experts(model: nn.Module) -> bool:
     """Whether ``model`` holds experts, stacked (as loaded) or unstacked."""
     return any(isinstance(m, LinearExperts) or _unstackable(m) for m in model.modules())

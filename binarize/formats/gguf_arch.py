@@ -115,9 +115,10 @@ def _check_gemma(config, arch: GGUFArch) -> None:
     if arch.name == "GEMMA3" and getattr(config, "attn_logit_softcapping", None):
         raise BinarizeError("llama.cpp's gemma3 has no attention logit soft-capping; this model sets "
                             f"attn_logit_softcapping = {config.attn_logit_softcapping}")
-    if arch.name == "GEMMA3" and rope_params(config, "sliding_attention")["rope_type"] != "default":
-        raise BinarizeError("llama.cpp's gemma3 has no rope scaling on sliding-window layers; this model's is "
-                            f"{rope_params(config, 'sliding_attention')['rope_type']!r}")
+    sliding_rope = rope_params(config, "sliding_attention")["rope_type"]
+    if arch.name == "GEMMA3" and sliding_rope != "default":
+        raise BinarizeError(f"llama.cpp's gemma3 has no rope scaling on sliding-window layers; this model's is "
+                            f"{sliding_rope!r}")
 
 
 def write_hparams(writer, config, name: str, arch: GGUFArch) -> list[str]:
@@ -158,8 +159,8 @@ def write_hparams(writer, config, name: str, arch: GGUFArch) -> list[str]:
             writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
         if arch.name == "GEMMA3":
             writer.add_rope_freq_base_swa(float(rope_params(config, "sliding_attention")["rope_theta"]))
-        types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
         if window:
+            types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
             writer.add_sliding_window(int(window))
             writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
     elif window and window < config.max_position_embeddings and (

@@ -21,7 +21,7 @@ from .._version import __version__
 from ..checkpoint import atomic_dir, write_json
 from ..errors import BinarizeError
 from ..hf_quantizer import BinarizeConfig, register
-from ..experts import has_experts
+from ..experts import has_moe_experts
 from ..families import family_of, fold_into_norm_
 from ..models import decoder_layers
 from ..packed import CPU_CACHE_MODES, PackedLinear
@@ -126,7 +126,7 @@ def export_packed(run_dir: Path, out: Path, fmt: str = "binary", *, overwrite: b
     int8 = {}
     # per-expert linears (binarize.experts) are saved under their own names: transformers' reversal to
     # the hub's stacked-expert layout would try to split them
-    save_kw = {"save_original_format": False} if has_experts(model) else {}
+    save_kw = {"save_original_format": False} if has_moe_experts(model) else {}
     with atomic_dir(out) as tmp:
         if outer_dtype == "int8":
             state, int8 = int8_state_dict(model, skip=(PackedLinear,))
