@@ -19,6 +19,12 @@ crash or an out-of-memory kill loses that member only; its error goes in the tab
 others go on. Re-running the same command resumes: finished members are skipped, an
 interrupted conversion continues from its checkpoint, failed ones are retried.
 
+Members that differ only in ``tokens`` (same recipe and keys) share binary-aware initialization
+and the block-wise stage, which do not depend on the budget: the first of them to convert keeps
+its initialisation (``--save-init``), the others start from it (``--init-from``; the result is the
+model they would have trained themselves, ``train/init_state.py``). Their wall time in the table
+and plot still counts the shared stages' time (``wall_s`` = own + the initialisation's).
+
 "Final loss" is the mean training loss over the last tenth of the steps (at least one): single
 small-batch losses are too noisy to rank recipes by.
 """
@@ -40,6 +46,7 @@ import yaml
 from .checkpoint import write_json
 from .errors import BinarizeError
 from .recipe import load_recipe, parse_tokens, recipe_dir
+from .train.init_state import INIT
 from .train.record import RunRecord
 
 PLAN_KEYS = {"name", "description", "model", "from_scratch", "tokens", "recipe", "set", "eval", "runs"}
@@ -152,7 +159,34 @@ def _cli_value(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
 
-def convert_command(plan: Plan, m: Member, out: Path, resume: bool) -> list[str]:
+def init_peers(plan: Plan, m: Member) -> list[Member]:
+    """The members (``m`` among them, plan order) that share m's initialisation: same recipe and
+    keys, any budget, where the recipe has BaI or a block-wise stage; [] when m shares with none."""
+    def key(x: Member):
+        r = load_recipe(x.recipe, plan.overrides(x))
+        if plan.from_scratch or not (r.bai or r.blockwise_steps):
+            return None
+        return x.recipe, json.dumps(plan.overrides(x), sort_keys=True)
+
+    k = key(m)
+    peers = [x for x in plan.members if k is not None and key(x) == k]
+    return peers if len(peers) > 1 else []
+
+
+def init_args(plan: Plan, m: Member, runs: Path, planned: bool = False) -> list[str]:
+    """``--init-from`` a peer whose run kept its initialisation (``planned``: assume every earlier
+    peer did), else ``--save-init`` so that the later peers can start from this one."""
+    peers = init_peers(plan, m)
+    for p in peers:
+        if p is not m and ((runs / p.name / INIT / "init.json").is_file()
+                           or (planned and plan.members.index(p) < plan.members.index(m))):
+            return ["--init-from", str(runs / p.name)]
+    return ["--save-init"] if peers else []
+
+
+def convert_command(plan: Plan, m: Member, out: Path, resume: bool, planned: bool = False) -> list[str]:
+    """``binarize convert`` of member m into ``out`` (a plan's ``runs/NAME``), sharing the
+    initialisation with its peers (``init_args``)."""
     cmd = [sys.executable, "-m", "binarize.cli", "convert"]
     if plan.model:
         cmd.append(str(plan.model))
@@ -163,7 +197,7 @@ def convert_command(plan: Plan, m: Member, out: Path, resume: bool) -> list[str]
         cmd += ["--from-scratch", "--config", plan.from_scratch]
     if resume:
         cmd.append("--resume")
-    return cmd
+    return cmd + init_args(plan, m, out.parent, planned)
 
 
 def eval_command(plan: Plan, run: Path, json_out: Path) -> list[str]:
@@ -208,7 +242,8 @@ def run_member(plan: Plan, m: Member, out: Path, echo: Callable[[str], None]) ->
     return {**result, "final_loss": record.tail_loss(), "ppl": ppl,
             "tokens": record.tokens.trained, "bai_tokens": record.bai.tokens if record.bai else 0,
             "blockwise_tokens": record.blockwise.tokens * len(record.blockwise.blocks) if record.blockwise else 0,
-            "wall_s": record.wall_s, "peak_memory_mib": record.peak_memory_mib or {},
+            "wall_s": record.wall_s + (record.init_from or {}).get("wall_s", 0.0), "init_from": record.init_from,
+            "peak_memory_mib": record.peak_memory_mib or {},
             "losses": [[s.tokens, s.loss] for s in record.steps],
             "switch_tokens": next((s.tokens for s in record.steps if s.lam > 0), None),
             "member_s": time.perf_counter() - t0}

@@ -61,6 +61,11 @@ def convert(
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in OUT.partial."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
     bai_only: bool = typer.Option(False, "--bai-only", help="Stop after binary-aware initialization."),
+    save_init: bool = typer.Option(False, "--save-init", help="Keep the model entering end-to-end QAT (after BaI "
+                                   "and block-wise) in OUT/init/ for --init-from."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start end-to-end QAT from RUN/init/ "
+                                             "(a run made with --save-init; same model, calibration and "
+                                             "initialisation keys) instead of running BaI and block-wise."),
     export_format: str = typer.Option("auto", "--export", help="Export the result into OUT/packed in a format of "
                                       "`binarize export` (binary, ternary2, ternary-b3, bitnet, gguf-*), none, or "
                                       "auto (binary, or ternary2 for ternary recipes)."),
@@ -91,7 +96,7 @@ def convert(
         export_format = "ternary2" if rec.method == "ternary" else "binary"
     job = ConvertJob(model=model, tokens=n_tokens, out=out, recipe=rec, resume=resume, overwrite=overwrite,
                      bai_only=bai_only, progress=progress, from_scratch=config if from_scratch else None,
-                     export=export_format)
+                     export=export_format, save_init=save_init, init_from=init_from)
     try:
         result = convert_run(job)
     except Interrupted as exc:
@@ -263,7 +268,7 @@ def ablate(
     out = out or Path("runs/ablate") / p.name
     if dry_run:
         for m in p.members:
-            typer.echo(" ".join(convert_command(p, m, out / "runs" / m.name, resume=False)))
+            typer.echo(" ".join(convert_command(p, m, out / "runs" / m.name, resume=False, planned=True)))
         return
     results = run_plan(p, out, echo=typer.echo, only=[n.strip() for n in only.split(",")] if only else None)
     typer.echo((out / "table.md").read_text())

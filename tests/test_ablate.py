@@ -84,3 +84,23 @@ def test_members_run_isolated_and_resume(tiny_model_dir, small_text, tmp_path):
     plan.tokens = 4096
     with pytest.raises(BinarizeError, match="different plan"):
         run_plan(plan, out, echo=lines.append)
+
+
+def test_members_that_differ_only_in_tokens_share_the_initialisation(tmp_path):
+    from binarize.ablate import convert_command
+
+    path = write_plan(tmp_path, **{**BASE, "runs": [
+        {"name": "a", "tokens": 1024}, {"name": "b", "tokens": 4096}, {"name": "c", "set": {"lr": 2e-3}},
+        {"name": "s", "recipe": "bitnet-b158-absmean", "set": {"bai": False}},
+        {"name": "s2", "recipe": "bitnet-b158-absmean", "tokens": 4096, "set": {"bai": False}}]})
+    plan = load_plan(str(path))
+    runs = tmp_path / "runs"
+    tail = {m.name: convert_command(plan, m, runs / m.name, resume=False)[-2:] for m in plan.members}
+    # nothing kept yet: a and b both keep theirs; c (another lr) and the BaI-free ternary pair share nothing
+    assert tail["a"][-1] == "--save-init" and tail["b"][-1] == "--save-init"
+    assert "--save-init" not in tail["c"] and "--init-from" not in tail["c"] + tail["s"] + tail["s2"]
+    (runs / "b" / "init").mkdir(parents=True)
+    (runs / "b" / "init" / "init.json").write_text("{}")
+    assert convert_command(plan, plan.members[0], runs / "a", resume=False)[-2:] == ["--init-from", str(runs / "b")]
+    planned = convert_command(plan, plan.members[1], runs / "b", resume=False, planned=True)
+    assert planned[-2:] == ["--init-from", str(runs / "a")]

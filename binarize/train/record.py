@@ -109,6 +109,7 @@ class RunRecord:
     peak_memory_mib: dict | None = None
     blockwise: BlockwiseRecord | None = None
     processes: int = 1  # training processes (DDP / FSDP ranks); the record's losses are global means
+    init_from: dict | None = None  # --init-from: {"run": RUN, "wall_s": its BaI + block-wise seconds}
 
     def tail_loss(self, parts: int = 10) -> float | None:
         """Mean loss over the last 1/``parts`` of the steps (at least one); None without steps."""
@@ -127,6 +128,8 @@ class RunRecord:
             out["blockwise"] = dataclasses.asdict(self.blockwise)
         if self.peak_memory_mib is not None:
             out["peak_memory_mib"] = self.peak_memory_mib
+        if self.init_from is not None:
+            out["init_from"] = self.init_from
         return out
 
     @classmethod
@@ -134,7 +137,8 @@ class RunRecord:
         return cls(d["binarize_version"], d["model"], d.get("from_scratch"), d["recipe"], d["quantized_layers"],
                    d.get("data", {}), TokenRecord(**d["tokens"]), [StepRecord.from_dict(s) for s in d["steps"]],
                    BaiRecord(**d["bai"]) if d.get("bai") else None, d.get("wall_s", 0.0), d.get("peak_memory_mib"),
-                   BlockwiseRecord(**d["blockwise"]) if d.get("blockwise") else None, d.get("processes", 1))
+                   BlockwiseRecord(**d["blockwise"]) if d.get("blockwise") else None, d.get("processes", 1),
+                   d.get("init_from"))
 
     def write(self, path: Path) -> None:
         write_json(path, self.to_dict())

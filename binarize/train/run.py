@@ -35,10 +35,11 @@ from ..recipe import Recipe
 from .bai import binary_aware_init
 from .blockwise import blockwise_reconstruct
 from .data import SelfText, prepare_data
+from .init_state import check_init, init_key, load_init, read_init, save_init
 from .loop import Interrupted, StopOnInterrupt, TrainState, save, train_qat, trainable_groups
 from .losses import Distill, TrainLoss, check_chunked
 from .plan import check_job, fit_chunks, stage_summary
-from .record import RunRecord, TokenRecord, plot_loss
+from .record import BaiRecord, BlockwiseRecord, RunRecord, TokenRecord, plot_loss
 
 __all__ = ["ConvertJob", "ConvertResult", "Interrupted", "convert"]
 
@@ -60,6 +61,8 @@ class ConvertJob:
     progress: bool = True
     from_scratch: str | None = None  # a SCRATCH_CONFIGS name: train a new random model of that shape
     export: str | None = None
+    save_init: bool = False  # keep the state entering end-to-end QAT in OUT/init/ (train/init_state.py)
+    init_from: Path | None = None  # start from RUN/init/ instead of running BaI and block-wise
     on_step: Callable[[int], None] | None = field(default=None, repr=False)  # test hook
 
 
@@ -85,6 +88,12 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     _check_out(job, work)
     check_launch()
     state = read_checkpoint_state(work) if job.resume else None
+    init = None
+    if job.init_from is not None and not state:  # a resumed run started from it already
+        if job.from_scratch or job.bai_only:
+            raise BinarizeError("--init-from starts end-to-end QAT from a saved initialisation; "
+                                f"it does not go with {'--from-scratch' if job.from_scratch else '--bai-only'}")
+        init = read_init(job.init_from)
     recipe = Recipe(**state["recipe"]).validate() if state else job.recipe
     tokens = state["record"]["tokens"]["requested"] if state else job.tokens
     export = job.export if job.export not in (None, "none") else None
@@ -131,6 +140,9 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         data = prepare_data(tokenizer, recipe, budget, self_text)
     if self_text.meta is not None:
         data.info["self_generation"] = {"file": str(self_text.path), **self_text.meta}
+    key = init_key(recipe, src.spec, data.calib) if (init is not None or job.save_init) else None
+    if init is not None:
+        check_init(job.init_from, init, key)
 
     if not job.resume and main:
         for d in (job.out, work):
@@ -154,6 +166,11 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     record.processes = accelerator.num_processes
     if distill is not None:
         distill.teacher.to(accelerator.device)
+    if init is not None:
+        record.init_from = {"run": str(job.init_from), "wall_s": init["wall_s"]}
+        record.bai = BaiRecord(**init["bai"]) if init.get("bai") else None
+        record.blockwise = BlockwiseRecord(**init["blockwise"]) if init.get("blockwise") else None
+        state = {"phase": "qat", "step": 0, "init": True}  # straight to end-to-end QAT
     t_start = time.perf_counter()
     log = None if job.progress or not main else plain_log
     try:
@@ -164,6 +181,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                 finish_init(model, recipe)
             else:
                 finish_init(model, recipe, from_file=True)
+                if state.get("init"):
+                    load_init(job.init_from, model)  # restores the RNG too: nothing random may come before QAT
             if recipe.blockwise_steps and not job.bai_only and (state is None or state["phase"] == "blockwise"):
                 if state is not None:
                     load_checkpoint(work, model, None)
@@ -180,7 +199,11 @@ def convert_run(job: ConvertJob) -> ConvertResult:
             if not job.bai_only:
                 optimizer = torch.optim.AdamW(trainable_groups(model, recipe), lr=recipe.lr, betas=tuple(recipe.betas))
                 start_step = 0
-                if state is not None and state["phase"] == "qat":
+                if job.save_init and main and (state is None or state["phase"] != "qat"):
+                    saved = record.to_dict()
+                    save_init(work, model, key, {"bai": saved["bai"], "blockwise": saved.get("blockwise")},
+                              record.wall_s + time.perf_counter() - t_start)
+                if state is not None and state["phase"] == "qat" and not state.get("init"):
                     load_checkpoint(work, model, optimizer)
                     start_step = state["step"]
                     del record.steps[start_step:]
@@ -189,7 +212,7 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                 loss_fn, optimizer = accelerator.prepare(TrainLoss(model, distill, recipe.loss_chunk), optimizer)
                 s = TrainState(loss_fn, optimizer, accelerator, recipe, budget, data, record, work, progress, log,
                                job.on_step, t_start)
-                if state is None:
+                if state is None or state.get("init"):
                     save(s, "qat", 0)
                 train_qat(s, start_step)
                 model = accelerator.unwrap_model(loss_fn).model
