@@ -8,7 +8,9 @@ blocks plus the norms; AdamW; gradient clipping) and differs only as named:
 * ``qat``: QuantLinear swapped in (progressive F at a mid-schedule t, dual scaling), same loss;
 * ``qat-chunked``: ``qat`` with the chunked linear + cross-entropy of ``binarize.train.losses``
   (``--loss-chunk`` positions at a time; no full logits);
-* ``qat-chunked-gc``: that plus activation checkpointing (``--grad-checkpointing``).
+* ``qat-chunked-gc``: that plus activation checkpointing (``--grad-checkpointing``);
+* ``qat-chunked-compiled``: ``qat-chunked`` with the weight quantizer fused by ``torch.compile``
+  (recipe key ``compile_quantizer``, ``binarize/compiled_quantizers.py``; compiled in the warm-up).
 
 Models are random-weight LLaMA configs of real shapes, so the benchmark runs offline:
 ``smollm2-135m`` (SmolLM2-135M) and ``llama-3.2-1b`` (Llama-3.2-1B, 128k vocabulary); ``--layers N``
@@ -43,7 +45,7 @@ SHAPES = {  # transformers LlamaConfig fields of the real checkpoints
                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
                          rope_theta=500000.0),
 }
-VARIANTS = ("fp", "qat", "qat-chunked", "qat-chunked-gc")
+VARIANTS = ("fp", "qat", "qat-chunked", "qat-chunked-gc", "qat-chunked-compiled")
 
 
 def rss_bytes() -> int:
@@ -103,8 +105,8 @@ def run_variant(args) -> dict:
     device = "cuda" if cuda else "cpu"
     model = build_model(args)
     fpt = flops_per_token(model, args.seq_len)
-    recipe = load_recipe(args.recipe, {"micro_batch": args.micro_batch})
     v = args.variant
+    recipe = load_recipe(args.recipe, {"micro_batch": args.micro_batch, "compile_quantizer": v.endswith("-compiled")})
     if v == "fp":
         for p in model.parameters():
             p.requires_grad_(False)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import BinarizeError
+from .compiled_quantizers import compiled_binary_weight, compiled_ternary_weight
 from .quantizers import binary_codes, binary_weight, ternary_codes, ternary_weight
 
 
@@ -33,11 +34,13 @@ class LayerSpec:
     per_row: bool = False  # ternary gamma per output row instead of per tensor
     act_bits: int = 0  # 0: full-precision activations; 8: BitLinear per-token absmax int8
     form: str = "paper"  # progressive form for 0 < t < inf (quantizers.PROGRESSIVE_FORMS)
+    compiled: bool = False  # the paper form through torch.compile (compiled_quantizers.py)
 
     @classmethod
     def from_recipe(cls, r) -> LayerSpec:
         return cls(method=r.method, ste=r.quantizer == "ste", sa_grad=r.sa_grad, st_min=r.st_min,
-                   ternary_scale=r.ternary_scale, per_row=r.per_row, act_bits=r.act_bits, form=r.progressive_form)
+                   ternary_scale=r.ternary_scale, per_row=r.per_row, act_bits=r.act_bits, form=r.progressive_form,
+                   compiled=r.compile_quantizer)
 
 
 class WeightQuantizer:
@@ -76,6 +79,9 @@ class BinaryWeightQuantizer(WeightQuantizer):
     method = "binary"
 
     def weight(self, latent, sl, st, t, *, ste=False, sa_grad=False, sa_fixed=None):
+        if self.spec.compiled and self.spec.form == "paper":
+            return compiled_binary_weight(latent, sl, st, t, ste=ste and not math.isinf(t), sa_grad=sa_grad,
+                                          sa_fixed=sa_fixed)
         return binary_weight(latent, sl, st, t, ste=ste and not math.isinf(t), sa_grad=sa_grad, sa_fixed=sa_fixed,
                              form=self.spec.form)
 
@@ -91,6 +97,9 @@ class TernaryWeightQuantizer(WeightQuantizer):
     method = "ternary"
 
     def weight(self, latent, sl, st, t, *, ste=False, sa_grad=False, sa_fixed=None):
+        if self.spec.compiled and self.spec.form == "paper":
+            return compiled_ternary_weight(latent, sl, st, t, ste=ste, method=self.spec.ternary_scale,
+                                           per_row=self.spec.per_row)
         w = ternary_weight(latent, self.spec.ternary_scale, self.spec.per_row, t, ste=ste or math.isinf(t),
                            form=self.spec.form)
         return (sl.view(-1, 1) * w * st).to(latent.dtype)

@@ -39,6 +39,7 @@ class Recipe:
     schedule_span: float = 20.0  # c' = span*c/chunks in the exponential formula
     scaling: str = "dual"  # dual: Sl*Sa | analytic: Sa only | learnable: Sl only (init Sa, frozen Sa)
     sa_grad: bool = False  # let the QAT gradient flow through Sa = mean|W~|
+    compile_quantizer: bool = False  # fuse the per-step weight quantizer with torch.compile (compiled_quantizers.py)
     # --- binary-aware initialization ---
     bai: bool = True
     bai_steps: int = 50
@@ -120,6 +121,9 @@ class Recipe:
         if self.progressive_form == "max" and self.scaling == "learnable":
             raise BinarizeError(f"recipe {self.name}: progressive_form=max is not defined with scaling=learnable "
                                 "(its hard-sign limit is Sa, not the frozen Sl); use progressive_form=paper")
+        if self.compile_quantizer and self.progressive_form != "paper":
+            raise BinarizeError(f"recipe {self.name}: compile_quantizer compiles the paper form only; "
+                                f"progressive_form={self.progressive_form!r} runs eager (drop one of the two)")
         if self.method == "ternary" and self.scaling == "learnable":
             raise BinarizeError(f"recipe {self.name}: scaling=learnable (Sl only) is binary-only; ternary "
                                 "recipes use analytic (gamma) or dual (Sl * gamma)")
