@@ -25,6 +25,9 @@ import time
 import torch
 
 SHAPES = {  # name -> LlamaConfig fields (random weights)
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048,
+                         tie_word_embeddings=True),  # the default model's shape, for machines without its file
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=True,
                      rope_theta=500000.0),

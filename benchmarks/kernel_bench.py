@@ -1,11 +1,27 @@
-"""Packed-weight Triton kernel against torch bf16 matmul, same device, one run.
+"""Packed-weight Triton kernels against bf16 matmul and the peers GemLite and BitBLAS, same device,
+one run (issue 24).
 
 Shapes: Llama-3.2-1B projections (out x in = 2048x2048, 2048x8192, 8192x2048) and 4096x4096,
-batch 1 / 8 / 64. For each: kernel time, bf16 time, speed-up, and the kernel's achieved
-bandwidth (packed weight + scales + activations in, outputs out) as GB/s and as a fraction
-of the device's peak if ``--peak-gbs`` is given (H100 SXM: 3350).
+batch 1 / 8 / 64. For each (format, shape, batch) one row per implementation: time (CUDA-graph
+replay, launch overhead removed; plain launches beside it), speed-up over bf16 ``F.linear`` of the
+same shape, achieved GB/s (packed weight + scales + activations in, outputs out) and, with
+``--peak-gbs``, its share of the device's peak (H100 SXM 3350, H200 4800), and the largest error
+relative to the dequantized reference (``binarize.kernels.packed_matmul_reference``).
 
-    python benchmarks/kernel_bench.py --formats binary,ternary2 --peak-gbs 3350
+Implementations:
+
+* ``binarize``: ``binarize.kernels.prepared_matmul`` (binary: 1 bit, ternary2: 2 bits per weight,
+  with the per-input-channel scale St applied in the kernel);
+* ``gemlite``: GemLite's ``GemLiteLinear`` (PyPI ``gemlite``) at 1 bit (binary) or 2 bits
+  (ternary), the codes in its HQQ form W = (W_q - zero) * scale with groups of 128 (the row scale
+  repeated per group; GemLite has no input-channel scale, so it runs without St: less work than ours);
+* ``bitblas``: BitBLAS ``Matmul`` with int1 / int2 weights and a per-row scale, where it installs.
+
+A peer that is not installed, or fails to build or run, is a row saying so, never silently
+dropped. GemLite is pure Python and travels to a device machine as a wheel built here
+(``pip wheel --no-deps gemlite``); BitBLAS's wheel (81 MB) is larger than a device call can carry.
+
+    python benchmarks/kernel_bench.py --formats binary,ternary2 --peak-gbs 4800
 """
 
 from __future__ import annotations
@@ -16,12 +32,50 @@ import sys
 import torch
 
 SHAPES = [(2048, 2048), (2048, 8192), (8192, 2048), (4096, 4096)]
+PEERS = ("gemlite", "bitblas")
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:160]
+
+
+def gemlite_fn(codes: torch.Tensor, row_scale: torch.Tensor, fmt: str, x: torch.Tensor):
+    """GemLite's layer for these codes; returns a callable y = layer(x) (codes (N, K) in {-1, 0, 1})."""
+    from gemlite import DType, GemLiteLinear
+
+    n, k = codes.shape
+    nbits, zero, mult = (1, 0.5, 2.0) if fmt == "binary" else (2, 1.0, 1.0)  # code = (W_q - zero) * mult
+    group = 128
+    w_q = ((codes.float() / mult) + zero).round().to(torch.uint8).cuda()
+    scales = (row_scale.float() * mult).view(n, 1).expand(n, k // group).contiguous().to(torch.bfloat16).cuda()
+    zeros = torch.full((n, k // group), zero, dtype=torch.bfloat16, device="cuda")
+    layer = GemLiteLinear(nbits, group_size=group, in_features=k, out_features=n, input_dtype=DType.BF16,
+                          output_dtype=DType.BF16)
+    layer.pack(w_q, scales, zeros, None)
+    return lambda: layer(x)
+
+
+def bitblas_fn(codes: torch.Tensor, row_scale: torch.Tensor, fmt: str, x: torch.Tensor):
+    """BitBLAS's matmul for these codes (int1 / int2 weights, one scale per row)."""
+    import bitblas
+
+    n, k = codes.shape
+    cfg = bitblas.MatmulConfig(M=x.shape[0], N=n, K=k, A_dtype="float16", W_dtype="int1" if fmt == "binary" else "int2",
+                               accum_dtype="float32", out_dtype="float16", layout="nt", with_bias=False,
+                               group_size=k, with_scaling=True, with_zeros=False)
+    op = bitblas.Matmul(config=cfg)
+    w = op.transform_weight(codes.to(torch.int8).cuda())
+    scale = row_scale.view(n, 1).to(torch.float16).cuda()
+    xh = x.to(torch.float16)
+    return lambda: op(xh, w, scale=scale)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", default="binary,ternary2")
     ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="out x in, comma list")
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)} (empty: none)")
     ap.add_argument("--peak-gbs", type=float, default=None, help="device peak memory bandwidth in GB/s")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -31,47 +85,62 @@ def main() -> None:
     from binarize.kernels import packed_matmul_reference, prepare, prepared_matmul
     from binarize.packing import pack
 
+    peers = [p for p in args.peers.split(",") if p]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print("times: CUDA-graph replay (GPU time, as in a graph-captured decode loop) and plain launches "
-          "(includes Python/launch overhead); GB/s and % peak from the graph time")
-    print("| format | out x in | batch | kernel us (graph) | bf16 us (graph) | speed-up (graph) | kernel us (launch) "
-          "| bf16 us (launch) | speed-up (launch) | GB/s | % peak | max rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in peers:
+        try:
+            mod = __import__(name)
+            print(f"peer {name}: {getattr(mod, '__version__', 'installed')}")
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot import is reported, not fatal
+            print(f"peer {name}: not available ({_one_line(exc)})")
+    print("times in us: CUDA-graph replay (GPU time) and plain launches; speed-up = bf16 / implementation, "
+          "from the graph times; GB/s and % peak from the graph time")
+    print("| format | out x in | batch | implementation | us (graph) | us (launch) | speed-up vs bf16 | GB/s | "
+          "% peak | max rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     for fmt in args.formats.split(","):
-        for n, k in SHAPES:
+        for n, k in shapes:
             values = torch.tensor([-1, 1] if fmt == "binary" else [-1, 0, 1], dtype=torch.int8)
             codes = values[torch.randint(len(values), (n, k))]
             q = pack(codes, fmt).cuda()
             kw = prepare(q, fmt, n, k)  # once per layer, as PackedLinear does
-            scale = (torch.rand(n) * 0.02).cuda()
+            scale = (torch.rand(n) * 0.02 + 0.01).cuda()
             st = (torch.rand(k) + 0.5).cuda()
             w_bf16 = (codes.float() * 0.02).to(torch.bfloat16).cuda()
             for m in (int(b) for b in args.batches.split(",")):
                 x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-                kernel = lambda: prepared_matmul(x, kw, scale, st, fmt, n)  # noqa: E731
-                dense = lambda: torch.nn.functional.linear(x, w_bf16)  # noqa: E731
-                kernel(), dense()  # autotune / compile outside the timed region
-                torch.cuda.synchronize()
-                g_kernel = _graph_us(kernel)
-                g_bf16 = _graph_us(dense)
-                t_kernel = triton.testing.do_bench(kernel) * 1e3
-                t_bf16 = triton.testing.do_bench(dense) * 1e3
-                moved = kw.numel() * 4 + scale.numel() * 4 + st.numel() * 4 + x.numel() * 2 + m * n * 2
-                gbs = moved / (g_kernel * 1e-6) / 1e9
-                ref = packed_matmul_reference(x.float().cpu(), q.cpu(), scale.cpu(), st.cpu(), fmt, n)
-                got = kernel().float().cpu()
-                err = float((got - ref).abs().max() / ref.abs().max())
-                peak = f"{100 * gbs / args.peak_gbs:.0f}%" if args.peak_gbs else "-"
-                print(f"| {fmt} | {n}x{k} | {m} | {g_kernel:.1f} | {g_bf16:.1f} | {g_bf16 / g_kernel:.2f}x | "
-                      f"{t_kernel:.1f} | {t_bf16:.1f} | {t_bf16 / t_kernel:.2f}x | {gbs:.0f} | {peak} | {err:.1e} |",
-                      flush=True)
-
-
-def _graph_us(fn) -> float:
-    """GPU time of one call, replayed from a captured CUDA graph (launch overhead removed)."""
-    import triton.testing
-
-    return triton.testing.do_bench_cudagraph(fn, rep=100) * 1e3
+                impls = {"bf16": (lambda: torch.nn.functional.linear(x, w_bf16), None, n * k * 2),
+                         "binarize": (lambda: prepared_matmul(x, kw, scale, st, fmt, n), st, kw.numel() * 4 + (n + k) * 4)}
+                for peer in peers:
+                    try:
+                        fn = (gemlite_fn if peer == "gemlite" else bitblas_fn)(codes, scale.cpu(), fmt, x)
+                        impls[peer] = (fn, None, n * k * (1 if fmt == "binary" else 2) // 8 + n * (k // 128) * 4)
+                    except Exception as exc:  # noqa: BLE001
+                        print(f"| {fmt} | {n}x{k} | {m} | {peer} | failed: {_one_line(exc)} | | | | | |", flush=True)
+                times = {}
+                for name, (fn, st_used, weight_bytes) in impls.items():
+                    try:
+                        fn()  # autotune / compile outside the timed region
+                        torch.cuda.synchronize()
+                        g = triton.testing.do_bench_cudagraph(fn, rep=100) * 1e3
+                        t = triton.testing.do_bench(fn) * 1e3
+                    except Exception as exc:  # noqa: BLE001
+                        print(f"| {fmt} | {n}x{k} | {m} | {name} | failed: {_one_line(exc)} | | | | | |", flush=True)
+                        continue
+                    times[name] = g
+                    ref_w = packed_matmul_reference(x.float().cpu(), q.cpu(), scale.cpu(), st_used.cpu()
+                                                    if st_used is not None else None, fmt, n)
+                    if name == "bf16":
+                        ref_w = torch.nn.functional.linear(x.float().cpu(), w_bf16.float().cpu())
+                    got = fn().float().cpu()
+                    err = float((got - ref_w).abs().max() / ref_w.abs().max())
+                    moved = weight_bytes + x.numel() * 2 + m * n * 2
+                    gbs = moved / (g * 1e-6) / 1e9
+                    peak = f"{100 * gbs / args.peak_gbs:.0f}%" if args.peak_gbs else "-"
+                    speed = f"{times['bf16'] / g:.2f}x" if "bf16" in times else "-"
+                    print(f"| {fmt} | {n}x{k} | {m} | {name} | {g:.1f} | {t:.1f} | {speed} | {gbs:.0f} | {peak} | "
+                          f"{err:.1e} |", flush=True)
 
 
 if __name__ == "__main__":
