@@ -172,14 +172,12 @@ def _placement(opts: EvalOptions) -> tuple[torch.device, torch.dtype]:
 
 def apply_ptq(model, method: str) -> None:
     """Replace every converted-to-be linear's weight by its round-to-nearest sign/ternary copy."""
-    from .experts import unstack_experts_
-    from .models import target_linears
+    from .models import convertible_linears
     from .quantizers import naive_sign, naive_ternary
 
     fn = {"sign": naive_sign, "ternary": naive_ternary}[method]
-    unstack_experts_(model)
     with torch.no_grad():
-        for lin in target_linears(model).values():
+        for lin in convertible_linears(model).values():
             lin.weight.copy_(fn(lin.weight))
 
 

