@@ -40,6 +40,24 @@ def test_kernel_matches_reference_fp32(fmt, m, n, k, with_st):
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-6)
 
 
+@pytest.mark.skipif(CUDA, reason="the autotuner picks the variant on a GPU; this runs one directly in the interpreter")
+@pytest.mark.parametrize("fmt", ["binary", "ternary2"])
+@pytest.mark.parametrize("n,k", [(48, 200), (64, 128)])
+def test_the_whole_word_tile_gemv_matches_reference(fmt, n, k):
+    from binarize.kernels.triton_packed import _gemv_kernel, prepare
+
+    q, scale, st = random_layer(fmt, n, k)
+    x = torch.randn(1, k)
+    kw = prepare(q, fmt, n, k)
+    y = torch.empty(1, n)
+    block_n = 16
+    _gemv_kernel.fn[(-(-n // block_n), 1)](x, kw, scale, st, y, n, k, kw.shape[0], x.stride(0), y.stride(0),
+                                            BITS=1 if fmt == "binary" else 2, HAS_ST=True, BLOCK_N=block_n,
+                                            BLOCK_KW=4, TILE3=True)
+    want = packed_matmul_reference(x, q, scale, st, fmt, n)
+    assert torch.allclose(y, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-6)
+
+
 def test_kernel_handles_batched_3d_activations():
     q, scale, st = random_layer("binary", 32, 64)
     x = torch.randn(2, 5, 64)
