@@ -69,8 +69,8 @@ def test_composed_ternary_form_equals_the_quantizer(t, per_row):
 def test_torch_compile_of_the_quantizer_gives_the_same_values_and_gradients():
     leaves, grad = _leaves(torch.float32, seed=2)
     other, _ = _leaves(torch.float32, seed=3, n=8, k=36)  # another layer shape: the same dynamic graph
-    for t, ste in [(0.72, False), (3.5, False), (math.inf, False), (0.0, True)]:
-        for ls, g in ((leaves, grad), (other, torch.ones(8, 36))):
+    for t, ste, shapes in [(0.72, False, 2), (3.5, False, 1), (math.inf, False, 1), (0.0, True, 1)]:
+        for ls, g in ((leaves, grad), (other, torch.ones(8, 36)))[:shapes]:  # one graph, two layer shapes
             want = _value_and_grads(lambda w, sl, st: binary_weight(w, sl, st, t, ste=ste), ls, g)
             got = _value_and_grads(lambda w, sl, st: compiled_binary_weight(w, sl, st, t, ste=ste), ls, g)
             for a, b in zip([want[0], *want[1]], [got[0], *got[1]]):
@@ -89,8 +89,7 @@ def test_compile_quantizer_is_a_recipe_key_and_refuses_the_max_form():
         load_recipe("binaryllm", {"compile_quantizer": True, "progressive_form": "max"})
 
 
-@pytest.mark.parametrize("method", ["binary", "ternary"])
-def test_a_model_trains_the_same_with_the_compiled_quantizer(method):
+def test_a_model_trains_the_same_with_the_compiled_quantizer(method="binary"):  # ternary: function level above
     import copy
 
     from transformers import LlamaConfig, LlamaForCausalLM
