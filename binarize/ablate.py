@@ -88,7 +88,7 @@ def plan_dir() -> Path:
 
 def find_plan(name_or_path: str) -> Path:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():  # a folder named like a plan (its --out) is not one
         if not path.is_file():
             raise BinarizeError(f"plan file not found: {path}")
         return path

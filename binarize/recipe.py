@@ -217,7 +217,7 @@ def available_recipes() -> list[str]:
 def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None) -> Recipe:
     """A recipe by shipped name (``binaryllm``) or by path to a YAML file, then overrides."""
     path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") or path.exists()):
+    if not (path.suffix in (".yaml", ".yml") or path.is_file()):  # a folder of that name is not a recipe file
         path = recipe_dir() / f"{name_or_path}.yaml"
         if not path.exists():
             raise BinarizeError(f"unknown recipe {name_or_path!r} (shipped: {', '.join(available_recipes())})")

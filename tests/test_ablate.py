@@ -104,3 +104,13 @@ def test_members_that_differ_only_in_tokens_share_the_initialisation(tmp_path):
     assert convert_command(plan, plan.members[0], runs / "a", resume=False)[-2:] == ["--init-from", str(runs / "b")]
     planned = convert_command(plan, plan.members[1], runs / "b", resume=False, planned=True)
     assert planned[-2:] == ["--init-from", str(runs / "a")]
+
+
+def test_a_folder_named_like_a_plan_or_recipe_does_not_hide_the_shipped_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "seed003").mkdir()  # e.g. the plan's own --out folder
+    (tmp_path / "binaryllm").mkdir()
+    from binarize.recipe import load_recipe
+
+    assert load_plan("seed003").name == "seed003"
+    assert load_recipe("binaryllm").name == "binaryllm"
