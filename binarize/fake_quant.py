@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import BinarizeError
 from .compiled_quantizers import compiled_binary_weight, compiled_ternary_weight
+from .errors import BinarizeError
 from .quantizers import binary_codes, binary_weight, ternary_codes, ternary_weight
 
 
