@@ -129,10 +129,11 @@ def main() -> None:
                         print(f"| {fmt} | {n}x{k} | {m} | {name} | failed: {_one_line(exc)} | | | | | |", flush=True)
                         continue
                     times[name] = g
-                    ref_w = packed_matmul_reference(x.float().cpu(), q.cpu(), scale.cpu(), st_used.cpu()
-                                                    if st_used is not None else None, fmt, n)
                     if name == "bf16":
                         ref_w = torch.nn.functional.linear(x.float().cpu(), w_bf16.float().cpu())
+                    else:
+                        ref_w = packed_matmul_reference(x.float().cpu(), q.cpu(), scale.cpu(), st_used.cpu()
+                                                        if st_used is not None else None, fmt, n)
                     got = fn().float().cpu()
                     err = float((got - ref_w).abs().max() / ref_w.abs().max())
                     moved = weight_bytes + x.numel() * 2 + m * n * 2
