@@ -123,7 +123,8 @@ def _gemv_tile3(x_ptr, w_ptr, st_ptr, offs_n, nmask, m, N, K, KW, stride_xm, BIT
     """The same sum with every bit group of a word tile at once: the activations as one
     [BLOCK_KW, CPW] load and a [BLOCK_KW, CPW, BLOCK_N] accumulator. Binary: 4.5-5.2 loop
     instructions per weight at sm_90 against 6.0-7.4 for ``_gemv_rows`` (fewer address and mask
-    computations), at 96-158 registers (the per-bit-group configurations: 40-168; ``benchmarks/results/kernel_sass_sm90.md``)."""
+    computations), at 96-158 registers (the per-bit-group configurations: 40-168;
+    ``benchmarks/results/kernel_sass_sm90.md``)."""
     CPW: tl.constexpr = 32 // BITS
     offs_j = tl.arange(0, CPW)
     acc = tl.zeros((BLOCK_KW, CPW, BLOCK_N), dtype=tl.float32)
