@@ -67,6 +67,12 @@ def test_calibration_is_held_out_of_training(tiny_model_dir, small_text):
     data = prepare_data(tok, recipe := tiny_recipe(small_text), plan_budget(recipe, 20_000))
     train = {tuple(b.tolist()) for b in data.train.blocks.blocks}
     assert not any(tuple(c.tolist()) in train for c in data.calib)
+    # the same calibration set at a budget that reads a sliver of the source and at one that
+    # exhausts it and repeats it in epochs (what lets --init-from share BaI across budgets)
+    small = prepare_data(tok, recipe, plan_budget(recipe, 2_000))
+    large = prepare_data(tok, recipe, plan_budget(recipe, 2_000_000))
+    assert large.info["epochs_over_train_data"] > 1 > small.info["epochs_over_train_data"]
+    assert torch.equal(small.calib, data.calib) and torch.equal(large.calib, data.calib)
 
 
 def test_convert_outputs_and_token_accounting(tiny_model_dir, small_text, tmp_path):

@@ -79,24 +79,26 @@ def prepare_data(tokenizer, recipe: Recipe, budget: Budget, self_text: "SelfText
     n_calib = recipe.calib_sequences if recipe.bai or recipe.blockwise_steps else 0
     same = calib_spec == data_spec
     if self_text is not None:
-        self_text.reserve(_self_tokens(data_spec, n_seq * L + (n_calib * L if same else 0), L))
-        if not same:
+        if not same:  # calibration's self-generated text first, so it does not move with the budget
             self_text.reserve(_self_tokens(calib_spec, n_calib * L, L))
-    train_blocks, where = _blocks_from(data_spec, n_seq * L + (n_calib * L if same else 0), L, tokenizer, self_text)
-    if same:
-        # Same source: hold the tail out of training so calibration text is never trained on.
-        if len(train_blocks) <= n_calib:
-            raise BinarizeError(f"{where} has {len(train_blocks)} blocks of {L} tokens, too few to hold out "
-                                f"{n_calib} for calibration and train on the rest")
-        calib = train_blocks.blocks[len(train_blocks) - n_calib :]
-        train_blocks = TokenBlocks(train_blocks.blocks[: len(train_blocks) - n_calib])
-        calib_where = f"{where} (last {n_calib} blocks, held out of training)"
-    else:
+        self_text.reserve(_self_tokens(data_spec, n_seq * L + (n_calib * L if same else 0), L))
+    if not same:
         cblocks, calib_where = _blocks_from(calib_spec, n_calib * L, L, tokenizer, self_text)
         if n_calib and len(cblocks) == 0:
             raise BinarizeError(f"calibration data {calib_where} is shorter than one sequence of {L} tokens")
         g = torch.Generator().manual_seed(recipe.seed + 17)
         calib = cblocks.blocks[torch.randperm(len(cblocks), generator=g)[:n_calib]]
+    train_blocks, where = _blocks_from(data_spec, n_seq * L + (n_calib * L if same else 0), L, tokenizer, self_text)
+    if same:
+        # Same source: hold its first n_calib blocks out of training, so calibration text is never
+        # trained on and is the same at every budget (the head of a source does not depend on how
+        # much of it a budget reads; --init-from shares one initialisation across budgets).
+        if len(train_blocks) <= n_calib:
+            raise BinarizeError(f"{where} has {len(train_blocks)} blocks of {L} tokens, too few to hold out "
+                                f"{n_calib} for calibration and train on the rest")
+        calib = train_blocks.blocks[:n_calib]
+        train_blocks = TokenBlocks(train_blocks.blocks[n_calib:])
+        calib_where = f"{where} (first {n_calib} blocks, held out of training)"
     if recipe.blockwise_steps and calib.shape[0] < recipe.blockwise_sequences:
         raise BinarizeError(f"calibration data {calib_where} holds {calib.shape[0]} sequences of {L} tokens, fewer "
                             f"than blockwise_sequences {recipe.blockwise_sequences}")
