@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 from .errors import BinarizeError
 
@@ -69,12 +69,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(workdir: Path, model, optimizer, state: dict) -> None:
-    """Everything a resumed run needs to continue bit for bit, written atomically."""
+def save_checkpoint(workdir: Path, model, optimizer, state: dict, tensors: dict | None = None,
+                    optimizer_state: dict | None = None) -> None:
+    """Everything a resumed run needs to continue bit for bit, written atomically. ``tensors`` and
+    ``optimizer_state``, when given, are written in place of ``model``'s and ``optimizer``'s own
+    state (a sharded run's gathered full state, ``train/sharding.py``)."""
     with atomic_dir(workdir / CHECKPOINT) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict() if optimizer else None, "rng": rng_state()},
-                   tmp / "trainer.pt")
+        if tensors is None:
+            save_model(model, str(tmp / "model.safetensors"))
+        else:
+            save_file(tensors, str(tmp / "model.safetensors"))
+        if optimizer_state is None and optimizer is not None:
+            optimizer_state = optimizer.state_dict()
+        torch.save({"optimizer": optimizer_state, "rng": rng_state()}, tmp / "trainer.pt")
         write_json(tmp / "state.json", state)
 
 
@@ -88,10 +95,13 @@ def read_checkpoint_state(workdir: Path) -> dict:
         raise BinarizeError(f"corrupt checkpoint state: {path}") from None
 
 
-def load_checkpoint(workdir: Path, model, optimizer) -> None:
+def load_checkpoint(workdir: Path, model, optimizer) -> dict | None:
+    """Load the checkpoint's model state into ``model`` and its optimizer state into ``optimizer``
+    (None: not loaded), restore the RNG; returns the saved optimizer state."""
     ck = workdir / CHECKPOINT
     load_model(model, str(ck / "model.safetensors"))
     trainer = torch.load(ck / "trainer.pt", weights_only=False)
     if optimizer is not None and trainer["optimizer"] is not None:
         optimizer.load_state_dict(trainer["optimizer"])
     set_rng_state(trainer["rng"])
+    return trainer["optimizer"]

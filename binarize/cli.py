@@ -66,6 +66,9 @@ def convert(
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start end-to-end QAT from RUN/init/ "
                                              "(a run made with --save-init; same model, calibration and "
                                              "initialisation keys) instead of running BaI and block-wise."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun / accelerate launch: shard latent weights, "
+                              "gradients and AdamW moments over the processes (FSDP2) in end-to-end QAT; an "
+                              "accelerate FSDP config does the same."),
     export_format: str = typer.Option("auto", "--export", help="Export the result into OUT/packed in a format of "
                                       "`binarize export` (binary, ternary2, ternary-b3, bitnet, gguf-*), none, or "
                                       "auto (binary, or ternary2 for ternary recipes)."),
@@ -96,7 +99,7 @@ def convert(
         export_format = "ternary2" if rec.method == "ternary" else "binary"
     job = ConvertJob(model=model, tokens=n_tokens, out=out, recipe=rec, resume=resume, overwrite=overwrite,
                      bai_only=bai_only, progress=progress, from_scratch=config if from_scratch else None,
-                     export=export_format, save_init=save_init, init_from=init_from)
+                     export=export_format, save_init=save_init, init_from=init_from, fsdp=fsdp)
     try:
         result = convert_run(job)
     except Interrupted as exc:

@@ -83,10 +83,22 @@ def test_grad_checkpointing_and_chunked_loss_train_the_same_model(trained_tiny_d
 
 
 def test_launch_checks(monkeypatch):
+    from binarize.train.sharding import fsdp_options, fsdp_requested
+
     check_launch({})
-    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
-        with pytest.raises(BinarizeError, match="not supported.*DDP"):
-            check_launch({key: "true"})
+    check_launch({"ACCELERATE_USE_FSDP": "true"})
+    with pytest.raises(BinarizeError, match="DeepSpeed launches are not supported.*DDP.*FSDP"):
+        check_launch({"ACCELERATE_USE_DEEPSPEED": "true"})
+    # an accelerate FSDP config reaches binarize as environment variables
+    assert fsdp_requested(True, {}) and fsdp_requested(False, {"ACCELERATE_USE_FSDP": "true"})
+    assert not fsdp_requested(False, {"ACCELERATE_USE_FSDP": "false"})
+    assert fsdp_options({}) == {"reshard_after_forward": True, "activation_checkpointing": False}
+    assert fsdp_options({"FSDP_RESHARD_AFTER_FORWARD": "false", "FSDP_ACTIVATION_CHECKPOINTING": "true"}) == {
+        "reshard_after_forward": False, "activation_checkpointing": True}
+    with pytest.raises(BinarizeError, match="FSDP version 1 is not supported.*fsdp_version: 2"):
+        fsdp_options({"FSDP_VERSION": "1"})
+    with pytest.raises(BinarizeError, match="offload .* not supported"):
+        fsdp_options({"FSDP_OFFLOAD_PARAMS": "true"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     check_launch({"LOCAL_WORLD_SIZE": "2"})

@@ -10,6 +10,7 @@ per-step schedules are in ``plan.py`` and the record's schema in ``record.py``.
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import time
@@ -26,6 +27,7 @@ from ..schedules import phase_lambda
 from .data import RunData
 from .losses import Distill, TrainLoss
 from .plan import Budget, lr_at, step_t
+from .sharding import full_model_state, full_optimizer_state, is_sharded, no_gradient_sync
 from .record import RunRecord, StepRecord
 
 
@@ -126,7 +128,8 @@ def step_gradients(s: TrainState, batch: torch.Tensor) -> tuple[float, float | N
     P x (its sequences) / count, so that DDP's gradient average over processes is the mean over the
     step's sequences however unevenly they split; a process with no sequence of its own (a last
     step shorter than P) runs one zero-weighted sequence, because every process must join each
-    gradient all-reduce. All micro-batches but the last run under ``no_sync``: one all-reduce per
+    gradient all-reduce (FSDP: each all-gather and reduce-scatter). All micro-batches but the last
+    run under ``no_sync`` (FSDP: ``set_requires_gradient_sync(False)``): one gradient reduction per
     step whatever each process's number of micro-batches.
     """
     acc, count = s.accelerator, batch.shape[0]
@@ -135,34 +138,45 @@ def step_gradients(s: TrainState, batch: torch.Tensor) -> tuple[float, float | N
         return accumulate(s.model, batch, s.recipe.micro_batch, acc.backward)
     share = batch[rank::world]
     n = share.shape[0]
-    ce, kd = accumulate(s.model, share if n else batch[:1], s.recipe.micro_batch, acc.backward,
-                        weight=world * n / count, no_sync=lambda: acc.no_sync(s.model))
+    mb = s.recipe.micro_batch
+    if is_sharded(s.model):  # FSDP gathers and scatters in every pass: all processes run the same passes
+        no_sync, passes = (lambda: no_gradient_sync(s.model)), math.ceil(math.ceil(count / world) / mb)
+    else:
+        no_sync, passes = (lambda: acc.no_sync(s.model)), None
+    with acc.autocast():  # DDP's forward is autocast by accelerator.prepare; an FSDP model is not prepared
+        ce, kd = accumulate(s.model, share if n else batch[:1], mb, acc.backward, weight=world * n / count,
+                            no_sync=no_sync, passes=passes)
     sums = torch.tensor([ce * n, (kd or 0.0) * n], dtype=torch.float64, device=acc.device)
     sums = acc.reduce(sums, reduction="sum")
     return float(sums[0]) / count, (float(sums[1]) / count if kd is not None else None)
 
 
 def accumulate(model, batch: torch.Tensor, micro_batch: int, backward, distill: Distill | None = None,
-               weight: float = 1.0, no_sync: Callable[[], object] | None = None):
+               weight: float = 1.0, no_sync: Callable[[], object] | None = None, passes: int | None = None):
     """Mean next-token loss over ``batch`` (n, seq_len) and the mean KD term (or None), gradients
     accumulated over micro-batches of ``micro_batch`` sequences as one batch, times ``weight``.
 
     ``model`` is a ``TrainLoss`` (possibly DDP / FSDP wrapped), or a causal LM that is then run
     with its full logits and ``distill``. ``no_sync()``, when given, is the context (DDP's) under
-    which all micro-batches but the last run."""
+    which all micro-batches but the last run. ``passes``: run that many forward and backward passes
+    (FSDP: the same number on every process), those beyond the batch's micro-batches on its first
+    sequence with weight 0."""
     loss_fn = model if isinstance(getattr(model, "module", model), TrainLoss) else TrainLoss(model, distill)
     total = kd_total = 0.0
     n = batch.shape[0]
     kd = None
-    for i in range(0, n, micro_batch):
-        x = batch[i : i + micro_batch].to(batch_device(loss_fn))
-        last = i + micro_batch >= n
-        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+    starts = range(0, n, micro_batch)
+    count = max(len(starts), passes or 0)
+    for j in range(count):
+        real = j < len(starts)
+        x = (batch[starts[j] : starts[j] + micro_batch] if real else batch[:1]).to(batch_device(loss_fn))
+        with no_sync() if no_sync is not None and j < count - 1 else contextlib.nullcontext():
             loss, ce, kd = loss_fn(x)
-            backward(loss * (x.shape[0] / n * weight))
-        total += float(ce.detach()) * x.shape[0]
-        if kd is not None:
-            kd_total += float(kd.detach()) * x.shape[0]
+            backward(loss * (x.shape[0] / n * weight if real else 0.0))
+        if real:
+            total += float(ce.detach()) * x.shape[0]
+            if kd is not None:
+                kd_total += float(kd.detach()) * x.shape[0]
     return total / n, (kd_total / n if kd is not None else None)
 
 
@@ -203,14 +217,21 @@ def save(s: TrainState, phase: str, step: int) -> None:
     """A resumable checkpoint (main process only; the others wait for it): model, optimizer, RNG,
     recipe and record."""
     acc = s.accelerator
+    unwrapped = acc.unwrap_model(s.model) if acc else s.model
+    if isinstance(unwrapped, TrainLoss):
+        unwrapped = unwrapped.model
+    tensors = optimizer_state = None
+    sharded = is_sharded(s.model)
+    if sharded:  # gathering the full state is a collective: every process takes part
+        tensors = full_model_state(s.model, unwrapped)
+        if s.optimizer.state:  # (torch's getter would first take a zero step to create the moments)
+            optimizer_state = full_optimizer_state(s.model, s.optimizer)
     if acc is None or acc.is_main_process:
-        unwrapped = acc.unwrap_model(s.model) if acc else s.model
-        if isinstance(unwrapped, TrainLoss):
-            unwrapped = unwrapped.model
         record = s.record.to_dict()
         record["wall_s"] = s.record.wall_s + time.perf_counter() - s.session_start  # earlier sessions + this one
-        save_checkpoint(s.workdir, unwrapped, s.optimizer,
-                        {"phase": phase, "step": step, "recipe": s.recipe.to_dict(), "record": record})
+        save_checkpoint(s.workdir, unwrapped, s.optimizer, {"phase": phase, "step": step, "fsdp": sharded,
+                                                            "recipe": s.recipe.to_dict(), "record": record},
+                        tensors, optimizer_state)
     if acc is not None and acc.num_processes > 1:
         acc.wait_for_everyone()
 

@@ -110,6 +110,7 @@ class RunRecord:
     blockwise: BlockwiseRecord | None = None
     processes: int = 1  # training processes (DDP / FSDP ranks); the record's losses are global means
     init_from: dict | None = None  # --init-from: {"run": RUN, "wall_s": its BaI + block-wise seconds}
+    fsdp: bool = False  # end-to-end QAT sharded over the processes (train/sharding.py)
 
     def tail_loss(self, parts: int = 10) -> float | None:
         """Mean loss over the last 1/``parts`` of the steps (at least one); None without steps."""
@@ -123,7 +124,8 @@ class RunRecord:
                "recipe": self.recipe, "quantized_layers": self.quantized_layers, "data": self.data,
                "steps": [s.to_dict() for s in self.steps],
                "bai": dataclasses.asdict(self.bai) if self.bai else None,
-               "tokens": dataclasses.asdict(self.tokens), "wall_s": self.wall_s, "processes": self.processes}
+               "tokens": dataclasses.asdict(self.tokens), "wall_s": self.wall_s, "processes": self.processes,
+               "fsdp": self.fsdp}
         if self.blockwise is not None:
             out["blockwise"] = dataclasses.asdict(self.blockwise)
         if self.peak_memory_mib is not None:
@@ -138,7 +140,7 @@ class RunRecord:
                    d.get("data", {}), TokenRecord(**d["tokens"]), [StepRecord.from_dict(s) for s in d["steps"]],
                    BaiRecord(**d["bai"]) if d.get("bai") else None, d.get("wall_s", 0.0), d.get("peak_memory_mib"),
                    BlockwiseRecord(**d["blockwise"]) if d.get("blockwise") else None, d.get("processes", 1),
-                   d.get("init_from"))
+                   d.get("init_from"), d.get("fsdp", False))
 
     def write(self, path: Path) -> None:
         write_json(path, self.to_dict())

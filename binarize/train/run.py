@@ -37,6 +37,8 @@ from .blockwise import blockwise_reconstruct
 from .data import SelfText, prepare_data
 from .init_state import check_init, init_key, load_init, read_init, save_init
 from .loop import Interrupted, StopOnInterrupt, TrainState, save, train_qat, trainable_groups
+from .sharding import (fsdp_options, fsdp_requested, full_model_state, load_optimizer_state, shard,
+                       unsharded_model)
 from .losses import Distill, TrainLoss, check_chunked
 from .plan import check_job, fit_chunks, stage_summary
 from .record import BaiRecord, BlockwiseRecord, RunRecord, TokenRecord, plot_loss
@@ -63,6 +65,7 @@ class ConvertJob:
     export: str | None = None
     save_init: bool = False  # keep the state entering end-to-end QAT in OUT/init/ (train/init_state.py)
     init_from: Path | None = None  # start from RUN/init/ instead of running BaI and block-wise
+    fsdp: bool = False  # shard end-to-end QAT over the processes (also: an accelerate FSDP launch)
     on_step: Callable[[int], None] | None = field(default=None, repr=False)  # test hook
 
 
@@ -87,6 +90,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     work = job.out.with_name(job.out.name + ".partial")
     _check_out(job, work)
     check_launch()
+    fsdp = fsdp_requested(job.fsdp)
+    fsdp_opts = fsdp_options() if fsdp else {}
     state = read_checkpoint_state(work) if job.resume else None
     init = None
     if job.init_from is not None and not state:  # a resumed run started from it already
@@ -106,6 +111,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     notice = None
     if not state:  # a resumed run's recipe was fitted when it started
         recipe, notice = fit_chunks(recipe, tokens)
+        if fsdp_opts.get("activation_checkpointing"):  # the accelerate config's fsdp_activation_checkpointing
+            recipe = dataclasses.replace(recipe, grad_checkpointing=True)
     budget = check_job(recipe, tokens, from_scratch, None if state else export)
     if export and not state:
         from ..formats import check_recipe
@@ -121,13 +128,21 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     if recipe.distill_alpha > 0:
         check_teacher_fits(model)
     check_model_options(model, recipe, export)
+    if fsdp and has_moe_experts(model):
+        raise BinarizeError("FSDP with mixture-of-experts layers is not supported (a process whose tokens skip an "
+                            "expert leaves it without a gradient): launch without --fsdp (DDP)")
     # MoE: a step in which no token routes to some expert leaves that expert without a gradient
     ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if has_moe_experts(model) else None
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision="bf16" if torch.cuda.is_available() else "no", kwargs_handlers=ddp)
     main = accelerator.is_main_process
+    sharded = fsdp and accelerator.num_processes > 1
+    if state and bool(state.get("fsdp")) != sharded:
+        raise BinarizeError(f"{work} was checkpointed by {'an FSDP' if state.get('fsdp') else 'an unsharded'} run: "
+                            f"resume it {'with --fsdp under several processes' if state.get('fsdp') else 'without --fsdp'}")
     if main:
         procs = f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
+        procs += " (FSDP)" if sharded else (" (--fsdp: one process, nothing to shard)" if fsdp else "")
         print(f"{src.spec} on {accelerator.device}{procs}", flush=True)
         for line in stage_summary(recipe, budget, len(decoder_layers(model)), job.bai_only):
             print("  " + line, flush=True)
@@ -163,7 +178,7 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         tokens=TokenRecord(requested=tokens, seq_len=recipe.seq_len, sequences=budget.n_sequences,
                            budget_used=budget.tokens_used, dropped_remainder=tokens % recipe.seq_len,
                            per_step=budget.seqs_per_step * recipe.seq_len, optimizer_steps=budget.steps))
-    record.processes = accelerator.num_processes
+    record.processes, record.fsdp = accelerator.num_processes, sharded
     if distill is not None:
         distill.teacher.to(accelerator.device)
     if init is not None:
@@ -197,19 +212,28 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                 record.blockwise = blockwise_reconstruct(model, data.calib, recipe, work, record.blockwise, progress, log,
                                                          save_blockwise, write=main)
             if not job.bai_only:
-                optimizer = torch.optim.AdamW(trainable_groups(model, recipe), lr=recipe.lr, betas=tuple(recipe.betas))
-                start_step = 0
+                groups = trainable_groups(model, recipe)  # FSDP: the optimizer is built on the shards below
+                optimizer = None if sharded else torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas))
+                start_step, saved_optimizer = 0, None
                 if job.save_init and main and (state is None or state["phase"] != "qat"):
                     saved = record.to_dict()
                     save_init(work, model, key, {"bai": saved["bai"], "blockwise": saved.get("blockwise")},
                               record.wall_s + time.perf_counter() - t_start)
                 if state is not None and state["phase"] == "qat" and not state.get("init"):
-                    load_checkpoint(work, model, optimizer)
+                    saved_optimizer = load_checkpoint(work, model, optimizer)
                     start_step = state["step"]
                     del record.steps[start_step:]
                 if recipe.grad_checkpointing:
                     set_grad_checkpointing(model, True)
-                loss_fn, optimizer = accelerator.prepare(TrainLoss(model, distill, recipe.loss_chunk), optimizer)
+                loss_fn = TrainLoss(model, distill, recipe.loss_chunk)
+                if sharded:
+                    shard(loss_fn, decoder_layers(model), fsdp_opts["reshard_after_forward"])
+                    optimizer = torch.optim.AdamW(trainable_groups(model, recipe), lr=recipe.lr,
+                                                  betas=tuple(recipe.betas))
+                    if saved_optimizer is not None:
+                        load_optimizer_state(loss_fn, optimizer, saved_optimizer)
+                else:
+                    loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
                 s = TrainState(loss_fn, optimizer, accelerator, recipe, budget, data, record, work, progress, log,
                                job.on_step, t_start)
                 if state is None or state.get("init"):
@@ -220,6 +244,9 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                     record.data["teacher_topk_cache"] = distill.cache_info()
                 if recipe.grad_checkpointing:
                     set_grad_checkpointing(model, False)
+                if sharded:  # the main process writes the run from a full, unsharded copy
+                    tensors = full_model_state(loss_fn, model)
+                    model = unsharded_model(job.model, from_scratch, recipe, tensors) if main else None
     except KeyboardInterrupt:  # outside the phases that checkpoint on Ctrl-C themselves (BaI, set-up)
         raise _interrupted(work, main) from None
     record.wall_s += time.perf_counter() - t_start
@@ -281,17 +308,14 @@ def _check_out(job: ConvertJob, work: Path) -> None:
 
 def check_launch(env: dict | None = None) -> None:
     """Multi-process launches binarize runs correctly: one process per device (DDP through
-    ``accelerate launch --multi_gpu`` or ``torchrun``; gloo on CPU). Sharded launches (FSDP,
-    DeepSpeed) are refused with one line, because checkpoints and the export are written from
-    the main process's full, unsharded model; so is asking for more processes per machine than it
-    has GPUs."""
+    ``accelerate launch --multi_gpu`` or ``torchrun``, FSDP through ``--fsdp`` or an accelerate FSDP
+    config, ``sharding.py``; gloo on CPU). DeepSpeed launches are refused with one line; so is
+    asking for more processes per machine than it has GPUs."""
     env = os.environ if env is None else env
-    for key, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if env.get(key, "").lower() in ("1", "true", "yes"):
-            raise BinarizeError(f"{name} launches are not supported: checkpoints and the export are written from one "
-                                "process's full model. Launch with DDP instead (accelerate launch --multi_gpu "
-                                "--num_processes N, or torchrun --nproc_per_node N), with --grad-checkpointing "
-                                "to save memory")
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
+        raise BinarizeError("DeepSpeed launches are not supported. Launch with DDP (accelerate launch --multi_gpu "
+                            "--num_processes N, or torchrun --nproc_per_node N) or FSDP (an accelerate FSDP "
+                            "config with fsdp_version: 2, or --fsdp), with --grad-checkpointing to save memory")
     local = int(env.get("LOCAL_WORLD_SIZE", "1") or 1)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus and local > gpus:
