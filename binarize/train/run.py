@@ -37,7 +37,7 @@ from .blockwise import blockwise_reconstruct
 from .data import SelfText, prepare_data
 from .init_state import check_init, init_key, load_init, read_init, save_init
 from .loop import Interrupted, StopOnInterrupt, TrainState, save, train_qat, trainable_groups
-from .sharding import (fsdp_options, fsdp_requested, full_model_state, load_optimizer_state, shard,
+from .sharding import (TRUE, fsdp_options, fsdp_requested, full_model_state, load_optimizer_state, shard,
                        unsharded_model)
 from .losses import Distill, TrainLoss, check_chunked
 from .plan import check_job, fit_chunks, stage_summary
@@ -312,7 +312,7 @@ def check_launch(env: dict | None = None) -> None:
     config, ``sharding.py``; gloo on CPU). DeepSpeed launches are refused with one line; so is
     asking for more processes per machine than it has GPUs."""
     env = os.environ if env is None else env
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in TRUE:
         raise BinarizeError("DeepSpeed launches are not supported. Launch with DDP (accelerate launch --multi_gpu "
                             "--num_processes N, or torchrun --nproc_per_node N) or FSDP (an accelerate FSDP "
                             "config with fsdp_version: 2, or --fsdp), with --grad-checkpointing to save memory")

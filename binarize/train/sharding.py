@@ -93,6 +93,14 @@ def no_gradient_sync(module: torch.nn.Module) -> Iterator[None]:
         module.set_requires_gradient_sync(True)
 
 
+def _tied_groups(model: torch.nn.Module) -> list[list[str]]:
+    """The names of ``model``'s state, grouped by tensor: a tied embedding and head share one group."""
+    groups: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), []).append(name)
+    return list(groups.values())
+
+
 def _options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -106,13 +114,8 @@ def full_model_state(loss_fn: torch.nn.Module, model: torch.nn.Module, prefix: s
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     sd = get_model_state_dict(loss_fn, options=_options(cpu_offload=True))
-    seen, keep = set(), set()
-    for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) not in seen:
-            seen.add(id(t))
-            keep.add(name)
-    out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    return {k: v for k, v in out.items() if k in keep}
+    keep = {group[0] for group in _tied_groups(model)}
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and k[len(prefix):] in keep}
 
 
 def full_optimizer_state(loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -135,11 +138,8 @@ def load_optimizer_state(loss_fn: torch.nn.Module, optimizer: torch.optim.Optimi
 def load_full_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Load a ``full_model_state`` into an unsharded ``model``; a name missing from ``tensors`` must
     be a tied alias of one present (RuntimeError otherwise)."""
-    names: dict[int, list[str]] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        names.setdefault(id(t), []).append(name)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    aliases = {n for group in names.values() if any(g in tensors for g in group) for n in group}
+    aliases = {n for group in _tied_groups(model) if any(g in tensors for g in group) for n in group}
     bad = sorted(set(missing) - aliases) + sorted(unexpected)
     if bad:
         raise RuntimeError(f"the gathered state does not match the model: {bad[:5]}")
