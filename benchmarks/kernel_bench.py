@@ -11,7 +11,11 @@ relative to the dequantized reference (``binarize.kernels.packed_matmul_referenc
 Implementations:
 
 * ``binarize``: ``binarize.kernels.prepared_matmul`` (binary: 1 bit, ternary2: 2 bits per weight,
-  with the per-input-channel scale St applied in the kernel);
+  with the per-input-channel scale St applied in the kernel), K split over ``choose_split_k``
+  programs where the output tiles alone leave SMs idle; ``binarize split_k=1`` beside it, the
+  same kernels without the split. Each row names the configuration the autotuner kept (batch 1:
+  per-bit-group rows or whole-word ``TILE3`` tiles; batch > 1: one dot per bit group or one
+  ``WHOLE_WORD`` dot per decoded word tile);
 * ``gemlite``: GemLite's ``GemLiteLinear`` (PyPI ``gemlite``) at 1 bit (binary) or 2 bits
   (ternary), the codes in its HQQ form W = (W_q - zero) * scale with groups of 128 (the row scale
   repeated per group; GemLite has no input-channel scale, so it runs without St: less work than ours);
@@ -111,7 +115,9 @@ def main() -> None:
             for m in (int(b) for b in args.batches.split(",")):
                 x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
                 impls = {"bf16": (lambda: torch.nn.functional.linear(x, w_bf16), None, n * k * 2),
-                         "binarize": (lambda: prepared_matmul(x, kw, scale, st, fmt, n), st, kw.numel() * 4 + (n + k) * 4)}
+                         "binarize": (lambda: prepared_matmul(x, kw, scale, st, fmt, n), st, kw.numel() * 4 + (n + k) * 4),
+                         "binarize split_k=1": (lambda: prepared_matmul(x, kw, scale, st, fmt, n, split_k=1), st,
+                                                kw.numel() * 4 + (n + k) * 4)}
                 for peer in peers:
                     try:
                         fn = (gemlite_fn if peer == "gemlite" else bitblas_fn)(codes, scale.cpu(), fmt, x)
@@ -129,6 +135,12 @@ def main() -> None:
                         print(f"| {fmt} | {n}x{k} | {m} | {name} | failed: {_one_line(exc)} | | | | | |", flush=True)
                         continue
                     times[name] = g
+                    if name.startswith("binarize"):
+                        from binarize.kernels import triton_packed
+
+                        best = (triton_packed._gemv_kernel if m == 1 else triton_packed._dot_kernel).best_config
+                        split = 1 if "split_k=1" in name else triton_packed.choose_split_k(m, n, kw.shape[0], x.device)
+                        name += f" [{best.kwargs}, warps {best.num_warps}, split {split}]"
                     if name == "bf16":
                         ref_w = torch.nn.functional.linear(x.float().cpu(), w_bf16.float().cpu())
                     else:

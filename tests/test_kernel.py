@@ -51,11 +51,61 @@ def test_the_whole_word_tile_gemv_matches_reference(fmt, n, k):
     kw = prepare(q, fmt, n, k)
     y = torch.empty(1, n)
     block_n = 16
-    _gemv_kernel.fn[(-(-n // block_n), 1)](x, kw, scale, st, y, n, k, kw.shape[0], x.stride(0), y.stride(0),
-                                            BITS=1 if fmt == "binary" else 2, HAS_ST=True, BLOCK_N=block_n,
-                                            BLOCK_KW=4, TILE3=True)
+    _gemv_kernel.fn[(-(-n // block_n), 1, 1)](x, kw, scale, st, y, y, n, k, kw.shape[0], x.stride(0), y.stride(0),
+                                               BITS=1 if fmt == "binary" else 2, HAS_ST=True, SPLIT_K=1,
+                                               BLOCK_N=block_n, BLOCK_KW=4, TILE3=True)
     want = packed_matmul_reference(x, q, scale, st, fmt, n)
     assert torch.allclose(y, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-6)
+
+
+@pytest.mark.skipif(CUDA, reason="the autotuner picks the variant on a GPU; this runs one directly in the interpreter")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_whole_word_dot_matches_reference(fmt):
+    """The batched path that decodes a word tile once into [BLOCK_KW * CPW, BLOCK_N] and runs one dot."""
+    from binarize.kernels.triton_packed import _dot_kernel, prepare
+
+    m, n, k = 17, 40, 200
+    q, scale, st = random_layer(fmt, n, k)
+    x = torch.randn(m, k)
+    kw = prepare(q, fmt, n, k)
+    y = torch.empty(m, n)
+    _dot_kernel.fn[(2, 2, 1)](x, kw, scale, st, y, y, m, n, k, kw.shape[0], 32, x.stride(0), y.stride(0),
+                              BITS=1 if fmt == "binary" else 2, HAS_ST=True, DOT_FP32=True, SPLIT_K=1, BLOCK_M=16,
+                              BLOCK_N=32, BLOCK_KW=2, WHOLE_WORD=True)
+    want = packed_matmul_reference(x, q, scale, st, fmt, n)
+    assert torch.allclose(y, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["binary", "ternary2"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_split_k_matches_reference(fmt, m):
+    """Three programs along K per output tile, partial sums added atomically (K = 1100: 35 / 69 words)."""
+    n, k = 24, 1100
+    q, scale, st = random_layer(fmt, n, k)
+    x = torch.randn(m, k)
+    want = packed_matmul_reference(x, q, scale, st, fmt, n)
+    got = packed_matmul(x.to(DEVICE), q.to(DEVICE), scale.to(DEVICE), st.to(DEVICE), fmt, n, split_k=3).cpu()
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-6)
+    with pytest.raises(ValueError, match="split_k"):
+        packed_matmul(x.to(DEVICE), q.to(DEVICE), scale.to(DEVICE), st.to(DEVICE), fmt, n, split_k=0)
+
+
+def test_split_k_fills_the_gpu_only_where_output_tiles_do_not(monkeypatch):
+    from binarize.kernels import triton_packed
+
+    assert triton_packed.choose_split_k(1, 2048, 256, torch.device("cpu")) == 1
+    monkeypatch.setattr(triton_packed, "_sm_count", lambda index: 132)
+    gpu = torch.device("cuda", 0)
+    for m, n, words in [(1, 2048, 256), (1, 4096, 128), (8, 4096, 128), (64, 4096, 128), (1, 8192, 64),
+                        (1, 64, 2048), (256, 8192, 256), (1, 2048, 40)]:
+        split = triton_packed.choose_split_k(m, n, words, gpu)
+        tiles = -(-n // 64) * (1 if m == 1 else -(-m // 16))
+        assert split >= 1 and split & (split - 1) == 0 and split <= 16
+        assert split == 1 or (tiles * split <= 2 * 132 and words // split >= 32)  # within two programs per SM
+        # and no larger power of two would still fit
+        assert split == 16 or tiles * split * 2 > 2 * 132 or words // (split * 2) < 32
+    assert triton_packed.choose_split_k(1, 2048, 256, gpu) == 8  # Llama-3.2-1B down_proj at batch 1
+    assert triton_packed.choose_split_k(64, 4096, 128, gpu) == 1  # 256 output tiles already fill the SMs
 
 
 def test_kernel_handles_batched_3d_activations():

@@ -13,11 +13,11 @@ def triton_available() -> bool:
     return True
 
 
-def packed_matmul(x, qweight, scale, st, fmt, out_features):
+def packed_matmul(x, qweight, scale, st, fmt, out_features, split_k=None):
     """y = x @ W^T with W = scale * codes * St read from the packed bytes (Triton)."""
     from .triton_packed import packed_matmul as run
 
-    return run(x, qweight, scale, st, fmt, out_features)
+    return run(x, qweight, scale, st, fmt, out_features, split_k)
 
 
 def prepare(qweight, fmt, out_features, in_features):
@@ -27,8 +27,9 @@ def prepare(qweight, fmt, out_features, in_features):
     return run(qweight, fmt, out_features, in_features)
 
 
-def prepared_matmul(x, kw, scale, st, fmt, out_features):
-    """packed_matmul on a weight already passed through ``prepare``."""
+def prepared_matmul(x, kw, scale, st, fmt, out_features, split_k=None):
+    """packed_matmul on a weight already passed through ``prepare`` (``split_k``: see
+    ``triton_packed.prepared_matmul``; None chooses by shape and SM count)."""
     from .triton_packed import prepared_matmul as run
 
-    return run(x, kw, scale, st, fmt, out_features)
+    return run(x, kw, scale, st, fmt, out_features, split_k)

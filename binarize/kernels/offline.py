@@ -57,17 +57,20 @@ def autotuner(kernel: str, module=triton_packed):
 
 
 def compile_config(kernel: str, fmt: str, dtype: str, config: triton.Config, arch: int = 90,
-                   module=triton_packed) -> Compiled:
-    """One autotune configuration of one kernel, compiled for sm_<arch>, with its loop census."""
+                   module=triton_packed, split_k: int = 1) -> Compiled:
+    """One autotune configuration of one kernel, compiled for sm_<arch> with ``split_k`` K splits
+    (a kernel revision without the SPLIT_K argument ignores it), with its loop census."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("offline compilation needs a process without TRITON_INTERPRET=1")
     fn = autotuner(kernel, module).fn
     bits = triton_packed.kernel_bits(fmt)
     consts = {"BITS": bits, "HAS_ST": True, **config.kwargs}
+    if "SPLIT_K" in fn.arg_names:
+        consts["SPLIT_K"] = split_k
     if kernel == "dot":
         consts["DOT_FP32"] = dtype == "fp32"
     ptr = _DTYPES[dtype]
-    types = {"x_ptr": ptr, "y_ptr": ptr, "w_ptr": "*i32", "scale_ptr": "*fp32", "st_ptr": "*fp32"}
+    types = {"x_ptr": ptr, "y_ptr": ptr, "w_ptr": "*i32", "scale_ptr": "*fp32", "st_ptr": "*fp32", "ws_ptr": "*fp32"}
     signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
     aligned = [a for a in fn.arg_names if a not in consts and a not in ("M", "M_BUCKET")]
     src = ASTSource(fn=fn, signature=signature,
