@@ -16,6 +16,26 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
 
 
+def built_once(tmp_path_factory, name: str, build):
+    """``build(dir)`` run once per test session, even under pytest-xdist: the workers share one
+    directory under the session's common temp root, the first builds it under a file lock and the
+    others wait and read it (a session fixture otherwise runs once per worker, and with two
+    workers on two cores the tiny model's 150 training steps ran twice, ~1-2 minutes of CI each).
+    Only for fixtures that tests read and never modify."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out = root / f"shared-{name}"
+    with FileLock(str(out) + ".lock"):
+        if not (out / ".done").exists():
+            out.mkdir(parents=True, exist_ok=True)
+            build(out)
+            (out / ".done").touch()
+    return out
+
+
 def llama_cpp_logits(path, ids: list[int]):
     """llama.cpp's logits, (len(ids), vocab) numpy, of ``ids`` run through the GGUF at ``path``
     (llama-cpp-python, 2 threads); the test skips where it is not installed."""
@@ -38,10 +58,8 @@ def tokenizer_dir(tmp_path_factory):
     from binarize.models import default_model_file
 
     path = default_model_file()
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    out = tmp_path_factory.mktemp("tokenizer")
-    tok.save_pretrained(out)
-    return out
+    return built_once(tmp_path_factory, "tokenizer", lambda out: AutoTokenizer.from_pretrained(
+        str(path.parent), gguf_file=path.name).save_pretrained(out))
 
 
 def make_tiny_llama(tokenizer_dir, out, **overrides):
@@ -82,7 +100,7 @@ def train_tiny(model_dir, text_file, out, steps: int = 150):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     """A tiny random LlamaForCausalLM with the real vocabulary, as a local model directory."""
-    return make_tiny_llama(tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))
+    return built_once(tmp_path_factory, "tiny-llama", lambda out: make_tiny_llama(tokenizer_dir, out))
 
 
 @pytest.fixture()
@@ -106,7 +124,7 @@ def small_text(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_tiny_dir(tmp_path_factory, tiny_model_dir, small_text):
     """The tiny LLaMA after a short full-precision training on real text, so binarizing it hurts."""
-    return train_tiny(tiny_model_dir, small_text, tmp_path_factory.mktemp("trained-tiny"))
+    return built_once(tmp_path_factory, "trained-tiny", lambda out: train_tiny(tiny_model_dir, small_text, out))
 
 
 @pytest.fixture(scope="session")
