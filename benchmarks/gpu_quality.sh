@@ -22,7 +22,7 @@
 # self-generated tokens (the calibration sequences held out, the rest repeated in epochs with the
 # teacher's top-64 logits cached), SELF_BATCH=512;
 # the conversion is stopped at CONVERT_LIMIT=450 s (then nothing is evaluated: lower TOKENS), the
-# evaluation at EVAL_LIMIT=110 s. Results land in $OUT: convert.log, run.json, eval.json, eval.md.
+# evaluation at EVAL_LIMIT=110 s. Results land in $OUT: convert.log, run.json, eval.log, eval.json, eval.md.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
@@ -65,6 +65,7 @@ run)
       "${LIMIT:=2}" "${SEQ:=256}"
   fi
   run=/tmp/binarize-run
+  rm -rf "$run" "$run.partial"  # a rerun on a warm machine starts afresh
   echo "== convert: binaryllm-distill, $TOKENS tokens, $BW_STEPS block-wise steps per block, seq $SEQ (gpu: $gpu)"
   timeout "${CONVERT_LIMIT:-450}" python3 -m binarize.cli convert "$model" --recipe binaryllm-distill --tokens "$TOKENS" \
     --seq-len "$SEQ" --bai-steps "$BAI_STEPS" --set calib_sequences="$CALIB" --set blockwise_sequences="$CALIB" \
@@ -75,8 +76,11 @@ run)
   cp "$run/run.json" "$OUT/run.json"
   echo "== eval: WikiText-2, C4, PTB at $SEQ${LIMIT:+ (first $LIMIT windows)}"
   timeout "${EVAL_LIMIT:-110}" python3 -m binarize.cli eval "$run" --datasets wikitext2,c4,ptb --seq-len "$SEQ" \
-    ${LIMIT:+--limit "$LIMIT"} --json "$OUT/eval.json" --markdown "$OUT/eval.md" --no-progress 2>&1 | tail -20
-  echo "eval exit ${PIPESTATUS[0]}"
+    ${LIMIT:+--limit "$LIMIT"} --json "$OUT/eval.json" --markdown "$OUT/eval.md" --no-progress 2>&1 \
+    | tee "$OUT/eval.log" | tail -20
+  rc=${PIPESTATUS[0]}
+  echo "eval exit $rc (124: ran past ${EVAL_LIMIT:-110} s)"
+  exit "$rc"
   ;;
 *)
   echo "usage: bash benchmarks/gpu_quality.sh prepare | part | run" >&2

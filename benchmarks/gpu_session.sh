@@ -32,11 +32,11 @@ step() {
   echo "exit ${PIPESTATUS[0]} (124: ran past ${limit} s)" | tee -a "$OUT/$name.md"
 }
 
-step kernel_bench 170 python3 benchmarks/kernel_bench.py --peak-gbs 4800
-step convert_throughput_135m 140 python3 benchmarks/convert_throughput.py --shape smollm2-135m --seq-len 2048 \
+step kernel_bench 190 python3 benchmarks/kernel_bench.py --peak-gbs 4800
+step convert_throughput_135m 130 python3 benchmarks/convert_throughput.py --shape smollm2-135m --seq-len 2048 \
   --micro-batch 8 --peak-tflops 989 --variants fp,qat-chunked,qat-chunked-compiled --steps 5 --rounds 2 \
   --json "$OUT/convert_throughput_135m.json"
-step convert_throughput_1b 170 python3 benchmarks/convert_throughput.py --shape llama-3.2-1b --seq-len 2048 \
+step convert_throughput_1b 150 python3 benchmarks/convert_throughput.py --shape llama-3.2-1b --seq-len 2048 \
   --micro-batch 4 --peak-tflops 989 --variants fp,qat-chunked,qat-chunked-compiled,qat-chunked-gc --steps 3 \
   --rounds 2 --json "$OUT/convert_throughput_1b.json"
-step gpu_decode 110 python3 benchmarks/gpu_decode.py --models smollm2-135m,llama-1b --rounds 3
+step gpu_decode 100 python3 benchmarks/gpu_decode.py --models smollm2-135m,llama-1b --rounds 3

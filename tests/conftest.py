@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -29,10 +30,12 @@ def built_once(tmp_path_factory, name: str, build):
         root = root.parent
     out = root / f"shared-{name}"
     with FileLock(str(out) + ".lock"):
-        if not (out / ".done").exists():
-            out.mkdir(parents=True, exist_ok=True)
-            build(out)
-            (out / ".done").touch()
+        if not out.exists():  # built aside and renamed: a build that fails leaves nothing to trust
+            tmp = root / f"shared-{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            build(tmp)
+            tmp.rename(out)
     return out
 
 

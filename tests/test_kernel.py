@@ -51,7 +51,7 @@ def test_the_whole_word_tile_gemv_matches_reference(fmt, n, k):
     kw = prepare(q, fmt, n, k)
     y = torch.empty(1, n)
     block_n = 16
-    _gemv_kernel.fn[(-(-n // block_n), 1, 1)](x, kw, scale, st, y, y, n, k, kw.shape[0], x.stride(0), y.stride(0),
+    _gemv_kernel.fn[(-(-n // block_n), 1, 1)](x, kw, scale, st, y, y, 0, n, k, kw.shape[0], x.stride(0), y.stride(0),
                                                BITS=1 if fmt == "binary" else 2, HAS_ST=True, SPLIT_K=1,
                                                BLOCK_N=block_n, BLOCK_KW=4, TILE3=True)
     want = packed_matmul_reference(x, q, scale, st, fmt, n)
@@ -69,7 +69,7 @@ def test_the_whole_word_dot_matches_reference(fmt):
     x = torch.randn(m, k)
     kw = prepare(q, fmt, n, k)
     y = torch.empty(m, n)
-    _dot_kernel.fn[(2, 2, 1)](x, kw, scale, st, y, y, m, n, k, kw.shape[0], 32, x.stride(0), y.stride(0),
+    _dot_kernel.fn[(2, 2, 1)](x, kw, scale, st, y, y, 0, m, n, k, kw.shape[0], 32, x.stride(0), y.stride(0),
                               BITS=1 if fmt == "binary" else 2, HAS_ST=True, DOT_FP32=True, SPLIT_K=1, BLOCK_M=16,
                               BLOCK_N=32, BLOCK_KW=2, WHOLE_WORD=True)
     want = packed_matmul_reference(x, q, scale, st, fmt, n)
@@ -79,13 +79,16 @@ def test_the_whole_word_dot_matches_reference(fmt):
 @pytest.mark.parametrize("fmt", ["binary", "ternary2"])
 @pytest.mark.parametrize("m", [1, 5])
 def test_split_k_matches_reference(fmt, m):
-    """Three programs along K per output tile, partial sums added atomically (K = 1100: 35 / 69 words)."""
+    """Three programs along K per output tile, partial products summed in split order (K = 1100: 35 / 69 words);
+    the same bits on a second call."""
     n, k = 24, 1100
     q, scale, st = random_layer(fmt, n, k)
     x = torch.randn(m, k)
     want = packed_matmul_reference(x, q, scale, st, fmt, n)
     got = packed_matmul(x.to(DEVICE), q.to(DEVICE), scale.to(DEVICE), st.to(DEVICE), fmt, n, split_k=3).cpu()
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-6)
+    again = packed_matmul(x.to(DEVICE), q.to(DEVICE), scale.to(DEVICE), st.to(DEVICE), fmt, n, split_k=3).cpu()
+    assert torch.equal(got, again)
     with pytest.raises(ValueError, match="split_k"):
         packed_matmul(x.to(DEVICE), q.to(DEVICE), scale.to(DEVICE), st.to(DEVICE), fmt, n, split_k=0)
 

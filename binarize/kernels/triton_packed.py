@@ -24,9 +24,10 @@ per weight; ternary-b3 (1.6 bits on disk) takes 2 bits on the GPU.
   fp32 activations use IEEE fp32 (no TF32), which the CPU-interpreter tests compare against.
 * Split-K (both kernels, ``SPLIT_K``, program axis 2): when the output tiles alone leave SMs
   idle (batch 1 and 8 on 2048-8192 wide layers: 32-128 tiles on 132 SMs), each tile's K range
-  is cut into equal runs of whole BLOCK_KW tiles, one program each, and the partial products are
-  added atomically into an fp32 buffer; ``choose_split_k`` picks the count from the shape and
-  the SM count, ``split_k=`` overrides it.
+  is cut into equal runs of whole BLOCK_KW tiles, one program each, whose fp32 partial products
+  go to a workspace [SPLIT_K, M, N] summed afterwards in split order (deterministic, unlike
+  atomic adds); ``choose_split_k`` picks the count from the shape and the SM count, ``split_k=``
+  overrides it.
 
 Codes are decoded from bits into fp32 by integer ops (``_codes``), never by int->float converts.
 St multiplies the activations on load, the per-row scale is applied once at the end. On CUDA
@@ -96,6 +97,24 @@ def _dot_configs() -> list[triton.Config]:
                              num_stages=s) for bm, bn, bkw, w, s in words])
 
 
+def _prune_for_split(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Every configuration at SPLIT_K = 1; with K split, those whose word tile leaves every split at
+    least one tile (BLOCK_KW * SPLIT_K <= KW), at most two of each form (TILE3 / WHOLE_WORD or not)
+    so that each split count compiles a few configurations, not all. Never empty."""
+    split = kwargs.get("SPLIT_K", 1)
+    if split == 1:
+        return configs
+    fits = [c for c in configs if c.kwargs["BLOCK_KW"] * split <= named_args["KW"]]
+    fits = fits or [min(configs, key=lambda c: c.kwargs["BLOCK_KW"])]
+    kept, per_form = [], {}
+    for c in fits:
+        form = bool(c.kwargs.get("TILE3") or c.kwargs.get("WHOLE_WORD"))
+        if per_form.get(form, 0) < 2:
+            per_form[form] = per_form.get(form, 0) + 1
+            kept.append(c)
+    return kept
+
+
 @triton.jit
 def _codes(word, J: tl.constexpr, BITS: tl.constexpr):
     """fp32 codes (exactly -1, 0, +1) of bit group J of every word, built from bits instead of
@@ -163,17 +182,20 @@ def _split_range(KW, SPLIT_K: tl.constexpr, BLOCK_KW: tl.constexpr):
 
 
 @triton.jit
-def _store(y_ptr, ws_ptr, offs, mask, y, SPLIT_K: tl.constexpr):
-    """One split: the result in the output dtype; several: fp32 atomic adds into the zeroed workspace."""
+def _store(y_ptr, ws_ptr, ws_stride, offs, mask, y, SPLIT_K: tl.constexpr):
+    """One split: the result in the output dtype; several: this split's fp32 partial product in its
+    own slice of the workspace [SPLIT_K, M, N] (summed afterwards in a fixed order, so the result
+    does not depend on which program finishes first)."""
     if SPLIT_K == 1:
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(ws_ptr + offs, y, mask=mask, sem="relaxed")
+        tl.store(ws_ptr + tl.program_id(2) * ws_stride + offs, y, mask=mask)
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BITS", "SPLIT_K"], reset_to_zero=["ws_ptr"])
+@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BITS", "SPLIT_K"],
+                 prune_configs_by={"early_config_prune": _prune_for_split})
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, scale_ptr, st_ptr, y_ptr, ws_ptr, N, K, KW, stride_xm, stride_ym,
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, st_ptr, y_ptr, ws_ptr, ws_stride, N, K, KW, stride_xm, stride_ym,
                  BITS: tl.constexpr, HAS_ST: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_KW: tl.constexpr, TILE3: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -188,7 +210,7 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, st_ptr, y_ptr, ws_ptr, N, K, KW, strid
         y = _gemv_rows(x_ptr, w_ptr, st_ptr, offs_n, nmask, m, N, K, KW, w_lo, w_hi, stride_xm, BITS, HAS_ST,
                        BLOCK_N, BLOCK_KW)
     scale = tl.load(scale_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    _store(y_ptr, ws_ptr, m * stride_ym + offs_n, nmask, y * scale, SPLIT_K)
+    _store(y_ptr, ws_ptr, ws_stride, m * stride_ym + offs_n, nmask, y * scale, SPLIT_K)
 
 
 @triton.jit
@@ -237,9 +259,10 @@ def _dot_whole_word(acc, x_ptr, word, offs_m, mmask, offs_w, st_ptr, K, KW, stri
     return acc
 
 
-@triton.autotune(configs=_dot_configs(), key=["M_BUCKET", "N", "K", "BITS", "SPLIT_K"], reset_to_zero=["ws_ptr"])
+@triton.autotune(configs=_dot_configs(), key=["M_BUCKET", "N", "K", "BITS", "SPLIT_K"],
+                 prune_configs_by={"early_config_prune": _prune_for_split})
 @triton.jit
-def _dot_kernel(x_ptr, w_ptr, scale_ptr, st_ptr, y_ptr, ws_ptr, M, N, K, KW, M_BUCKET, stride_xm, stride_ym,
+def _dot_kernel(x_ptr, w_ptr, scale_ptr, st_ptr, y_ptr, ws_ptr, ws_stride, M, N, K, KW, M_BUCKET, stride_xm, stride_ym,
                 BITS: tl.constexpr, HAS_ST: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, WHOLE_WORD: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -260,11 +283,11 @@ def _dot_kernel(x_ptr, w_ptr, scale_ptr, st_ptr, y_ptr, ws_ptr, M, N, K, KW, M_B
             acc = _dot_groups(acc, x_ptr, word, offs_m, mmask, offs_w, st_ptr, K, KW, stride_xm, BITS, HAS_ST,
                               DOT_FP32)
     scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    _store(y_ptr, ws_ptr, offs_m[:, None] * stride_ym + offs_n[None, :], mmask[:, None] & (offs_n[None, :] < N),
-           acc * scale[None, :], SPLIT_K)
+    _store(y_ptr, ws_ptr, ws_stride, offs_m[:, None] * stride_ym + offs_n[None, :],
+           mmask[:, None] & (offs_n[None, :] < N), acc * scale[None, :], SPLIT_K)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -292,8 +315,9 @@ def prepared_matmul(x: torch.Tensor, kw: torch.Tensor, scale: torch.Tensor, st: 
 
     x: (..., K) fp32/fp16/bf16; kw: int32 [KW, N]; scale: (N,) fp32; st: (K,) or None; returns
     (..., N) in x's dtype. ``split_k``: programs per output tile along K (None: ``choose_split_k``);
-    with more than one, partial sums are added atomically into an fp32 buffer (order not fixed,
-    so the last bits vary between calls) and cast at the end. ValueError for a weight of the
+    with more than one, each writes its fp32 partial product to a workspace (split_k, M, N) that is
+    summed in split order and cast (deterministic: the same bits on every call, which a greedy
+    decode checked token for token against ``generate()`` needs). ValueError for a weight of the
     wrong shape or dtype, or split_k < 1."""
     K = x.shape[-1]
     bits = kernel_bits(fmt)
@@ -307,23 +331,26 @@ def prepared_matmul(x: torch.Tensor, kw: torch.Tensor, scale: torch.Tensor, st: 
     split = choose_split_k(M, N, n_words, x.device) if split_k is None else int(split_k)
     if split < 1:
         raise ValueError(f"split_k must be at least 1, got {split_k}")
+    # the pointer a split count does not write gets a one-element stand-in, never an alias of the
+    # other: torch.compile may copy each written argument separately and write the copies back
     if split == 1:
-        y = ws = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        y_arg, ws = y, torch.empty(1, dtype=torch.float32, device=x.device)
     else:
-        ws = torch.zeros((M, N), dtype=torch.float32, device=x.device)
-        y = ws if x.dtype == torch.float32 else torch.empty((M, N), dtype=x.dtype, device=x.device)
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device)  # every split writes its slice
+        y_arg = torch.empty(1, dtype=x.dtype, device=x.device)
     st_arg = st if st is not None else scale
     if M == 1:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, split)  # noqa: E731
-        _gemv_kernel[grid](x2, kw, scale, st_arg, y, ws, N, K, n_words, x2.stride(0), y.stride(0),
+        _gemv_kernel[grid](x2, kw, scale, st_arg, y_arg, ws, M * N, N, K, n_words, x2.stride(0), N,
                            BITS=bits, HAS_ST=st is not None, SPLIT_K=split)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
-        _dot_kernel[grid](x2, kw, scale, st_arg, y, ws, M, N, K, n_words, triton.next_power_of_2(M), x2.stride(0),
-                          y.stride(0), BITS=bits, HAS_ST=st is not None, DOT_FP32=x.dtype == torch.float32,
+        _dot_kernel[grid](x2, kw, scale, st_arg, y_arg, ws, M * N, M, N, K, n_words, triton.next_power_of_2(M),
+                          x2.stride(0), N, BITS=bits, HAS_ST=st is not None, DOT_FP32=x.dtype == torch.float32,
                           SPLIT_K=split)
-    if ws is not y:
-        y.copy_(ws)
+    if split > 1:
+        y = ws.sum(0).to(x.dtype)  # partial products in split order
     return y.reshape(*x.shape[:-1], N)
 
 
