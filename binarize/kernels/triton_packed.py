@@ -19,8 +19,9 @@ per weight; ternary-b3 (1.6 bits on disk) takes 2 bits on the GPU.
 * ``_dot_kernel`` (M >= 2): BLOCK_M x BLOCK_N tiles, the decoded codes in the activations' dtype
   (codes are exact in fp16/bf16; tensor cores), fp32 accumulation, either one ``tl.dot`` of depth
   BLOCK_KW per bit group (``_dot_groups``) or, autotune key ``WHOLE_WORD``, the word tile decoded
-  once into [BLOCK_KW * CPW, BLOCK_N] and one dot of that depth (``_dot_whole_word``: 8-10x fewer
-  loop instructions per tile at sm_90, the same instructions per decoded weight within ~20 %);
+  once into [BLOCK_KW * CPW, BLOCK_N] and one dot of that depth (``_dot_whole_word``: at sm_90
+  7-9x fewer loop instructions per iteration but 1.1-1.9x more per decoded weight, as the flattened
+  tile goes through shared memory; ``benchmarks/results/kernel_sass_sm90.md``);
   fp32 activations use IEEE fp32 (no TF32), which the CPU-interpreter tests compare against.
 * Split-K (both kernels, ``SPLIT_K``, program axis 2): when the output tiles alone leave SMs
   idle (batch 1 and 8 on 2048-8192 wide layers: 32-128 tiles on 132 SMs), each tile's K range
