@@ -69,7 +69,8 @@ run)
   echo "== convert: binaryllm-distill, $TOKENS tokens, $BW_STEPS block-wise steps per block, seq $SEQ (gpu: $gpu)"
   timeout "${CONVERT_LIMIT:-450}" python3 -m binarize.cli convert "$model" --recipe binaryllm-distill --tokens "$TOKENS" \
     --seq-len "$SEQ" --bai-steps "$BAI_STEPS" --set calib_sequences="$CALIB" --set blockwise_sequences="$CALIB" \
-    --set blockwise_steps="$BW_STEPS" --set self_tokens="$SELF_TOKENS" --set self_batch="$SELF_BATCH" --set distill_topk=64 --out "$run" --export none --no-progress 2>&1 | tee "$OUT/convert.log"
+    --set blockwise_steps="$BW_STEPS" --set self_tokens="$SELF_TOKENS" --set self_batch="$SELF_BATCH" \
+    --set distill_topk=64 --out "$run" --export none --no-progress 2>&1 | tee "$OUT/convert.log"
   rc=${PIPESTATUS[0]}
   echo "convert exit $rc (124: ran past ${CONVERT_LIMIT:-450} s)" | tee -a "$OUT/convert.log"
   [ "$rc" = 0 ] || exit "$rc"

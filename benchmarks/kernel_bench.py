@@ -86,7 +86,7 @@ def main() -> None:
         sys.exit("no CUDA device: the kernel benchmark needs a GPU (correctness is tested on CPU with TRITON_INTERPRET=1)")
     import triton.testing
 
-    from binarize.kernels import packed_matmul_reference, prepare, prepared_matmul
+    from binarize.kernels import packed_matmul_reference, prepare, prepared_matmul, triton_packed
     from binarize.packing import pack
 
     peers = [p for p in args.peers.split(",") if p]
@@ -136,8 +136,6 @@ def main() -> None:
                         continue
                     times[name] = g
                     if name.startswith("binarize"):
-                        from binarize.kernels import triton_packed
-
                         best = (triton_packed._gemv_kernel if m == 1 else triton_packed._dot_kernel).best_config
                         split = 1 if "split_k=1" in name else triton_packed.choose_split_k(m, n, kw.shape[0], x.device)
                         name += f" [{best.kwargs}, warps {best.num_warps}, split {split}]"

@@ -293,6 +293,12 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.cache
+def _stand_in(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A one-element tensor for the pointer a split count does not write (made once, not per call)."""
+    return torch.empty(1, dtype=dtype, device=device)
+
+
 def choose_split_k(m: int, n: int, n_words: int, device: torch.device) -> int:
     """K splits for an (m x K) @ (K x n) product: 1 unless the output tiles alone would leave the
     GPU's SMs idle. Counting nominal 16 x 64 output tiles (m = 1: 64 rows), the largest power of
@@ -336,10 +342,10 @@ def prepared_matmul(x: torch.Tensor, kw: torch.Tensor, scale: torch.Tensor, st: 
     # other: torch.compile may copy each written argument separately and write the copies back
     if split == 1:
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-        y_arg, ws = y, torch.empty(1, dtype=torch.float32, device=x.device)
+        y_arg, ws = y, _stand_in(x.device, torch.float32)
     else:
         ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device)  # every split writes its slice
-        y_arg = torch.empty(1, dtype=x.dtype, device=x.device)
+        y_arg = _stand_in(x.device, x.dtype)
     st_arg = st if st is not None else scale
     if M == 1:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, split)  # noqa: E731
