@@ -48,10 +48,8 @@ part)
 run)
   mkdir -p "$OUT"
   export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" BINARIZE_DATA_DIR="$PWD/.gpu/data"
-  if ls .whl/*.whl > /dev/null 2>&1 && ! python3 -c "import gguf" 2> /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-  fi
+  . benchmarks/gpu_wheels.sh
+  install_wheels gguf
   model=/tmp/binarize-model/$GGUF
   mkdir -p /tmp/binarize-model
   cat .gpu/part-* > "$model" || exit 1

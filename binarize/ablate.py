@@ -354,6 +354,14 @@ def plot(plan: Plan, results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _compact(v: float, _pos=None) -> str:
+    """Tick label: 500, 2k, 50k, 1M."""
+    for div, unit in ((1e6, "M"), (1e3, "k")):
+        if v >= div:
+            return f"{v / div:g}{unit}"
+    return f"{v:g}"
+
+
 def plot_quality(plan: Plan, results: list[dict], path: Path) -> None:
     """Perplexity of each eval dataset against the training budget (tokens: QAT + BaI + block-wise
     sequence tokens) and against the conversion's wall time, one line per ``series``; log-log."""
@@ -361,6 +369,7 @@ def plot_quality(plan: Plan, results: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     datasets = [d.strip() for d in str(plan.eval["datasets"]).split(",") if d.strip()]
     ok = [r for r in results if r["status"] == "ok" and r.get("series")]
@@ -377,6 +386,10 @@ def plot_quality(plan: Plan, results: list[dict], path: Path) -> None:
                 ax.plot(*zip(*pts), marker="o", color=f"C{i % 10}", label=name)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):  # labels at 1, 2, 5 x 10^k only: minor labels overlapped
+                axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                axis.set_major_formatter(ticker.FuncFormatter(_compact))
+                axis.set_minor_formatter(ticker.NullFormatter())
             ax.set_xlabel(label)
             ax.set_ylabel(f"{ds} perplexity")
             ax.grid(True, which="both", alpha=0.3)
