@@ -112,7 +112,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true", help="run the loop without capturing the step")
+    ap.add_argument("--gemv", default=None, help="comma list of the packed model's one-row kernels, fma and lut "
+                    "(binarize.packed.set_gemv; default both on CUDA, fma elsewhere: the CPU path has no kernel)")
     args = ap.parse_args()
+    from binarize.packed import set_gemv
+
+    gemvs = (args.gemv or ("fma,lut" if args.device.startswith("cuda") else "fma")).split(",")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device (use --device cpu for a smoke check)")
     name_of = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -125,7 +130,9 @@ def main() -> None:
         torch.manual_seed(1)
         ids = torch.randint(0, fp.config.vocab_size, (1, args.prompt_len), device=args.device)
         results = {}
-        for label, model in (("bf16", fp), ("packed binary", packed)):
+        for label, model, gemv in [("bf16", fp, None)] + [(f"packed binary ({g} GEMV)", packed, g) for g in gemvs]:
+            if gemv is not None:
+                set_gemv(model, gemv)
             gen = generate_fn(model, ids, args.new_tokens)
             gen()  # warm-up
             loop, how, errors = run_loop(model, ids, args.new_tokens, args.device, not args.no_compile)
@@ -145,8 +152,9 @@ def main() -> None:
                   f"{tps:.1f} | {ratio:.2f}x | {'yes' if same else 'NO'} |")
             for e in errors:
                 print(f"|   | capture failed | {e} | | | |")
-        loop_vs_gen = results[("packed binary", "loop")][0] / results[("bf16", "generate")][0]
-        print(f"| {name} | packed loop vs bf16 generate() | | | {loop_vs_gen:.2f}x | |")
+        for g in gemvs:
+            loop_vs_gen = results[(f"packed binary ({g} GEMV)", "loop")][0] / results[("bf16", "generate")][0]
+            print(f"| {name} | packed ({g} GEMV) loop vs bf16 generate() | | | {loop_vs_gen:.2f}x | |")
         del fp, packed
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -16,6 +16,8 @@ Implementations:
   same kernels without the split. Each row names the configuration the autotuner kept (batch 1:
   per-bit-group rows or whole-word ``TILE3`` tiles; batch > 1: one dot per bit group or one
   ``WHOLE_WORD`` dot per decoded word tile);
+* ``binarize lut`` (batch 1): the activation-table kernel (``binarize.kernels.lut_gemv``: one table
+  read per 4 bits of weight), the table build counted in its time;
 * ``gemlite``: GemLite's ``GemLiteLinear`` (PyPI ``gemlite``) at 1 bit (binary) or 2 bits
   (ternary), the codes in its HQQ form W = (W_q - zero) * scale with groups of 128 (the row scale
   repeated per group; GemLite has no input-channel scale, so it runs without St: less work than ours);
@@ -86,7 +88,7 @@ def main() -> None:
         sys.exit("no CUDA device: the kernel benchmark needs a GPU (correctness is tested on CPU with TRITON_INTERPRET=1)")
     import triton.testing
 
-    from binarize.kernels import packed_matmul_reference, prepare, prepared_matmul, triton_packed
+    from binarize.kernels import lut_gemv, packed_matmul_reference, prepare, prepared_matmul, triton_packed
     from binarize.packing import pack
 
     peers = [p for p in args.peers.split(",") if p]
@@ -118,6 +120,9 @@ def main() -> None:
                          "binarize": (lambda: prepared_matmul(x, kw, scale, st, fmt, n), st, kw.numel() * 4 + (n + k) * 4),
                          "binarize split_k=1": (lambda: prepared_matmul(x, kw, scale, st, fmt, n, split_k=1), st,
                                                 kw.numel() * 4 + (n + k) * 4)}
+                if m == 1:  # the activation-table kernel (its table build included in the time)
+                    impls["binarize lut"] = (lambda: prepared_matmul(x, kw, scale, st, fmt, n, lut=True), st,
+                                             kw.numel() * 4 + (n + k) * 4)
                 for peer in peers:
                     try:
                         fn = (gemlite_fn if peer == "gemlite" else bitblas_fn)(codes, scale.cpu(), fmt, x)
@@ -136,7 +141,8 @@ def main() -> None:
                         continue
                     times[name] = g
                     if name.startswith("binarize"):
-                        best = (triton_packed._gemv_kernel if m == 1 else triton_packed._dot_kernel).best_config
+                        best = (lut_gemv._lut_gemv_kernel if name == "binarize lut" else triton_packed._gemv_kernel
+                                if m == 1 else triton_packed._dot_kernel).best_config
                         split = 1 if "split_k=1" in name else triton_packed.choose_split_k(m, n, kw.shape[0], x.device)
                         name += f" [{best.kwargs}, warps {best.num_warps}, split {split}]"
                     if name == "bf16":

@@ -12,7 +12,7 @@ instructions per weight and its top opcodes, and that lower bound for 4096x4096 
 matmul's bandwidth time (32 MiB at 3.35 TB/s). ``--against REV`` compiles the kernels of another
 git revision side by side and prints the ratio.
 
-    python benchmarks/kernel_sass.py [--against HEAD~1] [--arch 90] [--quick]
+    python benchmarks/kernel_sass.py [--against HEAD~1] [--arch 90] [--quick] [--kernels lut]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--quick", action="store_true", help="first configuration of each kernel only")
+    ap.add_argument("--kernels", default=None, help="comma-separated subset of gemv,dot,lut (default: all)")
     args = ap.parse_args()
     from binarize.kernels.offline import KERNELS, autotuner, compile_config
 
@@ -61,7 +62,7 @@ def main() -> None:
         ref = f" | {args.against} instr/weight | ratio" if other else ""
         print(f"| kernel | format | config | warps | regs | stack | instr/weight | bound us | top opcodes{ref} |")
         print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if other else ""))
-        for kernel in KERNELS:
+        for kernel in args.kernels.split(",") if args.kernels else KERNELS:
             configs = autotuner(kernel).configs[:1] if args.quick else autotuner(kernel).configs
             for fmt in ("binary", "ternary2"):
                 for config in configs:
@@ -71,8 +72,11 @@ def main() -> None:
                     row = (f"| {kernel} | {fmt} | {config.kwargs} | {config.num_warps} | {c.registers} | "
                            f"{c.stack_bytes} | {c.instructions_per_weight:.2f} | {bound:.1f} | {top} |")
                     if other:
-                        same = [o for o in autotuner(kernel, other).configs
-                                if o.kwargs == config.kwargs and o.num_warps == config.num_warps]
+                        try:
+                            theirs = autotuner(kernel, other).configs
+                        except AttributeError:  # that revision has no such kernel
+                            theirs = []
+                        same = [o for o in theirs if o.kwargs == config.kwargs and o.num_warps == config.num_warps]
                         if same:
                             o = compile_config(kernel, fmt, args.dtype, same[0], args.arch, module=other)
                             row += f" {o.instructions_per_weight:.2f} | {c.instructions_per_weight / o.instructions_per_weight:.2f} |"

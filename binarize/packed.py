@@ -22,6 +22,7 @@ from .packing import packed_shape, unpack
 from .quantizers import dequantize, quantize_activations_int8
 
 CPU_CACHE_MODES = ("none", "bf16", "fp32")
+GEMV_KERNELS = ("fma", "lut")  # one-row products on CUDA: triton_packed's FMA kernel or the activation table
 
 
 class PackedLinear(nn.Module):
@@ -34,6 +35,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("st", torch.ones(in_features) if has_st else None)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.cpu_cache, self.act_bits = cpu_cache, act_bits
+        self.gemv = "fma"  # GEMV_KERNELS; set_gemv
         self._cache: torch.Tensor | None = None
         self._kernel_w: torch.Tensor | None = None  # GPU kernel layout, built at the first CUDA forward
 
@@ -52,7 +54,8 @@ class PackedLinear(nn.Module):
 
             if self._kernel_w is None or self._kernel_w.device != self.qweight.device:
                 self._kernel_w = prepare(self.qweight, self.fmt, self.out_features, self.in_features)
-            y = prepared_matmul(x, self._kernel_w, self.scale, self.st, self.fmt, self.out_features)
+            y = prepared_matmul(x, self._kernel_w, self.scale, self.st, self.fmt, self.out_features,
+                                lut=self.gemv == "lut")
         elif self.cpu_cache == "bf16":
             if self._cache is None:
                 self._cache = self.codes().to(torch.bfloat16)
@@ -75,3 +78,15 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, format={self.fmt}, st={self.st is not None}, "
                 f"act_bits={self.act_bits}")
+
+
+def set_gemv(model: nn.Module, kernel: str) -> int:
+    """Choose the one-row (decode) kernel of every PackedLinear in ``model``: ``"fma"``
+    (``kernels/triton_packed``) or ``"lut"`` (``kernels/lut_gemv``). Returns the number of layers
+    set; ValueError for another name."""
+    if kernel not in GEMV_KERNELS:
+        raise ValueError(f"unknown GEMV kernel {kernel!r} (known: {', '.join(GEMV_KERNELS)})")
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    for m in layers:
+        m.gemv = kernel
+    return len(layers)

@@ -142,6 +142,8 @@ def test_packed_linear_uses_the_kernel_on_gpu():
     want = layer(x)  # CPU path
     got = layer.cuda()(x.cuda()).cpu()
     assert torch.allclose(got, want, rtol=1e-3, atol=1e-4)
+    layer.gemv = "lut"  # one row through the activation-table kernel
+    assert torch.allclose(layer(x[:1].cuda()).cpu(), want[:1], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -160,3 +162,69 @@ def test_kernel_layout_holds_every_code_once(fmt):
     decoded = (1 - 2 * groups) if bits == 1 else groups - 1
     decoded = decoded.reshape(cpw * kw.shape[0], n).t()[:, :k]
     assert torch.equal(decoded.to(torch.int8), codes)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("k,split", [(100, 1), (1100, 3)])
+@pytest.mark.parametrize("with_st", [True, False])
+def test_lookup_table_gemv_matches_reference(fmt, k, split, with_st):
+    """The activation-table kernel (one table read per 4 bits of weight) against the dequantized
+    reference; K = 100 pads the last word, K = 1100 split three ways; the same bits on a second call."""
+    from binarize.kernels import prepare, prepared_matmul
+
+    n = 40
+    q, scale, st = random_layer(fmt, n, k, with_st)
+    x = torch.randn(1, k)
+    want = packed_matmul_reference(x, q, scale, st, fmt, n)
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    kw = prepare(q.to(DEVICE), fmt, n, k)
+    got = prepared_matmul(x.to(DEVICE), kw, scale.to(DEVICE), dev(st), fmt, n, split_k=split, lut=True).cpu()
+    assert got.shape == (1, n)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-6)
+    again = prepared_matmul(x.to(DEVICE), kw, scale.to(DEVICE), dev(st), fmt, n, split_k=split, lut=True).cpu()
+    assert torch.equal(got, again)
+
+
+@pytest.mark.parametrize("fmt", ["binary", "ternary2"])
+def test_activation_table_holds_every_signed_sum(fmt):
+    """T[w, g, p] = sum_i code_i(p) * St * x over the columns nibble g of word w holds, recomputed here
+    from the layout rule (bit group j of word w is column j * KW + w)."""
+    from binarize.kernels.lut_gemv import activation_table
+
+    k = 70
+    bits = 1 if fmt == "binary" else 2
+    cpw, per = 32 // bits, 4 // bits
+    kw = -(-k // cpw)
+    x, st = torch.randn(k), torch.rand(k) + 0.5
+    table = activation_table(x.to(DEVICE), st.to(DEVICE), fmt).cpu()
+    assert table.shape == (kw, 8, 16)
+    xs = torch.nn.functional.pad(x * st, (0, cpw * kw - k))
+    for w in range(kw):
+        for g in range(8):
+            for p in range(16):
+                want = 0.0
+                for i in range(per):
+                    field = (p >> (i * bits)) & ((1 << bits) - 1)
+                    code = (1 - 2 * field) if bits == 1 else field - 1
+                    want += code * float(xs[(g * per + i) * kw + w])
+                assert abs(float(table[w, g, p]) - want) <= 1e-5 * (1 + abs(want)), (w, g, p)
+
+
+def test_lookup_table_kernel_takes_one_row_and_layers_choose_it():
+    from binarize.kernels import prepare, prepared_matmul
+    from binarize.kernels.lut_gemv import lut_gemv
+    from binarize.packed import set_gemv
+
+    q, scale, st = random_layer("binary", 32, 64)
+    kw = prepare(q.to(DEVICE), "binary", 32, 64)
+    x = torch.randn(3, 64)
+    with pytest.raises(ValueError, match="one activation row"):
+        lut_gemv(x.to(DEVICE), kw, scale.to(DEVICE), st.to(DEVICE), "binary", 32)
+    got = prepared_matmul(x.to(DEVICE), kw, scale.to(DEVICE), st.to(DEVICE), "binary", 32, lut=True).cpu()
+    assert torch.allclose(got, packed_matmul_reference(x, q, scale, st, "binary", 32), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="split_k"):
+        lut_gemv(x[:1].to(DEVICE), kw, scale.to(DEVICE), st.to(DEVICE), "binary", 32, split_k=0)
+    model = torch.nn.Sequential(PackedLinear(64, 32, "binary"), torch.nn.ReLU(), PackedLinear(32, 16, "ternary2"))
+    assert set_gemv(model, "lut") == 2 and all(m.gemv == "lut" for m in model if isinstance(m, PackedLinear))
+    with pytest.raises(ValueError, match="unknown GEMV kernel"):
+        set_gemv(model, "bitblas")

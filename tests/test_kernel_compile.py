@@ -14,7 +14,8 @@ triton = pytest.importorskip("triton")
 
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 CASES = [("gemv", "binary", "bf16"), ("gemv", "ternary2", "fp16"), ("dot", "binary", "bf16"), ("dot", "ternary2", "fp32"),
-         ("gemv-tile3", "binary", "bf16"), ("dot-word", "binary", "bf16"), ("gemv-split", "ternary2", "bf16")]
+         ("gemv-tile3", "binary", "bf16"), ("dot-word", "binary", "bf16"), ("gemv-split", "ternary2", "bf16"),
+         ("lut", "binary", "bf16"), ("lut-split", "ternary2", "bf16")]
 
 _SCRIPT = """
 import json, sys
@@ -44,9 +45,13 @@ def test_kernels_compile_for_sm90_and_decode_without_int_to_float():
     for r in results:
         census = r["census"]
         assert r["loop"] > 0 and 0 < r["registers"] <= 255, r
-        assert census.get("FFMA", 0) + census.get("HMMA", 0) > 0, r  # the loop computes
+        assert census.get("FFMA", 0) + census.get("HMMA", 0) + census.get("FADD", 0) > 0, r  # the loop computes
         assert census.get("I2F", 0) == census.get("I2FP", 0) == 0, r  # codes come from bits, not converts
     by_case = {tuple(r["case"]): r for r in results}
     rows, tile3 = by_case[("gemv", "binary", "bf16")], by_case[("gemv-tile3", "binary", "bf16")]
     # binary gemv: the whole-word tile needs fewer instructions per weight
     assert tile3["per_weight"] < 0.8 * rows["per_weight"], (rows["per_weight"], tile3["per_weight"])
+    # the activation-table kernel: table reads, not decoded weights, and far fewer instructions per weight
+    lut = by_case[("lut", "binary", "bf16")]
+    assert lut["census"].get("LDG", 0) > 0 and lut["census"].get("FFMA", 0) == 0, lut
+    assert lut["per_weight"] < 0.6 * tile3["per_weight"], (tile3["per_weight"], lut["per_weight"])

@@ -27,9 +27,14 @@ def prepare(qweight, fmt, out_features, in_features):
     return run(qweight, fmt, out_features, in_features)
 
 
-def prepared_matmul(x, kw, scale, st, fmt, out_features, split_k=None):
+def prepared_matmul(x, kw, scale, st, fmt, out_features, split_k=None, lut=False):
     """packed_matmul on a weight already passed through ``prepare`` (``split_k``: see
-    ``triton_packed.prepared_matmul``; None chooses by shape and SM count)."""
-    from .triton_packed import prepared_matmul as run
+    ``triton_packed.prepared_matmul``; None chooses by shape and SM count). ``lut``: one activation
+    row goes through the activation-table kernel (``lut_gemv``) instead of the FMA one; more rows
+    always take the FMA kernels."""
+    if lut and x.numel() == x.shape[-1]:
+        from .lut_gemv import lut_gemv as run
+    else:
+        from .triton_packed import prepared_matmul as run
 
     return run(x, kw, scale, st, fmt, out_features, split_k)

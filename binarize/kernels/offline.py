@@ -1,7 +1,7 @@
 """Compile the packed-weight kernels for an NVIDIA GPU on a machine that has none.
 
 Triton's wheel ships ptxas, nvdisasm and cuobjdump, so its whole CUDA pipeline (TTIR, TTGIR,
-LLVM, PTX, cubin) runs without a GPU. CI uses this to check that both kernels compile for sm_90
+LLVM, PTX, cubin) runs without a GPU. CI uses this to check that the kernels compile for sm_90
 for both code widths (the CPU interpreter checks the arithmetic, not the compiler), and
 ``benchmarks/kernel_sass.py`` counts the machine instructions of every configuration's inner
 loop: both kernels are issue-bound at batch 1, so instructions per weight bound their time.
@@ -25,7 +25,7 @@ from triton.compiler import ASTSource
 
 from . import triton_packed
 
-KERNELS = ("gemv", "dot")
+KERNELS = ("gemv", "dot", "lut")
 _DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 _INSTR = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z0-9_]+)")
 
@@ -51,26 +51,30 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def autotuner(kernel: str, module=triton_packed):
-    """The autotuned kernel ``kernel`` ("gemv" or "dot") of a kernels module (another revision's, say)."""
+def autotuner(kernel: str, module=None):
+    """The autotuned kernel ``kernel`` ("gemv", "dot" or "lut") of a kernels module (another
+    revision's, say; None: this one). AttributeError when that revision has no such kernel."""
+    if kernel == "lut":
+        if module is None:
+            from . import lut_gemv as module
+        return module._lut_gemv_kernel
+    module = module if module is not None else triton_packed
     return {"gemv": module._gemv_kernel, "dot": module._dot_kernel}[kernel]
 
 
 def compile_config(kernel: str, fmt: str, dtype: str, config: triton.Config, arch: int = 90,
-                   module=triton_packed, split_k: int = 1) -> Compiled:
+                   module=None, split_k: int = 1) -> Compiled:
     """One autotune configuration of one kernel, compiled for sm_<arch> with ``split_k`` K splits
     (a kernel revision without the SPLIT_K argument ignores it), with its loop census."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("offline compilation needs a process without TRITON_INTERPRET=1")
     fn = autotuner(kernel, module).fn
     bits = triton_packed.kernel_bits(fmt)
-    consts = {"BITS": bits, "HAS_ST": True, **config.kwargs}
-    if "SPLIT_K" in fn.arg_names:
-        consts["SPLIT_K"] = split_k
-    if kernel == "dot":
-        consts["DOT_FP32"] = dtype == "fp32"
+    consts = {"BITS": bits, "HAS_ST": True, "SPLIT_K": split_k, "DOT_FP32": dtype == "fp32", **config.kwargs}
+    consts = {a: v for a, v in consts.items() if a in fn.arg_names}  # what this kernel (revision) takes
     ptr = _DTYPES[dtype]
-    types = {"x_ptr": ptr, "y_ptr": ptr, "w_ptr": "*i32", "scale_ptr": "*fp32", "st_ptr": "*fp32", "ws_ptr": "*fp32"}
+    types = {"x_ptr": ptr, "y_ptr": ptr, "w_ptr": "*i32", "scale_ptr": "*fp32", "st_ptr": "*fp32", "ws_ptr": "*fp32",
+             "t_ptr": "*fp32"}
     signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
     aligned = [a for a in fn.arg_names if a not in consts and a not in ("M", "M_BUCKET")]
     src = ASTSource(fn=fn, signature=signature,

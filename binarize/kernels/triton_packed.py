@@ -15,7 +15,7 @@ per weight; ternary-b3 (1.6 bits on disk) takes 2 bits on the GPU.
   accumulator of code * x, summed once at the end, one bit group at a time (``_gemv_rows``), or
   every bit group of a word tile at once into a [BLOCK_KW, CPW, BLOCK_N] accumulator
   (``_gemv_tile3``, autotune key ``TILE3``: fewer instructions per weight, more registers); no
-  tensor cores.
+  tensor cores. A third batch-1 form reads activation lookup tables instead (``lut_gemv.py``).
 * ``_dot_kernel`` (M >= 2): BLOCK_M x BLOCK_N tiles, the decoded codes in the activations' dtype
   (codes are exact in fp16/bf16; tensor cores), fp32 accumulation, either one ``tl.dot`` of depth
   BLOCK_KW per bit group (``_dot_groups``) or, autotune key ``WHOLE_WORD``, the word tile decoded
