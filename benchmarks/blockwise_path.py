@@ -60,10 +60,9 @@ def trained_path(run: Path, fp_model, x: torch.Tensor) -> list[float]:
     from binarize.train.init_state import load_init, read_init
 
     saved = read_init(run)
-    rec = dict(saved["key"]["recipe"])
-    name = rec.pop("name", "binaryllm-distill")
-    rec.pop("description", None)
-    recipe = load_recipe(name, rec)
+    # the key holds every recipe key but the end-to-end ones (init_state.QAT_ONLY, the name among
+    # them), so any base recipe with the key's values set on it builds the same layers
+    recipe = load_recipe("binaryllm", saved["key"]["recipe"])
     qmodel = copy.deepcopy(fp_model)
     prepare(qmodel, recipe)
     for q in quant_layers(qmodel).values():

@@ -220,6 +220,22 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+FINAL_NORM_NAMES = ("norm", "final_layer_norm", "final_layernorm", "ln_f", "final_norm")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The normalisation the decoder applies after its last block, before the output head
+    (``model.norm`` in LLaMA-like families, ``final_layer_norm`` in GPT-NeoX, ``final_layernorm``
+    in Phi); BinarizeError (one line) when the decoder has none by those names."""
+    base = base_model(model)
+    for name in FINAL_NORM_NAMES:
+        mod = getattr(base, name, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    raise BinarizeError(f"{type(base).__name__} has no final norm named {', '.join(FINAL_NORM_NAMES)}: "
+                        "use --set blockwise_last_loss=same")
+
+
 def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every nn.Linear inside the decoder blocks; embeddings, norms, lm_head and MoE routers
     (``binarize.experts.ROUTER_NAMES``) stay FP. Stacked 3-D expert weights must have been

@@ -59,6 +59,7 @@ class Recipe:
     blockwise_inputs: str = "quantized"  # block i reads: quantized (blocks 0..i-1 converted) | fp (the FP model's)
     blockwise_loss: str = "relative"  # relative: per-token ||y_q - y||^2 / ||y||^2 | mse: plain mean squared error
     blockwise_quantizer: str = "progressive"  # progressive: t schedule within each block | ste: hard sign throughout
+    blockwise_last_loss: str = "same"  # the last block's loss: same (blockwise_loss) | kl: KL to the FP logits
     # --- progressive QAT ---
     lr: float = 1e-4
     min_lr: float = 2e-6
@@ -107,6 +108,7 @@ class Recipe:
             "blockwise_inputs": ("quantized", "fp"),
             "blockwise_loss": ("relative", "mse"),
             "blockwise_quantizer": ("progressive", "ste"),
+            "blockwise_last_loss": ("same", "kl"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

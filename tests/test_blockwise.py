@@ -181,3 +181,66 @@ def test_distill_recipes_convert_and_export(trained_tiny_dir, small_text, tmp_pa
     model, _, _ = load_packed(res.exported.path)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.randint(0, 1000, (1, 16))).logits).all()
+
+
+def test_head_kl_loss_is_the_kl_of_the_full_logits(trained_tiny_dir):
+    """The last block's KL objective: value and gradient equal to KL(softmax(head(norm(target))) ||
+    softmax(head(norm(out)))) from full logits, mean over positions (chunked: 24 positions at a time)."""
+    from binarize.models import final_norm
+    from binarize.train.blockwise import head_kl_loss
+
+    model = _model(trained_tiny_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hidden = model.config.hidden_size
+    target = torch.randn(2, 20, hidden)
+    out = (target + 0.3 * torch.randn(2, 20, hidden)).requires_grad_(True)
+    loss = head_kl_loss(model, bw_recipe_plain(loss_chunk=24))(out, target)
+    loss.backward()
+    norm, head = final_norm(model), model.get_output_embeddings()
+    out2 = out.detach().clone().requires_grad_(True)
+    t_logp = torch.log_softmax(head(norm(target)), -1)
+    s_logp = torch.log_softmax(head(norm(out2)), -1)
+    want = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+    want.backward()
+    assert float(loss) == pytest.approx(float(want), rel=1e-4)
+    assert torch.allclose(out.grad, out2.grad, rtol=1e-3, atol=1e-7)
+    same = target.clone().requires_grad_(True)
+    assert float(head_kl_loss(model, bw_recipe_plain())(same, target)) == pytest.approx(0.0, abs=1e-5)
+
+
+def bw_recipe_plain(**kw):
+    return load_recipe("binaryllm", dict(bai=False, blockwise_steps=4, blockwise_sequences=8, calib_sequences=8,
+                                         blockwise_batch=4, **kw))
+
+
+def test_last_block_trains_on_the_heads_kl(trained_tiny_dir, small_text, tmp_path):
+    """blockwise_last_loss=kl: the last block's KL to the FP logits falls, the other blocks train as before."""
+    recipe = bw_recipe(small_text, blockwise_steps=30, blockwise_last_loss="kl")
+    model = _model(trained_tiny_dir)
+    prepare(model, recipe)
+    finish_init(model, recipe)
+    ids = _calib(trained_tiny_dir, small_text)
+    rec = blockwise_reconstruct(model, ids, recipe, tmp_path, None)
+    first, last = rec.blocks
+    assert "head_kl_before" not in first and first["loss_hard_after"] < 0.8 * first["loss_hard_before"]
+    assert last["head_kl_after"] < 0.8 * last["head_kl_before"], last
+    with pytest.raises(BinarizeError, match="blockwise_last_loss"):
+        bw_recipe(small_text, blockwise_last_loss="logits")
+
+
+def test_final_norm_is_found_in_every_family_or_refused():
+    from binarize.models import final_norm
+
+    class NoNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+
+    with pytest.raises(BinarizeError, match="no final norm"):
+        final_norm(NoNorm())
+    for attr in ("norm", "final_layer_norm", "final_layernorm"):
+        m = torch.nn.Module()
+        m.model = torch.nn.Module()
+        setattr(m.model, attr, torch.nn.LayerNorm(4))
+        assert final_norm(m) is getattr(m.model, attr)

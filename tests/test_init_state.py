@@ -59,3 +59,20 @@ def test_an_initialisation_for_another_recipe_or_none_is_refused_before_any_outp
     with pytest.raises(BinarizeError, match="no saved initialisation there"):
         convert(ConvertJob(src, 1_000, out, _recipe(small_text), progress=False, init_from=tmp_path))
     assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_key_an_older_initialisation_lacks_counts_as_its_default(tmp_path):
+    """An init.json written before a recipe key existed matches a recipe at that key's default only."""
+    from binarize.train.init_state import check_init, init_key
+
+    recipe = load_recipe("binaryllm-distill", {})
+    calib = torch.arange(12).view(2, 6)
+    key = init_key(recipe, "m", calib)
+    older = json.loads(json.dumps(key))
+    del older["recipe"]["blockwise_last_loss"]
+    check_init(tmp_path, {"key": older}, init_key(load_recipe("binaryllm-distill", {"blockwise_last_loss": "same"}),
+                                                  "m", calib))
+    with pytest.raises(BinarizeError, match="recipe key blockwise_last_loss differs"):
+        check_init(tmp_path, {"key": older}, init_key(load_recipe("binaryllm-distill", {"blockwise_last_loss": "kl"}),
+                                                      "m", calib))
+

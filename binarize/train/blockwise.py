@@ -19,6 +19,17 @@ Sources: EfficientQAT's Block-AP (arXiv 2407.11062) and BRECQ (arXiv 2102.05426)
   over ``min(chunks, blockwise_steps)`` chunks inside every block (t from ~0 to the last chunk's
   value), then the block is used at the hard quantizer (t = inf) downstream and afterwards;
   ``"ste"`` trains at the hard sign with the straight-through estimator throughout.
+* The last block (``blockwise_last_loss``): ``"same"`` trains it like the others; ``"kl"``
+  trains it on KL(p_FP || p_Q) of the next-token distributions that the final norm and the frozen
+  output head give the FP block's output and the quantized block's (mean over positions; chunked
+  through ``losses.ChunkedLinearLoss``, so no full-vocabulary logits are held). The last block's
+  output is the only one the head reads directly, and a relative hidden-state error weighs
+  every direction alike where the head does not: on the default model's binaryllm-distill
+  initialisation, 60 more steps on the last block took the WikiText-2 loss (first 512 tokens,
+  hard sign) from 7.11 to 6.90 with the relative loss and to 6.43 with the KL; trained with the KL
+  from the start, the whole conversion ends 3.6 / 6.1 / 30 % lower on WikiText-2 / C4 / PTB at 32k
+  QAT tokens (``benchmarks/results/quality_cpu.md``). Cost: the head's forward twice and backward
+  once per step of that block (~400 s of a 2-core CPU at 100 steps on the default model).
 * Trainable: what end-to-end QAT trains in that block (``loop.trainable_groups``: latent weights
   with weight decay; Sl, St when ``train_st``, biases, and norms per ``train_fp``); AdamW, fresh
   for each block, with a cosine learning rate to a tenth of its start: ``blockwise_lr`` for the
@@ -42,10 +53,11 @@ from pathlib import Path
 
 import torch
 
-from ..models import decoder_layers
+from ..models import decoder_layers, final_norm
 from ..qlinear import quant_layers, set_t
 from ..recipe import Recipe
 from ..schedules import chunk_t
+from .losses import IGNORE, ChunkedLinearLoss, logit_softcap
 from .loop import Interrupted, StopOnInterrupt, trainable_groups
 from .record import BlockwiseRecord
 
@@ -103,6 +115,26 @@ def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "re
     return (err.sum(-1) / target.float().pow(2).sum(-1).clamp_min(1e-12)).mean()
 
 
+def head_kl_loss(model, recipe: Recipe):
+    """loss(out, target) for the last block: mean over positions of KL(p_FP || p_Q), p = softmax of
+    the frozen output head on the final norm of target (FP block output) and of out (quantized),
+    both (batch, seq, hidden); ``recipe.loss_chunk`` positions' logits at a time (1024 when 0)."""
+    norm, head = final_norm(model), model.get_output_embeddings()
+    cap = logit_softcap(model) or 0.0
+    chunk = recipe.loss_chunk or 1024
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        h = norm(out).flatten(0, 1)
+        with torch.no_grad():
+            t = norm(target.to(out.dtype)).flatten(0, 1)
+        no_targets = torch.full((h.shape[0],), IGNORE, dtype=torch.long, device=h.device)
+        kl, _, _ = ChunkedLinearLoss.apply(h, head.weight, head.bias, no_targets, t, head.weight, head.bias, None,
+                                           (0.0, 1.0, 1.0, cap, cap), chunk)
+        return kl
+
+    return loss
+
+
 def block_t(step: int, steps: int, recipe: Recipe) -> float:
     """t of a block step: the recipe's scheduler over min(chunks, steps) chunks, or inf (``ste``)."""
     if recipe.blockwise_quantizer == "ste":
@@ -116,15 +148,28 @@ def _run(block, x: torch.Tensor, kwargs: dict, batch: int) -> torch.Tensor:
     return torch.cat([_block_call(block, x[i : i + batch], kwargs).float() for i in range(0, x.shape[0], batch)])
 
 
+@torch.no_grad()
+def _mean_loss(loss_fn, block, x: torch.Tensor, target: torch.Tensor, kwargs: dict, batch: int) -> float:
+    """loss_fn over the cached sequences, ``batch`` at a time, weighted by batch size (hard quantizer)."""
+    total = 0.0
+    for i in range(0, x.shape[0], batch):
+        xb = x[i : i + batch]
+        total += float(loss_fn(_block_call(block, xb, kwargs), target[i : i + batch])) * xb.shape[0]
+    return total / x.shape[0]
+
+
 def _set_fp(block, fp: bool) -> None:
     """lam = 0 runs every layer of the block at its full-precision weight (W~ St = W)."""
     set_t(block, math.inf, 0.0 if fp else 1.0)
 
 
 def train_block(block, x: torch.Tensor, target: torch.Tensor, kwargs: dict, recipe: Recipe, index: int,
-                progress=None) -> dict:
+                progress=None, loss_fn=None) -> dict:
     """AdamW on one block's trainable parameters; returns its losses and wall time. The block is left
-    at the hard quantizer."""
+    at the hard quantizer. ``loss_fn(out, target)``: the objective (default: ``reconstruction_loss``
+    of the recipe's ``blockwise_loss``)."""
+    if loss_fn is None:
+        loss_fn = lambda out, tgt: reconstruction_loss(out, tgt, recipe.blockwise_loss)  # noqa: E731
     t0 = time.perf_counter()
     steps, batch = recipe.blockwise_steps, recipe.blockwise_batch
     groups = trainable_groups(block, recipe)  # [latent weights, scales / norms / biases]
@@ -148,7 +193,7 @@ def train_block(block, x: torch.Tensor, target: torch.Tensor, kwargs: dict, reci
         for grp in opt.param_groups:
             grp["lr"] = grp["base_lr"] * decay
         idx = order[step * batch : (step + 1) * batch]
-        loss = reconstruction_loss(_block_call(block, x[idx], kwargs), target[idx], recipe.blockwise_loss)
+        loss = loss_fn(_block_call(block, x[idx], kwargs), target[idx])
         loss.backward()
         if recipe.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
@@ -210,7 +255,16 @@ def blockwise_reconstruct(model, calib: torch.Tensor, recipe: Recipe, workdir: P
             set_t(block, math.inf)
             with torch.no_grad():
                 before = float(reconstruction_loss(_run(block, x_in, kwargs, mb), target, recipe.blockwise_loss))
-            res = train_block(block, x_in, target, kwargs, recipe, i, progress)
+            last_kl = i == len(layers) - 1 and recipe.blockwise_last_loss == "kl"
+            head_kl = head_kl_loss(model, recipe) if last_kl else None
+            if head_kl is not None:
+                kl_before = _mean_loss(head_kl, block, x_in, target, kwargs, mb)
+            res = train_block(block, x_in, target, kwargs, recipe, i, progress, head_kl)
+            if head_kl is not None:
+                res.update(head_kl_before=kl_before, head_kl_after=_mean_loss(head_kl, block, x_in, target, kwargs, mb))
+                if log:
+                    log(f"block {i + 1}/{len(layers)}: KL to the FP logits {kl_before:.4f} -> "
+                        f"{res['head_kl_after']:.4f}")
             if x_q is not None:
                 x_q = _run(block, x_q, kwargs, mb)
             after = float(reconstruction_loss(x_q if x_q is not None else _run(block, x_fp, kwargs, mb), target,

@@ -21,6 +21,7 @@ key differs is refused in one line naming the first differing key, before any ou
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -72,9 +73,11 @@ def check_init(run: Path, saved: dict[str, Any], key: dict[str, Any]) -> None:
     if old.get("calib_sha256") != key["calib_sha256"]:
         raise BinarizeError(f"--init-from {run}: it was made on other calibration text "
                             "(calib, calib_sequences, seq_len or the self-generated corpus differ)")
+    # a key an older binarize did not have yet was at its default there (the default is what it ran)
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe) if f.default is not dataclasses.MISSING}
     a, b = old.get("recipe", {}), key["recipe"]
     for k in sorted(set(a) | set(b)):
-        if json.dumps(a.get(k)) != json.dumps(b.get(k)):
+        if json.dumps(a.get(k, defaults.get(k))) != json.dumps(b.get(k, defaults.get(k))):
             raise BinarizeError(f"--init-from {run}: recipe key {k} differs ({a.get(k)!r} there, {b.get(k)!r} "
                                 "here); only end-to-end keys and --tokens may differ")
 

@@ -28,7 +28,7 @@ from ..errors import BinarizeError
 from ..experts import MOE_REFUSAL, has_moe_experts
 from ..formats.latent import save_converted
 from ..formats.registry import Exported
-from ..models import (check_supported, decoder_layers, load_config, load_model, max_positions, resolve_model,
+from ..models import (check_supported, decoder_layers, final_norm, load_config, load_model, max_positions, resolve_model,
                       scratch_model)
 from ..qlinear import finish_init, prepare
 from ..recipe import Recipe
@@ -342,8 +342,10 @@ def check_model_options(model, recipe: Recipe, export: str | None = None) -> Non
     if recipe.grad_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         raise BinarizeError(f"--grad-checkpointing: {type(model).__name__} does not support activation "
                             "checkpointing in transformers; run without it")
-    if recipe.loss_chunk:
+    if recipe.loss_chunk or (recipe.blockwise_steps and recipe.blockwise_last_loss == "kl"):
         check_chunked(model)
+    if recipe.blockwise_steps and recipe.blockwise_last_loss == "kl":
+        final_norm(model)  # a model whose final norm is not found is refused before any work
 
 
 def set_grad_checkpointing(model, on: bool) -> None:
