@@ -43,10 +43,9 @@ from pathlib import Path
 
 import torch
 
-from binarize.evaluate import eval_tokens
-from binarize.models import decoder_layers, load_model
+from binarize.models import decoder_layers
 from binarize.quantizers import binary_weight, ternary_weight
-from progressive_path import _calibration_tokens, _target_linears, bai, monotone, nll
+from progressive_path import _calibration_tokens, _target_linears, bai, model_and_eval_tokens, monotone, nll
 
 
 def _block_index(name: str) -> int:
@@ -125,11 +124,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    torch.manual_seed(0)
-    model, tokenizer, _ = load_model(args.model)
-    model.eval()
-    ids, _ = eval_tokens(tokenizer, "wikitext2")
-    x = ids[: args.tokens][None]
+    model, tokenizer, ids, x = model_and_eval_tokens(args.model, args.tokens)
     if args.init_from is not None:
         label = f"block-wise stage of {args.init_from}"
         path = trained_path(args.init_from, model, x)

@@ -136,6 +136,18 @@ def nll(model, x: torch.Tensor) -> float:
         return float(model(input_ids=x, labels=x).loss)
 
 
+def model_and_eval_tokens(spec, n_tokens: int):
+    """(model in eval mode, tokenizer, WikiText-2 test ids, the first n_tokens as one sequence (1, n))."""
+    from binarize.evaluate import eval_tokens
+    from binarize.models import load_model
+
+    torch.manual_seed(0)
+    model, tokenizer, _ = load_model(spec)
+    model.eval()
+    ids, _ = eval_tokens(tokenizer, "wikitext2")
+    return model, tokenizer, ids, ids[:n_tokens][None]
+
+
 def monotone(values: list[float]) -> bool:
     return all(b >= a for a, b in zip(values, values[1:]))
 
@@ -159,14 +171,7 @@ def main(argv=None):
     forms = [f for f in args.forms.split(",") if f]
     t0 = time.perf_counter()
 
-    from binarize.evaluate import eval_tokens
-    from binarize.models import load_model
-
-    torch.manual_seed(0)
-    model, tokenizer, _ = load_model(args.model)
-    model.eval()
-    ids, _ = eval_tokens(tokenizer, "wikitext2")
-    x = ids[: args.tokens][None]
+    model, tokenizer, ids, x = model_and_eval_tokens(args.model, args.tokens)
     lins = _target_linears(model)
     w_fp = {n: m.weight.detach().clone() for n, m in lins.items()}
     print(f"model {args.model or 'default'}: {len(lins)} linears; "

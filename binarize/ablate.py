@@ -356,10 +356,7 @@ def plot(plan: Plan, results: list[dict], path: Path) -> None:
 
 def _compact(v: float, _pos=None) -> str:
     """Tick label: 500, 2k, 50k, 1M."""
-    for div, unit in ((1e6, "M"), (1e3, "k")):
-        if v >= div:
-            return f"{v / div:g}{unit}"
-    return f"{v:g}"
+    return next((f"{v / div:g}{unit}" for div, unit in ((1e6, "M"), (1e3, "k")) if v >= div), f"{v:g}")
 
 
 def plot_quality(plan: Plan, results: list[dict], path: Path) -> None:

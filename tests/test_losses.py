@@ -56,6 +56,11 @@ def test_chunked_loss_refuses_scaled_logits(tiny_model):
     with pytest.raises(BinarizeError, match="logit_scale"):
         TrainLoss(tiny_model, None, 64)
     TrainLoss(tiny_model, None, 0)  # the full-logits path computes what the model computes
+    kl_last = load_recipe("binaryllm", {"loss_chunk": 0, "blockwise_steps": 4, "blockwise_last_loss": "kl",
+                                        "blockwise_sequences": 8, "calib_sequences": 8})
+    with pytest.raises(BinarizeError, match="blockwise_last_loss=kl needs logits.*use --set blockwise_last_loss=same"):
+        check_model_options(tiny_model, kl_last)
+    check_model_options(tiny_model, load_recipe("binaryllm", {"loss_chunk": 0}))
 
 
 def test_grad_checkpointing_refused_where_the_model_cannot(tiny_model):

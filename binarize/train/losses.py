@@ -115,19 +115,20 @@ def logit_softcap(model) -> float | None:
     return float(cap) if cap else None
 
 
-def check_chunked(model) -> None:
+def check_chunked(model, what: str = "loss_chunk > 0", remedy: str = "--set loss_chunk=0 (the full-logits loss)"
+                  ) -> None:
     """The chunked path computes logits as ``lm_head(final hidden state)``, soft-capped where the
     model soft-caps them (Gemma 2); a model that changes them otherwise (Cohere's logit scale) is
-    refused with one line."""
+    refused with one line naming ``what`` needs it and the ``remedy``."""
     cfg = model.config
     for key in ("logit_scale", "output_multiplier_scale"):
         if getattr(cfg, key, None) not in (None, 1, 1.0):
-            raise BinarizeError(f"loss_chunk > 0 needs logits = lm_head(hidden), but {cfg.model_type} sets {key}: "
-                                "use --set loss_chunk=0 (the full-logits loss)")
+            raise BinarizeError(f"{what} needs logits = lm_head(hidden), but {cfg.model_type} sets {key}: "
+                                f"use {remedy}")
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or not hasattr(model, "get_decoder"):
-        raise BinarizeError(f"loss_chunk > 0 needs a Linear output head and a decoder ({type(model).__name__} has "
-                            "neither): use --set loss_chunk=0")
+        raise BinarizeError(f"{what} needs a Linear output head and a decoder ({type(model).__name__} has "
+                            f"neither): use {remedy}")
 
 
 class TrainLoss(torch.nn.Module):

@@ -28,8 +28,8 @@ from ..errors import BinarizeError
 from ..experts import MOE_REFUSAL, has_moe_experts
 from ..formats.latent import save_converted
 from ..formats.registry import Exported
-from ..models import (check_supported, decoder_layers, final_norm, load_config, load_model, max_positions, resolve_model,
-                      scratch_model)
+from ..models import (check_supported, decoder_layers, final_norm, load_config, load_model, max_positions,
+                      resolve_model, scratch_model)
 from ..qlinear import finish_init, prepare
 from ..recipe import Recipe
 from .bai import binary_aware_init
@@ -342,10 +342,11 @@ def check_model_options(model, recipe: Recipe, export: str | None = None) -> Non
     if recipe.grad_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         raise BinarizeError(f"--grad-checkpointing: {type(model).__name__} does not support activation "
                             "checkpointing in transformers; run without it")
-    if recipe.loss_chunk or (recipe.blockwise_steps and recipe.blockwise_last_loss == "kl"):
+    if recipe.loss_chunk:
         check_chunked(model)
-    if recipe.blockwise_steps and recipe.blockwise_last_loss == "kl":
-        final_norm(model)  # a model whose final norm is not found is refused before any work
+    if recipe.blockwise_steps and recipe.blockwise_last_loss == "kl":  # refused before any work, not at the last block
+        check_chunked(model, "blockwise_last_loss=kl", "--set blockwise_last_loss=same")
+        final_norm(model)
 
 
 def set_grad_checkpointing(model, on: bool) -> None:
