@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_packed import _INTERPRET, _split_range, _stand_in, _store, choose_split_k, kernel_bits
+from .triton_packed import _INTERPRET, _split_range, _store, check_call, kernel_bits, outputs
 
 NIBBLES = 8  # 4-bit nibbles per int32 word
 ENTRIES = 16  # table entries per nibble
@@ -116,24 +116,12 @@ def lut_gemv(x: torch.Tensor, kw: torch.Tensor, scale: torch.Tensor, st: torch.T
     x: (K,) or (1, K) fp32/fp16/bf16; kw: int32 [KW, N] (``triton_packed.prepare``); scale: (N,)
     fp32; st: (K,) or None. Returns x's shape with K replaced by N, in x's dtype. ValueError for more
     than one row, a weight of the wrong shape or dtype, or split_k < 1."""
-    K = x.shape[-1]
-    bits = kernel_bits(fmt)
-    n_words = -(-K // (32 // bits))
+    K, N = x.shape[-1], out_features
     if x.numel() != K:
         raise ValueError(f"the table kernel takes one activation row, got {tuple(x.shape)}")
-    if tuple(kw.shape) != (n_words, out_features) or kw.dtype != torch.int32:
-        raise ValueError(f"kernel-layout weight {tuple(kw.shape)} does not fit {out_features}x{K} {fmt}")
-    N = out_features
-    split = choose_split_k(1, N, n_words, x.device) if split_k is None else int(split_k)
-    if split < 1:
-        raise ValueError(f"split_k must be at least 1, got {split_k}")
+    n_words, split = check_call(x, kw, fmt, N, 1, split_k)
     table = activation_table(x.reshape(K).contiguous(), st, fmt)
-    if split == 1:
-        y = torch.empty(N, dtype=x.dtype, device=x.device)
-        y_arg, ws = y, _stand_in(x.device, torch.float32)
-    else:
-        ws = torch.empty((split, N), dtype=torch.float32, device=x.device)
-        y_arg = _stand_in(x.device, x.dtype)
+    y, y_arg, ws = outputs(x, split, 1, N)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), 1, split)  # noqa: E731
     _lut_gemv_kernel[grid](table, kw, scale, y_arg, ws, N, N, n_words, SPLIT_K=split)
     if split > 1:

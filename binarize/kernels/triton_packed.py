@@ -316,6 +316,31 @@ def choose_split_k(m: int, n: int, n_words: int, device: torch.device) -> int:
     return split
 
 
+def check_call(x: torch.Tensor, kw: torch.Tensor, fmt: str, out_features: int, m: int,
+               split_k: int | None) -> tuple[int, int]:
+    """(words per column KW, K splits) of a product of m rows of x (..., K) with the kernel-layout
+    weight kw; ValueError for a weight of the wrong shape or dtype, or split_k < 1."""
+    K = x.shape[-1]
+    n_words = -(-K // (32 // kernel_bits(fmt)))
+    if tuple(kw.shape) != (n_words, out_features) or kw.dtype != torch.int32:
+        raise ValueError(f"kernel-layout weight {tuple(kw.shape)} does not fit {out_features}x{K} {fmt}")
+    split = choose_split_k(m, out_features, n_words, x.device) if split_k is None else int(split_k)
+    if split < 1:
+        raise ValueError(f"split_k must be at least 1, got {split_k}")
+    return n_words, split
+
+
+def outputs(x: torch.Tensor, split: int, m: int, n: int):
+    """(y (m, n) in x's dtype or None, the output pointer argument, the fp32 workspace argument):
+    one split writes y; several write their slices of a workspace (split, m, n). The pointer a split
+    count does not write gets a one-element stand-in, never an alias of the other: torch.compile may
+    copy each written argument separately and write the copies back."""
+    if split == 1:
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        return y, y, _stand_in(x.device, torch.float32)
+    return None, _stand_in(x.device, x.dtype), torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+
+
 def prepared_matmul(x: torch.Tensor, kw: torch.Tensor, scale: torch.Tensor, st: torch.Tensor | None, fmt: str,
                     out_features: int, split_k: int | None = None) -> torch.Tensor:
     """y = x @ W^T for a weight already in kernel layout (``prepare``).
@@ -328,24 +353,12 @@ def prepared_matmul(x: torch.Tensor, kw: torch.Tensor, scale: torch.Tensor, st: 
     wrong shape or dtype, or split_k < 1."""
     K = x.shape[-1]
     bits = kernel_bits(fmt)
-    n_words = -(-K // (32 // bits))
-    if tuple(kw.shape) != (n_words, out_features) or kw.dtype != torch.int32:
-        raise ValueError(f"kernel-layout weight {tuple(kw.shape)} does not fit {out_features}x{K} {fmt}")
     x2 = x.reshape(-1, K)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     M, N = x2.shape[0], out_features
-    split = choose_split_k(M, N, n_words, x.device) if split_k is None else int(split_k)
-    if split < 1:
-        raise ValueError(f"split_k must be at least 1, got {split_k}")
-    # the pointer a split count does not write gets a one-element stand-in, never an alias of the
-    # other: torch.compile may copy each written argument separately and write the copies back
-    if split == 1:
-        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-        y_arg, ws = y, _stand_in(x.device, torch.float32)
-    else:
-        ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device)  # every split writes its slice
-        y_arg = _stand_in(x.device, x.dtype)
+    n_words, split = check_call(x, kw, fmt, out_features, M, split_k)
+    y, y_arg, ws = outputs(x, split, M, N)
     st_arg = st if st is not None else scale
     if M == 1:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, split)  # noqa: E731
