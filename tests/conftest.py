@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter; 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one thread per worker, so two workers share two cores
     torch.set_num_threads(1)
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
 
 
@@ -102,7 +102,9 @@ def train_tiny(model_dir, text_file, out, steps: int = 150):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir):
-    """A tiny random LlamaForCausalLM with the real vocabulary, as a local model directory."""
+    """A tiny random LlamaForCausalLM with the real vocabulary, as a local model directory. Its
+    MLP is 256 wide so that down_proj's rows fill GGUF's 256-weight blocks (the GGUF tests share
+    the trained model instead of training one of their own, ~2 minutes of CI)."""
     return built_once(tmp_path_factory, "tiny-llama", lambda out: make_tiny_llama(tokenizer_dir, out))
 
 
@@ -138,5 +140,7 @@ def converted_tiny_dir(tmp_path_factory, trained_tiny_dir, small_text):
 
     recipe = load_recipe("binaryllm", dict(seq_len=64, batch_tokens=256, bai_batch_tokens=128, bai_steps=3,
                                            calib_sequences=8, chunks=4, data=str(small_text), lr=1e-3))
-    out = tmp_path_factory.mktemp("converted") / "run"
-    return convert(ConvertJob(model=str(trained_tiny_dir), tokens=2048, out=out, recipe=recipe, progress=False))
+    # built once for both pytest-xdist workers: the tests only read it (exports go elsewhere)
+    root = built_once(tmp_path_factory, "converted-tiny", lambda out: convert(ConvertJob(
+        model=str(trained_tiny_dir), tokens=2048, out=out / "run", recipe=recipe, progress=False)))
+    return root / "run"

@@ -13,7 +13,7 @@ from binarize.errors import BinarizeError
 from binarize.formats.gguf_q1 import register_q1_0
 from binarize.formats.gguf_writer import check_gguf_fit, folded_weights, permute_rotary, write_gguf
 from binarize.qlinear import LayerSpec, quant_layers, quantize_, share_st_
-from conftest import llama_cpp_logits, make_tiny_llama, train_tiny
+from conftest import llama_cpp_logits
 
 gguf = pytest.importorskip("gguf")
 CASES = [("binary", "gguf-q1", "q4_0"), ("binary", "gguf-tq2", "q4_0"), ("ternary", "gguf-tq1", "q4_0"),
@@ -186,20 +186,17 @@ def test_tokenizer_metadata_matches_the_source_gguf(tokenizer_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tied_run(tokenizer_dir, small_text, tmp_path_factory):
-    """binaryllm with share_st on a trained tiny LLaMA whose down_proj (256 inputs) fits the blocks:
-    BaI learns tied St that GGUF can fold."""
+def tied_run(trained_tiny_dir, small_text, tmp_path_factory):
+    """binaryllm with share_st on the trained tiny LLaMA, whose down_proj (256 inputs) fits the
+    blocks: BaI learns tied St that GGUF can fold."""
     from binarize.train import ConvertJob, convert
     from binarize.recipe import load_recipe
-
-    tiny = make_tiny_llama(tokenizer_dir, tmp_path_factory.mktemp("tiny-256"), intermediate_size=256)
-    trained = train_tiny(tiny, small_text, tmp_path_factory.mktemp("trained-256"))
 
     recipe = load_recipe("binaryllm", dict(seq_len=64, batch_tokens=256, bai_batch_tokens=128, bai_steps=3,
                                            calib_sequences=8, chunks=4, data=str(small_text), lr=1e-3,
                                            share_st=True))
     out = tmp_path_factory.mktemp("tied") / "run"
-    return convert(ConvertJob(model=str(trained), tokens=2048, out=out, recipe=recipe, progress=False))
+    return convert(ConvertJob(model=str(trained_tiny_dir), tokens=2048, out=out, recipe=recipe, progress=False))
 
 
 @pytest.mark.parametrize("fmt", ["gguf-q1", "gguf-tq2"])
