@@ -11,6 +11,9 @@ blocks plus the norms; AdamW; gradient clipping) and differs only as named:
 * ``qat-chunked-gc``: that plus activation checkpointing (``--grad-checkpointing``);
 * ``qat-chunked-compiled``: ``qat-chunked`` with the weight quantizer fused by ``torch.compile``
   (recipe key ``compile_quantizer``, ``binarize/compiled_quantizers.py``; compiled in the warm-up).
+* ``qat-liger`` / ``qat-liger-compiled``: ``qat-chunked`` / ``qat-chunked-compiled`` with liger-kernel's
+  fused linear cross-entropy instead of binarize's chunked loss (recipe key ``loss_backend``,
+  ``binarize/train/liger_loss.py``; its Triton kernel needs CUDA: on a CPU these variants fail).
 
 Models are random-weight LLaMA configs of real shapes, so the benchmark runs offline:
 ``smollm2-135m`` (SmolLM2-135M) and ``llama-3.2-1b`` (Llama-3.2-1B, 128k vocabulary); ``--layers N``
@@ -45,7 +48,7 @@ SHAPES = {  # transformers LlamaConfig fields of the real checkpoints
                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
                          rope_theta=500000.0),
 }
-VARIANTS = ("fp", "qat", "qat-chunked", "qat-chunked-gc", "qat-chunked-compiled")
+VARIANTS = ("fp", "qat", "qat-chunked", "qat-chunked-gc", "qat-chunked-compiled", "qat-liger", "qat-liger-compiled")
 
 
 def rss_bytes() -> int:
@@ -126,7 +129,8 @@ def run_variant(args) -> dict:
 
         set_grad_checkpointing(model, True)
     model.to(device).train()
-    loss_fn = TrainLoss(model, None, args.loss_chunk if "chunked" in v else 0)
+    liger = "liger" in v
+    loss_fn = TrainLoss(model, None, args.loss_chunk if "chunked" in v or liger else 0, "liger" if liger else "chunked")
     opt = torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas))
     params = [p for g in groups for p in g["params"]]
     g = torch.Generator().manual_seed(1)

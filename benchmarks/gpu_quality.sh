@@ -6,7 +6,8 @@
 #   * the default model's GGUF (94 MiB): split here into two parts, carried in two calls (the
 #     second within the 30 s a machine stays warm, so the first part is still there);
 #   * ../shared/data (10 MiB: WikiText-2, C4, PTB), copied to .gpu/data (BINARIZE_DATA_DIR);
-#   * the gguf wheel (transformers reads GGUF files with it), in .whl/.
+#   * the gguf wheel (transformers reads GGUF files with it) and liger-kernel's (the fused loss the
+#     recipe's loss_backend: auto picks on CUDA), in .whl/.
 #
 # Here, once (writes the ignored folders .gpu/ and .whl/):
 #   bash benchmarks/gpu_quality.sh prepare
@@ -39,7 +40,7 @@ prepare)
   data=$(python3 -c "from calibration.datasets import data_dir; print(data_dir() or '')")
   [ -n "$data" ] || { echo "error: no local data folder (../shared/data or BINARIZE_DATA_DIR)"; exit 1; }
   cp -r "$data"/. .gpu/data/
-  python3 -m pip download -q --no-deps gguf -d .whl
+  python3 -m pip download -q --no-deps gguf liger-kernel -d .whl
   du -sh .gpu/part-* .gpu/data .whl
   ;;
 part)

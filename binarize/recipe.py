@@ -72,6 +72,7 @@ class Recipe:
     micro_batch: int = 1  # sequences per forward; the rest is gradient accumulation
     train_fp: str = "norms"  # which full-precision params train too: none | norms | all
     loss_chunk: int = 1024  # positions whose logits exist at once (train/losses.py); 0: the model's full logits
+    loss_backend: str = "auto"  # chunked | liger (liger-kernel) | auto: liger on CUDA where it can (train/liger_loss.py)
     grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory, ~1.3x time)
     # --- data ---
     data: str = "auto"  # auto: PTB train when its local file is found, else self-generated text
@@ -109,6 +110,7 @@ class Recipe:
             "blockwise_loss": ("relative", "mse"),
             "blockwise_quantizer": ("progressive", "ste"),
             "blockwise_last_loss": ("same", "kl"),
+            "loss_backend": ("auto", "chunked", "liger"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

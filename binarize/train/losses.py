@@ -139,10 +139,12 @@ class TrainLoss(torch.nn.Module):
     full-logits forward. The teacher is held outside the module's parameters, so DDP / FSDP never
     synchronise or shard it."""
 
-    def __init__(self, model: torch.nn.Module, distill: Distill | None = None, chunk: int = 0):
+    def __init__(self, model: torch.nn.Module, distill: Distill | None = None, chunk: int = 0,
+                 backend: str = "chunked"):
         super().__init__()
         self.model = model
         self.chunk = chunk
+        self.backend = backend  # chunked: ChunkedLinearLoss; liger: liger-kernel (liger_loss.py)
         object.__setattr__(self, "distill", distill)  # not a submodule
         if chunk:
             check_chunked(model)
@@ -168,6 +170,10 @@ class TrainLoss(torch.nn.Module):
             t_head = d.teacher.get_output_embeddings()
         weights = (d.ce_weight, d.alpha, d.temperature) if d is not None else (1.0, 0.0, 1.0)
         weights = (*weights, logit_softcap(self.model) or 0.0, (logit_softcap(d.teacher) or 0.0) if d else 0.0)
+        if self.backend == "liger":
+            from .liger_loss import liger_loss
+
+            return liger_loss(h, head, targets, teacher_h, t_head, weights, self.chunk, IGNORE)
         loss, ce, kd = ChunkedLinearLoss.apply(h, head.weight, head.bias, targets, teacher_h,
                                                None if t_head is None else t_head.weight,
                                                None if t_head is None else t_head.bias, sparse, weights, self.chunk)

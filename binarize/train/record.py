@@ -111,6 +111,7 @@ class RunRecord:
     processes: int = 1  # training processes (DDP / FSDP ranks); the record's losses are global means
     init_from: dict | None = None  # --init-from: {"run": RUN, "wall_s": its BaI + block-wise seconds}
     fsdp: bool = False  # end-to-end QAT sharded over the processes (train/sharding.py)
+    loss_backend: str = "chunked"  # the end-to-end loss's implementation (train/liger_loss.py)
 
     def tail_loss(self, parts: int = 10) -> float | None:
         """Mean loss over the last 1/``parts`` of the steps (at least one); None without steps."""
@@ -125,7 +126,7 @@ class RunRecord:
                "steps": [s.to_dict() for s in self.steps],
                "bai": dataclasses.asdict(self.bai) if self.bai else None,
                "tokens": dataclasses.asdict(self.tokens), "wall_s": self.wall_s, "processes": self.processes,
-               "fsdp": self.fsdp}
+               "fsdp": self.fsdp, "loss_backend": self.loss_backend}
         if self.blockwise is not None:
             out["blockwise"] = dataclasses.asdict(self.blockwise)
         if self.peak_memory_mib is not None:
@@ -140,7 +141,7 @@ class RunRecord:
                    d.get("data", {}), TokenRecord(**d["tokens"]), [StepRecord.from_dict(s) for s in d["steps"]],
                    BaiRecord(**d["bai"]) if d.get("bai") else None, d.get("wall_s", 0.0), d.get("peak_memory_mib"),
                    BlockwiseRecord(**d["blockwise"]) if d.get("blockwise") else None, d.get("processes", 1),
-                   d.get("init_from"), d.get("fsdp", False))
+                   d.get("init_from"), d.get("fsdp", False), d.get("loss_backend", "chunked"))
 
     def write(self, path: Path) -> None:
         write_json(path, self.to_dict())

@@ -39,6 +39,7 @@ from .init_state import check_init, init_key, load_init, read_init, save_init
 from .loop import Interrupted, StopOnInterrupt, TrainState, save, train_qat, trainable_groups
 from .sharding import (TRUE, fsdp_options, fsdp_requested, full_model_state, load_optimizer_state, shard,
                        unsharded_model)
+from .liger_loss import resolve_backend
 from .losses import Distill, TrainLoss, check_chunked
 from .plan import check_job, fit_chunks, stage_summary
 from .record import BaiRecord, BlockwiseRecord, RunRecord, TokenRecord, plot_loss
@@ -225,7 +226,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                     del record.steps[start_step:]
                 if recipe.grad_checkpointing:
                     set_grad_checkpointing(model, True)
-                loss_fn = TrainLoss(model, distill, recipe.loss_chunk)
+                record.loss_backend = resolve_backend(recipe, model)
+                loss_fn = TrainLoss(model, distill, recipe.loss_chunk, record.loss_backend)
                 if sharded:
                     shard(loss_fn, decoder_layers(model), fsdp_opts["reshard_after_forward"])
                     optimizer = torch.optim.AdamW(trainable_groups(model, recipe), lr=recipe.lr,
@@ -344,6 +346,7 @@ def check_model_options(model, recipe: Recipe, export: str | None = None) -> Non
                             "checkpointing in transformers; run without it")
     if recipe.loss_chunk:
         check_chunked(model)
+    resolve_backend(recipe, model)  # loss_backend=liger where liger cannot run: refused here, before any work
     if recipe.blockwise_steps and recipe.blockwise_last_loss == "kl":  # refused before any work, not at the last block
         check_chunked(model, "blockwise_last_loss=kl", "--set blockwise_last_loss=same")
         final_norm(model)
