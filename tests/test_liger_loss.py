@@ -102,6 +102,9 @@ def test_the_backend_is_chosen_or_refused_before_any_work(monkeypatch):
         resolve_backend(recipe(loss_backend="liger"), model, "cpu")
     with pytest.raises(BinarizeError, match="loss_backend"):
         recipe(loss_backend="fast")
+    topk = Distill(small_llama(1).requires_grad_(False), alpha=1.0, temperature=1.0, topk=4)
+    with pytest.raises(BinarizeError, match="top-k"):  # a loss module built by hand does not drop the KL
+        TrainLoss(model, topk, 16, "liger")(torch.randint(0, 300, (1, 8)))
     gemma = copy.deepcopy(model)
     gemma.config.final_logit_softcapping = 30.0
     gemma.config.model_type = "gemma2"

@@ -28,9 +28,6 @@ import torch
 
 from ..errors import BinarizeError
 
-BACKENDS = ("auto", "chunked", "liger")
-
-
 def why_not_liger(recipe, model, device: str) -> str | None:
     """Why liger cannot compute this recipe's loss on ``device`` ("cuda" / "cpu"), or None."""
     if importlib.util.find_spec("liger_kernel") is None:

@@ -136,8 +136,10 @@ class TrainLoss(torch.nn.Module):
     distillation. ce is the mean next-token loss over batch x (seq - 1) positions (as transformers'
     ``labels=`` loss), kd the mean tau^2 * KL over batch x seq positions. ``chunk`` (recipe
     ``loss_chunk``) is the number of positions whose logits exist at once; 0: the model's own
-    full-logits forward. The teacher is held outside the module's parameters, so DDP / FSDP never
-    synchronise or shard it."""
+    full-logits forward. ``backend`` (recipe ``loss_backend``, resolved by
+    ``liger_loss.resolve_backend``): ``chunked`` (``ChunkedLinearLoss``) or ``liger`` (liger-kernel;
+    its kd is the mean over the positions with a target). The teacher is held outside the module's
+    parameters, so DDP / FSDP never synchronise or shard it."""
 
     def __init__(self, model: torch.nn.Module, distill: Distill | None = None, chunk: int = 0,
                  backend: str = "chunked"):
@@ -173,6 +175,8 @@ class TrainLoss(torch.nn.Module):
         if self.backend == "liger":
             from .liger_loss import liger_loss
 
+            if sparse is not None:  # resolve_backend keeps distill_topk on the chunked path
+                raise BinarizeError("loss_backend=liger has no form for the teacher's top-k logits (distill_topk)")
             return liger_loss(h, head, targets, teacher_h, t_head, weights, self.chunk, IGNORE)
         loss, ce, kd = ChunkedLinearLoss.apply(h, head.weight, head.bias, targets, teacher_h,
                                                None if t_head is None else t_head.weight,
