@@ -127,7 +127,7 @@ def test_continual_switch_full_precision_first_then_ternary(trained_tiny_dir, sm
     # the spike at the switch: on the same batch, ternary weights lose to the full-precision ones
     later = _run(trained_tiny_dir, small_text, tmp_path / "later", switch_at=6)
     c = json.loads((later / "run.json").read_text())["steps"]
-    assert [s["loss"] for s in c[:5]] == [s["loss"] for s in a[:4]] + [c[4]["loss"]] and c[4]["lambda"] == 0.0
+    assert [s["loss"] for s in c[:4]] == [s["loss"] for s in a[:4]] and c[4]["lambda"] == 0.0
     assert a[4]["loss"] > c[4]["loss"] + 0.2, (a[4]["loss"], c[4]["loss"])  # measured: 6.42 against 6.07
     model, _, meta = load_converted(kept)
     assert meta["method"] == "ternary" and meta["act_bits"] == 8
