@@ -28,6 +28,7 @@ import torch
 
 from ..errors import BinarizeError
 
+
 def why_not_liger(recipe, model, device: str) -> str | None:
     """Why liger cannot compute this recipe's loss on ``device`` ("cuda" / "cpu"), or None."""
     if importlib.util.find_spec("liger_kernel") is None:
@@ -48,10 +49,7 @@ def resolve_backend(recipe, model, device: str | None = None) -> str:
     """The loss backend a run uses: ``chunked`` or ``liger`` (module docstring). ``device`` defaults
     to "cuda" when torch sees one. BinarizeError (one line) for ``liger`` where it cannot run."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if recipe.loss_backend == "chunked" or not recipe.loss_chunk:
-        if recipe.loss_backend == "liger":
-            raise BinarizeError("loss_backend=liger: loss_chunk 0 asks for the model's full logits; "
-                                "use --set loss_backend=chunked or a positive loss_chunk")
+    if recipe.loss_backend == "chunked":
         return "chunked"
     reason = why_not_liger(recipe, model, device)
     if recipe.loss_backend == "liger":
