@@ -249,8 +249,16 @@ def run_member(plan: Plan, m: Member, out: Path, echo: Callable[[str], None]) ->
             "member_s": time.perf_counter() - t0}
 
 
+def check_only(plan: Plan, only: list[str] | None) -> None:
+    """BinarizeError naming every ``--only`` name that is not one of the plan's members."""
+    unknown = set(only or []) - {m.name for m in plan.members}
+    if unknown:
+        raise BinarizeError(f"--only names unknown run(s): {', '.join(sorted(unknown))}")
+
+
 def run_plan(plan: Plan, out: Path, echo: Callable[[str], None] = print, only: list[str] | None = None) -> list[dict]:
     """Run (or resume) every member, then write results.json, table.md and plot.png into ``out``."""
+    check_only(plan, only)
     for sub in ("runs", "logs", "results"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     fingerprint = {"name": plan.name, "tokens": plan.tokens, "model": plan.model, "from_scratch": plan.from_scratch,
@@ -259,10 +267,6 @@ def run_plan(plan: Plan, out: Path, echo: Callable[[str], None] = print, only: l
     if fp_path.is_file() and json.loads(fp_path.read_text()) != json.loads(json.dumps(fingerprint)):
         raise BinarizeError(f"{out} holds results of a different plan or budget: use another --out")
     write_json(fp_path, fingerprint)
-    if only:
-        unknown = set(only) - {m.name for m in plan.members}
-        if unknown:
-            raise BinarizeError(f"--only names unknown run(s): {', '.join(sorted(unknown))}")
     results = []
     for m in plan.members:
         res_path = out / "results" / f"{m.name}.json"

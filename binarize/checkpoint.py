@@ -34,7 +34,20 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     if final.exists():
         final.rename(old)
     tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+def check_output_dir(out: Path, overwrite: bool, hint: str = "use --overwrite") -> None:
+    """Refuse an output directory that would lose data: a path that is a file (even with
+    ``overwrite``: an output directory never replaces a file) or a non-empty directory without
+    ``overwrite``. Raises BinarizeError with one line naming ``out``."""
+    if out.exists() and not out.is_dir():
+        raise BinarizeError(f"output {out} is a file, not a directory: choose another --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise BinarizeError(f"output {out} exists and is not empty ({hint})")
 
 
 def share_files(root: Path) -> None:

@@ -12,6 +12,16 @@ import typer
 
 from .errors import BinarizeError
 
+PROGRESS_HELP = ("Live progress bars (--progress) or timestamped log lines (--no-progress); unset: bars on a "
+                 "terminal, log lines when the output goes to a file or a pipe.")
+
+
+def live_progress(flag: Optional[bool]) -> bool:
+    """--progress / --no-progress as given; unset, live bars only when stdout is a terminal. A live bar
+    written to a log file shows nothing until its stage ends (tens of minutes of a CPU conversion),
+    where the --no-progress lines give every step with its time."""
+    return sys.stdout.isatty() if flag is None else flag
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Turn a pretrained LLM into a 1-bit / 1.58-bit model, then evaluate and serve it. "
                        "Add --debug to any command for the full traceback of an unexpected error.")
@@ -72,7 +82,7 @@ def convert(
     export_format: str = typer.Option("auto", "--export", help="Export the result into OUT/packed in a format of "
                                       "`binarize export` (binary, ternary2, ternary-b3, bitnet, gguf-*), none, or "
                                       "auto (binary, or ternary2 for ternary recipes)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help=PROGRESS_HELP),
 ):
     """Convert a model by a recipe: BinaryLLM (BaI + progressive QAT, the default), BitNet b1.58 or the
     continual 16->1.58-bit switch; or train one from scratch (--from-scratch)."""
@@ -98,7 +108,7 @@ def convert(
     if export_format == "auto":
         export_format = "ternary2" if rec.method == "ternary" else "binary"
     job = ConvertJob(model=model, tokens=n_tokens, out=out, recipe=rec, resume=resume, overwrite=overwrite,
-                     bai_only=bai_only, progress=progress, from_scratch=config if from_scratch else None,
+                     bai_only=bai_only, progress=live_progress(progress), from_scratch=config if from_scratch else None,
                      export=export_format, save_init=save_init, init_from=init_from, fsdp=fsdp)
     try:
         result = convert_run(job)
@@ -195,7 +205,7 @@ def generate_data(
     greedy_prefix: int = typer.Option(4, "--greedy-prefix", help="Top-1 tokens after the random first token."),
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help=PROGRESS_HELP),
 ):
     """Sample training text from the full-precision model itself (LLM-QAT's data-free recipe)."""
     from .calibration.selfgen import SelfGenConfig, check_disk, generate_to_file
@@ -211,7 +221,10 @@ def generate_data(
     cfg.check()
     check_disk(out.parent if str(out.parent) else Path("."), cfg.tokens)
     m, tok, src = load_model(model)
-    meta = generate_to_file(m, tok, cfg, out, src.spec, progress)
+    live = live_progress(progress)
+    from .train.run import plain_log
+
+    meta = generate_to_file(m, tok, cfg, out, src.spec, live, log=None if live else plain_log)
     typer.echo(f"{meta['tokens']:,} tokens in {meta['sequences']} sequences, {meta['seconds']:.0f} s, "
                f"{meta['tokens_per_s']:.0f} tok/s (batch {batch_size}): {out}")
 
@@ -234,7 +247,7 @@ def eval_(
     tasks_limit: Optional[int] = typer.Option(None, "--tasks-limit", help="Examples per task (quick runs)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON here."),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the results table here."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help=PROGRESS_HELP),
 ):
     """Perplexity by the GPTQ/OmniQuant protocol (and lm-eval zero-shot tasks) for one or more models."""
     from .evaluate import EvalOptions, evaluate_models, markdown_table
@@ -245,7 +258,7 @@ def eval_(
     opts = EvalOptions(datasets=[d.strip() for d in datasets.split(",") if d.strip()], seq_len=seq_len,
                        limit=limit, batch_size=batch_size, device=device, dtype=dtype, ptq=ptq,
                        tasks=[t.strip() for t in (tasks or "").split(",") if t.strip()],
-                       tasks_include=tasks_include, tasks_limit=tasks_limit, progress=progress)
+                       tasks_include=tasks_include, tasks_limit=tasks_limit, progress=live_progress(progress))
     opts.check()
     rows = evaluate_models(specs, opts, echo=typer.echo)
     table = markdown_table(rows, ratio=compare)
@@ -265,15 +278,18 @@ def ablate(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the plan and print the commands only."),
 ):
     """Run a plan's recipes on the same model, data, budget and seed; write table.md and plot.png."""
-    from .ablate import convert_command, load_plan, run_plan
+    from .ablate import check_only, convert_command, load_plan, run_plan
 
     p = load_plan(plan, tokens)
     out = out or Path("runs/ablate") / p.name
+    names = [n.strip() for n in only.split(",")] if only else None
+    check_only(p, names)
     if dry_run:
         for m in p.members:
-            typer.echo(" ".join(convert_command(p, m, out / "runs" / m.name, resume=False, planned=True)))
+            if names is None or m.name in names:
+                typer.echo(" ".join(convert_command(p, m, out / "runs" / m.name, resume=False, planned=True)))
         return
-    results = run_plan(p, out, echo=typer.echo, only=[n.strip() for n in only.split(",")] if only else None)
+    results = run_plan(p, out, echo=typer.echo, only=names)
     typer.echo((out / "table.md").read_text())
     typer.echo(f"wrote {out / 'table.md'} and {out / 'plot.png'}")
     if any(r["status"] == "failed" for r in results):

@@ -138,6 +138,7 @@ def check_supported(config) -> None:
 
 def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
     """(model, tokenizer, source) for a full-precision model, architecture checked first."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_model(spec)
@@ -155,7 +156,8 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
         tokenizer = AutoTokenizer.from_pretrained(src.path, **src.kwargs())
         with _quiet_gguf():
             model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, config=config, **src.kwargs())
-    except (OSError, ValueError, NotImplementedError) as exc:  # NotImplementedError: a GGUF type gguf cannot read
+    except (OSError, ValueError, NotImplementedError, SafetensorError) as exc:
+        # NotImplementedError: a GGUF type gguf cannot read; SafetensorError: a truncated or corrupt weight file
         first = str(exc).strip().splitlines()[0]
         raise BinarizeError(f"cannot load model {src.spec!r}: {first}") from None
     if src.gguf_file:

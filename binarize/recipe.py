@@ -206,7 +206,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         or (kind is list and isinstance(value, list))
     )
     if not ok:
-        raise BinarizeError(f"{source}: recipe key {key!r} needs a {kind.__name__}, got {value!r}")
+        article = "an" if kind.__name__[0] in "aeiou" else "a"
+        raise BinarizeError(f"{source}: recipe key {key!r} needs {article} {kind.__name__}, got {value!r}")
     return float(value) if kind is float else value
 
 

@@ -114,3 +114,18 @@ def test_a_folder_named_like_a_plan_or_recipe_does_not_hide_the_shipped_one(tmp_
 
     assert load_plan("seed003").name == "seed003"
     assert load_recipe("binaryllm").name == "binaryllm"
+
+
+def test_only_names_are_checked_before_anything_and_dry_run_keeps_to_them(tmp_path, capsys):
+    path = write_plan(tmp_path, **{**BASE, "runs": [{"name": "a"}, {"name": "b", "tokens": 4096}]})
+    out = tmp_path / "out"
+    for extra in (["--dry-run"], []):
+        code, err = run_cli(capsys, "ablate", str(path), "--out", str(out), "--only", "a,nosuch", *extra)
+        assert_one_line_error(code, err, "--only names unknown run(s): nosuch")
+        assert not out.exists()
+    with pytest.raises(SystemExit) as exc:
+        from binarize.cli import main
+
+        main(["ablate", str(path), "--out", str(out), "--only", "b", "--dry-run"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert exc.value.code in (0, None) and len(lines) == 1 and str(out / "runs" / "b") in lines[0]

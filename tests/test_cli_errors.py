@@ -120,6 +120,31 @@ def test_existing_output_and_nothing_to_resume(capsys, base):
     assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "10k", "--resume"), "nothing to resume")
 
 
+def test_an_output_path_that_is_a_file_is_refused_even_with_overwrite(capsys, base, converted_tiny_dir, tmp_path):
+    out, args = base
+    out.write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "10k", *extra), "is a file")
+        assert_one_line_error(*run_cli(capsys, "export", str(converted_tiny_dir), "--out", str(out), *extra),
+                              "is a file")
+        assert out.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out"]  # no .old, .tmp
+
+
+def test_a_corrupt_weight_file_or_a_bad_cache_mode_is_one_line(capsys, tiny_model_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dir, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for command in (["eval", str(bad), "--limit", "1", "--seq-len", "64"], ["chat", str(bad), "--prompt", "hi"]):
+        assert_one_line_error(*run_cli(capsys, *command), "cannot load model")
+    # --cpu-cache is checked for every kind of model, not only packed exports
+    assert_one_line_error(*run_cli(capsys, "chat", str(tiny_model_dir), "--prompt", "hi", "--cpu-cache", "bogus"),
+                          "--cpu-cache must be one of")
+
+
 @pytest.mark.parametrize("content,needle", [(None, "data source not found"), ("   \n\n", "empty")])
 def test_missing_or_empty_data(capsys, base, tmp_path, content, needle):
     out, args = base

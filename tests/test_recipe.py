@@ -31,7 +31,7 @@ def test_overrides_win_and_are_typed():
 
 @pytest.mark.parametrize("body,msg", [
     ("lr: 1e-4\nbogus_key: 3\n", "unknown recipe key 'bogus_key'"),
-    ("chunks: twenty\n", "needs a int"),
+    ("chunks: twenty\n", "needs an int"),
     ("scheduler: cubic\n", "scheduler='cubic'"),
     ("lr: [1, 2\n", "malformed recipe"),
     ("- just\n- a list\n", "malformed recipe"),

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 
 import pytest
 import torch
@@ -93,10 +94,14 @@ def test_convert_with_self_and_mixed_data(capsys, trained_tiny_dir, tmp_path, sm
 
     out = tmp_path / "self-run"
     base = [str(trained_tiny_dir), "--tokens", "2048", "--seq-len", "64", "--batch-tokens", "256", "--chunks", "4",
-            "--bai-steps", "2", "--set", "calib_sequences=4", "--no-progress", "--export", "none"]
+            "--bai-steps", "2", "--set", "calib_sequences=4", "--export", "none"]
     with pytest.raises(SystemExit) as exc:
         main(["convert", *base, "--data", "self", "--out", str(out)])
     assert exc.value.code in (0, None)
+    # no --progress flag and stdout is not a terminal (captured): timestamped lines, not live bars
+    log = capsys.readouterr().out
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] self-generated [\d,]+ tokens in", log, re.M), log
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] QAT step 8/8 ", log, re.M), log
     info = json.loads((out / "run.json").read_text())["data"]
     assert info["train_source"].startswith("self-generated") and info["self_generation"]["tokens"] >= 2048 + 4 * 64
     assert info["calib_source"].endswith("held out of training)")
@@ -141,9 +146,9 @@ def test_generate_data_cli(capsys, trained_tiny_dir, tmp_path, monkeypatch):
 
     out = tmp_path / "gen.jsonl"
     with pytest.raises(SystemExit) as exc:
-        main(["generate-data", str(trained_tiny_dir), "--tokens", "120", "--seq-len", "16", "--out", str(out),
-              "--no-progress"])
-    assert exc.value.code in (0, None) and "tok/s" in capsys.readouterr().out
+        main(["generate-data", str(trained_tiny_dir), "--tokens", "120", "--seq-len", "16", "--out", str(out)])
+    printed = capsys.readouterr().out  # not a terminal: the log line of --no-progress, then the summary
+    assert exc.value.code in (0, None) and "] self-generated " in printed and printed.rstrip().endswith(str(out))
     docs, _ = load_documents(str(out))
     assert len(docs) >= 120 // 16
     meta = json.loads(out.with_name(out.name + ".meta.json").read_text())

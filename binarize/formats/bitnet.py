@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..checkpoint import atomic_dir, write_json
+from ..checkpoint import atomic_dir, check_output_dir, write_json
 from ..errors import BinarizeError
 from ..experts import MOE_REFUSAL, has_moe_experts
 from ..qlinear import quant_layers
@@ -104,8 +104,7 @@ def export_bitnet_dir(run_dir: Path, out: Path, fmt: str = "bitnet", *, overwrit
 
     outer_dtype_of(outer_dtype, int8=False)  # stock transformers reads the layout: no int8 matrices
     require_run_dir(run_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise BinarizeError(f"output {out} exists and is not empty (use --overwrite)")
+    check_output_dir(out, overwrite)
     model, tokenizer, meta = load_converted(run_dir)
     hf_logging.disable_progress_bar()
     with atomic_dir(out) as tmp:

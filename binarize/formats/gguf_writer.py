@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..checkpoint import atomic_dir, write_json
+from ..checkpoint import atomic_dir, check_output_dir, write_json
 from ..errors import BinarizeError
 from ..families import family_of, head_dim, kv_heads, kv_tie
 from ..models import decoder_layers
@@ -340,8 +340,7 @@ def export_gguf(run_dir: Path, out: Path, fmt: str, *, outer: str = "f16", fallb
             tmp.unlink(missing_ok=True)
         report.file = str(out)
         return out, report
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise BinarizeError(f"output {out} exists and is not empty (use --overwrite)")
+    check_output_dir(out, overwrite)
     with atomic_dir(out) as tmp:
         report = write(tmp / "model.gguf")
         report.file = "model.gguf"

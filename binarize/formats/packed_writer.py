@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
-from ..checkpoint import atomic_dir, write_json
+from ..checkpoint import atomic_dir, check_output_dir, write_json
 from ..errors import BinarizeError
 from ..hf_quantizer import BinarizeConfig, register
 from ..experts import has_moe_experts
@@ -107,8 +107,7 @@ def export_packed(run_dir: Path, out: Path, fmt: str = "binary", *, overwrite: b
         raise BinarizeError(f"--cpu-cache must be one of {', '.join(CPU_CACHE_MODES)}, got {cpu_cache!r}")
     outer_dtype_of(outer_dtype)
     require_run_dir(run_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise BinarizeError(f"output {out} exists and is not empty (use --overwrite)")
+    check_output_dir(out, overwrite)
     model, tokenizer, meta = load_converted(run_dir)
     check_fit(meta.get("method", "binary"), fmt, str(run_dir))
     layout = pack_model_(model, fmt, cpu_cache)

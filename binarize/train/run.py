@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from .._version import __version__
-from ..checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, save_checkpoint
+from ..checkpoint import CHECKPOINT, check_output_dir, load_checkpoint, read_checkpoint_state, save_checkpoint
 from ..errors import BinarizeError
 from ..experts import MOE_REFUSAL, has_moe_experts
 from ..formats.latent import save_converted
@@ -302,8 +302,7 @@ def _check_out(job: ConvertJob, work: Path) -> None:
         if not (work / CHECKPOINT / "state.json").exists():
             raise BinarizeError(f"nothing to resume: no checkpoint in {work}")
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not job.overwrite:
-        raise BinarizeError(f"output {out} exists and is not empty (use --overwrite, or --resume)")
+    check_output_dir(out, job.overwrite, "use --overwrite, or --resume")
     if work.exists() and not job.overwrite:
         raise BinarizeError(f"an interrupted run is in {work} (use --resume to continue it, or --overwrite)")
 
