@@ -243,16 +243,14 @@ def run_member(plan: Plan, m: Member, out: Path, echo: Callable[[str], None]) ->
             "tokens": record.tokens.trained, "bai_tokens": record.bai.tokens if record.bai else 0,
             "blockwise_tokens": record.blockwise.tokens * len(record.blockwise.blocks) if record.blockwise else 0,
             "wall_s": record.wall_s + (record.init_from or {}).get("wall_s", 0.0), "init_from": record.init_from,
-            "peak_memory_mib": record.peak_memory_mib or {},
-            "losses": [[s.tokens, s.loss] for s in record.steps],
+            "peak_memory_mib": record.peak_memory_mib or {}, "losses": [[s.tokens, s.loss] for s in record.steps],
             "switch_tokens": next((s.tokens for s in record.steps if s.lam > 0), None),
             "member_s": time.perf_counter() - t0}
 
 
 def check_only(plan: Plan, only: list[str] | None) -> None:
     """BinarizeError naming every ``--only`` name that is not one of the plan's members."""
-    unknown = set(only or []) - {m.name for m in plan.members}
-    if unknown:
+    if unknown := set(only or []) - {m.name for m in plan.members}:
         raise BinarizeError(f"--only names unknown run(s): {', '.join(sorted(unknown))}")
 
 
