@@ -12,11 +12,10 @@ def load_any(spec: str | None, cpu_cache: str | None = None):
     full-precision model spec (hub id, local HF directory, .gguf, None for the default model).
     ``cpu_cache`` applies to packed layers (``packed.CPU_CACHE_MODES``) and is checked for every
     spec, so a mistyped mode is refused before any model loads. Raises BinarizeError."""
-    from .errors import BinarizeError
-    from .packed import CPU_CACHE_MODES
+    from .packed import check_cpu_cache
 
-    if cpu_cache is not None and cpu_cache not in CPU_CACHE_MODES:
-        raise BinarizeError(f"--cpu-cache must be one of {', '.join(CPU_CACHE_MODES)}, got {cpu_cache!r}")
+    if cpu_cache is not None:
+        check_cpu_cache(cpu_cache)
     if is_packed_dir(spec):
         model, tok, meta = load_packed(spec, cpu_cache)
         return model, tok, f"{spec} (packed {meta['packing']}, {meta['bits_per_weight']:.3f} bits/weight)"

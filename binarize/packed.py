@@ -18,11 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import BinarizeError
 from .packing import packed_shape, unpack
 from .quantizers import dequantize, quantize_activations_int8
 
 CPU_CACHE_MODES = ("none", "bf16", "fp32")
 GEMV_KERNELS = ("fma", "lut")  # one-row products on CUDA: triton_packed's FMA kernel or the activation table
+
+
+
+def check_cpu_cache(mode: str) -> None:
+    """BinarizeError (one line, naming the modes) unless ``mode`` is one of CPU_CACHE_MODES."""
+    if mode not in CPU_CACHE_MODES:
+        raise BinarizeError(f"--cpu-cache must be one of {', '.join(CPU_CACHE_MODES)}, got {mode!r}")
 
 
 class PackedLinear(nn.Module):

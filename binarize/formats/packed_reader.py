@@ -18,7 +18,7 @@ from binarize.calibration.datasets import sha256_of as sha256
 
 from ..errors import BinarizeError
 from ..hf_quantizer import register
-from ..packed import CPU_CACHE_MODES, PackedLinear
+from ..packed import PackedLinear, check_cpu_cache
 from ..packing import check_format, packed_shape
 from .latent import require_tokenizer_files
 
@@ -127,8 +127,7 @@ def load_packed(path: str | Path, cpu_cache: str | None = None, dtype: torch.dty
 
         restore_int8_(model, [path / f for f in meta.get("checksums", {})], meta["outer_int8"])
     if cpu_cache is not None:
-        if cpu_cache not in CPU_CACHE_MODES:
-            raise BinarizeError(f"cpu cache must be one of {', '.join(CPU_CACHE_MODES)}")
+        check_cpu_cache(cpu_cache)
         for m in model.modules():
             if isinstance(m, PackedLinear):
                 m.set_cpu_cache(cpu_cache)

@@ -19,12 +19,11 @@ import torch
 
 from .._version import __version__
 from ..checkpoint import atomic_dir, check_output_dir, write_json
-from ..errors import BinarizeError
 from ..hf_quantizer import BinarizeConfig, register
 from ..experts import has_moe_experts
 from ..families import family_of, fold_into_norm_
 from ..models import decoder_layers
-from ..packed import CPU_CACHE_MODES, PackedLinear
+from ..packed import PackedLinear, check_cpu_cache
 from ..packing import pack
 from ..qlinear import quant_layers
 from .latent import load_converted, require_run_dir
@@ -103,8 +102,7 @@ def export_packed(run_dir: Path, out: Path, fmt: str = "binary", *, overwrite: b
     Raises BinarizeError for a bad option, a directory that is not a run, an existing ``out``
     without ``overwrite`` and a ternary run in the binary format.
     """
-    if cpu_cache not in CPU_CACHE_MODES:
-        raise BinarizeError(f"--cpu-cache must be one of {', '.join(CPU_CACHE_MODES)}, got {cpu_cache!r}")
+    check_cpu_cache(cpu_cache)
     outer_dtype_of(outer_dtype)
     require_run_dir(run_dir)
     check_output_dir(out, overwrite)

@@ -56,9 +56,10 @@ def plan_budget(recipe: Recipe, tokens: int) -> Budget:
                             "optimizer steps: nothing would be trained quantized")
     if recipe.quantizer == "progressive" and steps - switch < recipe.chunks:
         after = f" after the switch at step {switch}" if switch else ""
+        n = steps - switch
         raise BinarizeError(
-            f"{tokens} tokens make {steps - switch} optimizer step{'' if steps - switch == 1 else 's'}{after}, fewer than the {recipe.chunks} chunks: "
-            "raise --tokens or lower --batch-tokens / --chunks"
+            f"{tokens} tokens make {n} optimizer step{'' if n == 1 else 's'}{after}, fewer than the "
+            f"{recipe.chunks} chunks: raise --tokens or lower --batch-tokens / --chunks"
         )  # fit_chunks lowers the chunks first where two or more quantized steps allow a schedule
     return Budget(tokens, L, n_seq, steps, per_step, switch, max(1, resolve_steps(recipe.phase_in_len, steps)))
 
