@@ -43,7 +43,7 @@ def _check_dataset(name: str) -> None:
 
 def window_count(n_tokens: int, seq_len: int, max_windows: int | None = None, limit: int | None = None) -> int:
     """Non-overlapping windows evaluated: as many as fit, capped by the set and by --limit."""
-    return min(n_tokens // seq_len, *(v for v in (max_windows, limit) if v is not None))
+    return min([n_tokens // seq_len, *(v for v in (max_windows, limit) if v is not None)])
 
 
 def eval_tokens(tokenizer, dataset: str) -> tuple[torch.Tensor, dict]:
@@ -110,8 +110,17 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, limit: int | None = None,
         count += x[:, 1:].numel()
         if on_batch is not None:
             on_batch(x.shape[0])
-    return {"ppl": math.exp(total / count), "nll": total / count, "windows": n, "seq_len": seq_len,
-            "predicted_tokens": count}
+    nll = total / count
+    ppl = math.exp(nll) if nll < 700 else math.inf if nll == nll else math.nan  # exp overflows past ~709
+    return {"ppl": ppl, "nll": nll, "windows": n, "seq_len": seq_len, "predicted_tokens": count}
+
+
+def check_finite_result(dataset: str, desc: str, res: dict) -> None:
+    """A perplexity that is NaN or infinite is no result: refuse it (BinarizeError, one line naming
+    the dataset) instead of printing ``nan`` with exit 0."""
+    if not (math.isfinite(res["ppl"]) and math.isfinite(res["nll"])):
+        raise BinarizeError(f"{dataset}: the perplexity of {desc} is not finite (mean NLL {res['nll']} over "
+                            f"{res['windows']} windows): its outputs overflow or hold NaN, so no result is reported")
 
 
 @torch.inference_mode()
@@ -212,6 +221,7 @@ def evaluate_models(specs: list[str | None], opts: EvalOptions, echo=print) -> l
             start = time.perf_counter()
             res = _with_progress(opts, name, ids, info, lambda cb: perplexity(
                 model, ids, opts.seq_len, opts.limit, opts.batch_size, info["max_windows"], cb))
+            check_finite_result(name, desc, res)
             res["seconds"] = round(time.perf_counter() - start, 2)
             row["perplexity"][name] = {**info, **res}
             echo(f"{name:10s} ppl {res['ppl']:12.3f}  ({res['windows']} windows x {opts.seq_len}, "

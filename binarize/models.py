@@ -162,8 +162,28 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
         raise BinarizeError(f"cannot load model {src.spec!r}: {first}") from None
     if src.gguf_file:
         _forget_gguf(model)
+    check_finite(model, src.spec)
     model.eval()
     return model, tokenizer, src
+
+
+@torch.no_grad()
+def check_finite(model: nn.Module, spec: str) -> None:
+    """Refuse a model holding a NaN or an infinity in any parameter or buffer (a corrupt
+    or overflowed checkpoint), naming the first such tensor: training on it makes every loss
+    non-finite and its export and evaluation silently wrong. One ``isfinite`` pass over the
+    weights at load (tied tensors once). Raises BinarizeError."""
+    seen: set[int] = set()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if id(t) in seen or not t.is_floating_point() or t.device.type == "meta":
+            continue
+        seen.add(id(t))
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = t[~finite]
+            kinds = "/".join(k for k, n in (("NaN", int(bad.isnan().sum())), ("Inf", int(bad.isinf().sum()))) if n)
+            raise BinarizeError(f"model {spec!r} has non-finite values ({kinds}) in {name}: {bad.numel()} of "
+                                f"{t.numel()} (a corrupt or overflowed checkpoint); refusing before any work")
 
 
 @contextlib.contextmanager

@@ -1,0 +1,69 @@
+"""Nothing silently wrong (issue 42): non-finite source weights and results, missing local paths."""
+
+import pytest
+import torch
+
+from tests.test_cli_errors import assert_one_line_error, run_cli
+
+
+def _edited_copy(tiny_model_dir, out, edit):
+    """The tiny model with ``edit(model)`` applied, saved with its tokenizer to ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        edit(model)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("value,kind", [(float("nan"), "NaN"), (float("inf"), "Inf")])
+def test_a_source_with_a_non_finite_weight_is_refused_before_any_work(capsys, tiny_model_dir, small_text, tmp_path,
+                                                                        value, kind):
+    def poison(model):
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = value
+
+    bad = _edited_copy(tiny_model_dir, tmp_path / "bad", poison)
+    capsys.readouterr()  # transformers' load and save bars
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "convert", str(bad), "--tokens", "1k", "--data", str(small_text), "--out", str(out),
+                        "--seq-len", "64", "--batch-tokens", "256", "--chunks", "4", "--no-progress")
+    assert_one_line_error(code, err, f"non-finite values ({kind}) in model.layers.1.mlp.up_proj.weight: 1 of")
+    assert code == 2 and not out.exists() and not out.with_name("out.partial").exists()
+    code, err = run_cli(capsys, "eval", str(bad), "--seq-len", "64", "--limit", "1", "--no-progress")
+    assert_one_line_error(code, err, "model.layers.1.mlp.up_proj.weight")
+
+
+@pytest.mark.parametrize("scale", [3e38, 1e37])  # logits NaN; logits finite but the NLL infinite
+def test_eval_never_prints_a_non_finite_perplexity(capsys, tiny_model_dir, tmp_path, scale):
+    """Finite weights whose outputs overflow fp32: one line naming the dataset and a non-zero exit,
+    never ``ppl nan`` (or ``inf``) with exit 0."""
+    def overflow(model):
+        model.model.norm.weight.fill_(scale)
+
+    big = _edited_copy(tiny_model_dir, tmp_path / "big", overflow)
+    capsys.readouterr()
+    code, err = run_cli(capsys, "eval", str(big), "--datasets", "ptb", "--seq-len", "64", "--limit", "2",
+                        "--no-progress")
+    assert_one_line_error(code, err, "ptb: the perplexity of")
+    assert "not finite" in err
+
+
+def test_perplexity_past_exp_range_is_inf_not_an_overflow_error():
+    from binarize.evaluate import check_finite_result, perplexity
+
+    class Confident(torch.nn.Module):  # always sure of the wrong token: NLL ~ 1e4 per token
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, input_ids):
+            logits = torch.zeros(*input_ids.shape, 8)
+            logits[..., 0] = 1e4
+            return type("Out", (), {"logits": logits})()
+
+    res = perplexity(Confident(), torch.ones(64, dtype=torch.long), 16)
+    assert res["ppl"] == float("inf") and res["nll"] == pytest.approx(1e4)
+    with pytest.raises(Exception, match="wikitext2: the perplexity of m is not finite"):
+        check_finite_result("wikitext2", "m", res)
