@@ -6,14 +6,17 @@ A source spec is one of
     document per record, field ``text`` unless ``FILE#field``)
   * a hub dataset: ``hf:ID[:CONFIG[:SPLIT]]`` (streamed with ``datasets``, field ``text``).
 Documents are tokenized and joined with EOS between them, then cut into blocks of seq_len.
+Records whose text is null, empty or not a string are skipped and counted (``Documents.skipped``),
+never turned into the text "None"; a source left with no text is refused.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -29,8 +32,53 @@ def _suffix(path: Path) -> str:
     return next((s for s in sorted(FILE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), path.suffix)
 
 
-def named_rows(name: str, split: str | None = None, *, max_chars: int | None = None) -> tuple[list[str], str]:
-    """Rows of a named split in the hub's layout (local file when present, else the hub)."""
+SKIP_REASONS = ("null", "empty", "non-string")
+
+
+def keep_texts(values: Iterable, skipped: dict[str, int], keep_empty: bool = False) -> list[str]:
+    """The values that are non-empty strings; the others are counted in ``skipped`` by reason
+    (``SKIP_REASONS``: None, whitespace only, any other type) and dropped, never stringified.
+    ``keep_empty`` keeps empty strings (a named evaluation set's rows, whose joins they shape)."""
+    out = []
+    for v in values:
+        reason = ("null" if v is None else "non-string" if not isinstance(v, str)
+                  else "empty" if not keep_empty and not v.strip() else None)
+        if reason is None:
+            out.append(v)
+        else:
+            skipped[reason] = skipped.get(reason, 0) + 1
+    return out
+
+
+def skipped_summary(skipped: dict[str, int]) -> str:
+    """``3 null, 1 empty`` for the counts of ``keep_texts`` (empty string when nothing was skipped)."""
+    return ", ".join(f"{skipped[r]} {r}" for r in SKIP_REASONS if skipped.get(r))
+
+
+def _refuse_if_none_left(docs: list[str], skipped: dict[str, int], what: str, field_name: str) -> None:
+    if not docs:
+        if skipped:
+            raise BinarizeError(f"{what} has no usable text: every {field_name!r} value was skipped "
+                                f"({skipped_summary(skipped)})")
+        raise BinarizeError(f"{what} is empty")
+
+
+@dataclass
+class Documents:
+    """A source's documents, where they came from, and how many records were skipped by reason
+    (null, empty or non-string text; ``keep_texts``)."""
+
+    docs: list[str]
+    where: str
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def named_rows(name: str, split: str | None = None, *, max_chars: int | None = None,
+               skipped: dict[str, int] | None = None) -> tuple[list[str], str]:
+    """Rows of a named split in the hub's layout (local file when present, else the hub); empty
+    rows are kept (they shape the joined text of the evaluation protocol), null and non-string
+    ones are dropped and counted in ``skipped``."""
+    skipped = {} if skipped is None else skipped
     d = DATASETS[name]
     split = split or d.default_split
     if split not in d.splits:
@@ -47,10 +95,11 @@ def named_rows(name: str, split: str | None = None, *, max_chars: int | None = N
         elif d.local_format == "lines":
             rows = [line.strip() for line in text.split("\n") if line.strip()]
         else:
-            rows = _jsonl_texts(path, d.text_field)
+            rows = _jsonl_texts(path, d.text_field, skipped, keep_empty=True)
         return rows, str(path)
     try:
-        rows = _hub_rows(d.hub_id, d.hub_config, sdef.hub_split, d.text_field, sdef.hub_data_files, max_chars)
+        rows = _hub_rows(d.hub_id, d.hub_config, sdef.hub_split, d.text_field, sdef.hub_data_files, max_chars,
+                         skipped, keep_empty=True)
     except BinarizeError as exc:
         hint = f" and no local file {sdef.local} under the data dir" if sdef.local else " (no local copy is defined)"
         raise BinarizeError(f"{exc}{hint}") from None
@@ -61,9 +110,9 @@ def _read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def _jsonl_texts(path: Path, field: str) -> list[str]:
+def _jsonl_texts(path: Path, field: str, skipped: dict[str, int], keep_empty: bool = False) -> list[str]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    out = []
+    values = []
     with opener(path, "rt", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -74,11 +123,15 @@ def _jsonl_texts(path: Path, field: str) -> list[str]:
                 raise BinarizeError(f"{path}:{n}: not a JSON line") from None
             if not isinstance(rec, dict) or field not in rec:
                 raise BinarizeError(f"{path}:{n}: record has no {field!r} field")
-            out.append(str(rec[field]))
-    return out
+            values.append(rec[field])
+    return keep_texts(values, skipped, keep_empty)
 
 
-def _hub_rows(hub_id, config, split, field, data_files=None, max_chars=None) -> list[str]:
+def _hub_rows(hub_id, config, split, field, data_files=None, max_chars=None, skipped: dict[str, int] | None = None,
+              keep_empty: bool = False) -> list[str]:
+    """Rows of a hub dataset (streamed) up to ``max_chars``; null, non-string (and, unless
+    ``keep_empty``, empty) values are counted in ``skipped``. BinarizeError on any failure."""
+    skipped = {} if skipped is None else skipped
     try:
         import datasets
 
@@ -86,8 +139,11 @@ def _hub_rows(hub_id, config, split, field, data_files=None, max_chars=None) -> 
         ds = datasets.load_dataset(hub_id, config, split=split, streaming=True, **kw)
         rows, total = [], 0
         for rec in ds:
-            rows.append(rec[field])
-            total += len(rec[field])
+            if not isinstance(rec, dict) or field not in rec:
+                raise BinarizeError(f"record has no {field!r} field")
+            kept = keep_texts([rec[field]], skipped, keep_empty)
+            rows += kept
+            total += sum(len(t) for t in kept)
             if max_chars and total >= max_chars:
                 break
         return rows
@@ -97,18 +153,32 @@ def _hub_rows(hub_id, config, split, field, data_files=None, max_chars=None) -> 
 
 
 def load_documents(spec: str, *, max_chars: int | None = None) -> tuple[list[str], str]:
-    """Training/calibration documents for a source spec, plus a description of where from."""
+    """Training/calibration documents for a source spec, plus a description of where from
+    (``read_documents`` without the skip counts). Raises BinarizeError."""
+    d = read_documents(spec, max_chars=max_chars)
+    return d.docs, d.where
+
+
+def read_documents(spec: str, *, max_chars: int | None = None) -> Documents:
+    """Training/calibration documents for a source spec, where they came from and the records
+    skipped for a null, empty or non-string text. Raises BinarizeError for a missing or
+    unreadable source and for one that holds no usable text."""
+    skipped: dict[str, int] = {}
     if spec.startswith("hf:"):
         parts = spec[3:].split(":")
         hub_id, config, split = parts[0], (parts[1] or None) if len(parts) > 1 else None, parts[2] if len(parts) > 2 else "train"
-        return _hub_rows(hub_id, config, split, "text", None, max_chars), spec
+        rows = _hub_rows(hub_id, config, split, "text", None, max_chars, skipped)
+        _refuse_if_none_left(rows, skipped, f"hub dataset {hub_id} ({split})", "text")
+        return Documents(rows, spec, skipped)
     name, _, split = spec.partition(":")
     if name in DATASETS:
-        rows, where = named_rows(name, split or None, max_chars=max_chars)
+        rows, where = named_rows(name, split or None, max_chars=max_chars, skipped=skipped)
         if DATASETS[name].local_format == "jsonl":
-            return rows, where
+            rows = keep_texts(rows, skipped)
+            _refuse_if_none_left(rows, skipped, f"dataset {spec}", DATASETS[name].text_field)
+            return Documents(rows, where, skipped)
         joiner = "" if DATASETS[name].local_format == "wikitext-raw" else "\n"
-        return [joiner.join(rows)], where  # one running text, as in the original file
+        return Documents([joiner.join(rows)], where, skipped)  # one running text, as in the original file
     file_part, _, field = spec.partition("#")
     path = Path(file_part).expanduser()
     if not path.exists():
@@ -118,7 +188,7 @@ def load_documents(spec: str, *, max_chars: int | None = None) -> tuple[list[str
     if suffix == ".txt":
         docs = [_read_text(path)]
     elif suffix in (".jsonl", ".jsonl.gz", ".json.gz"):
-        docs = _jsonl_texts(path, field or "text")
+        docs = _jsonl_texts(path, field or "text", skipped)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -126,13 +196,12 @@ def load_documents(spec: str, *, max_chars: int | None = None) -> tuple[list[str
         col = field or "text"
         if col not in table.column_names:
             raise BinarizeError(f"{path}: no column {col!r} (columns: {', '.join(table.column_names)})")
-        docs = [str(x) for x in table.column(col).to_pylist()]
+        docs = keep_texts(table.column(col).to_pylist(), skipped)
     else:
         raise BinarizeError(f"unsupported data file type {path.name!r} (use {', '.join(FILE_SUFFIXES)})")
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise BinarizeError(f"data file is empty: {path}")
-    return docs, str(path)
+    docs = keep_texts(docs, skipped) if suffix == ".txt" else docs
+    _refuse_if_none_left(docs, skipped if suffix != ".txt" else {}, f"data file {path}", field or "text")
+    return Documents(docs, str(path), skipped)
 
 
 def tokenize_documents(tokenizer, docs: list[str], piece_chars: int = 200_000) -> torch.Tensor:

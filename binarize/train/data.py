@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 
 from binarize.calibration.datasets import DATASETS, local_file
-from binarize.calibration.streams import TokenBlocks, TrainStream, load_documents, tokenize_documents
+from binarize.calibration.streams import TokenBlocks, TrainStream, read_documents, skipped_summary, tokenize_documents
 
 from ..errors import BinarizeError
 from ..recipe import Recipe, parse_mix
@@ -49,8 +50,11 @@ def _self_tokens(spec: str, n_tokens: int, L: int) -> int:
     return 0 if n == 0 else n * L + L  # one spare block: documents end mid-block
 
 
-def _blocks_from(spec: str, n_tokens: int, L: int, tokenizer, self_text) -> tuple[TokenBlocks, str]:
-    """Blocks of L tokens for a data spec; ``self+SPEC:F`` mixes F self-generated tokens with SPEC."""
+def _blocks_from(spec: str, n_tokens: int, L: int, tokenizer, self_text,
+                 skipped: dict | None = None) -> tuple[TokenBlocks, str]:
+    """Blocks of L tokens for a data spec; ``self+SPEC:F`` mixes F self-generated tokens with SPEC.
+    Records of the source skipped for a null, empty or non-string text are counted in ``skipped``
+    under the source's description."""
     real, frac = parse_mix(spec)
     parts, wheres = [], []
     n_self = _n_self_blocks(spec, n_tokens, L)
@@ -63,7 +67,10 @@ def _blocks_from(spec: str, n_tokens: int, L: int, tokenizer, self_text) -> tupl
         wheres.append(f"{where} ({parts[-1].shape[0]} blocks)")
     if real:
         n_real = math.ceil(n_tokens / L) - n_self if frac > 0 else None
-        docs, where = load_documents(real, max_chars=n_tokens * 8)
+        read = read_documents(real, max_chars=n_tokens * 8)
+        docs, where = read.docs, read.where
+        if read.skipped and skipped is not None:
+            skipped[where] = read.skipped
         blocks = TokenBlocks.from_stream(tokenize_documents(tokenizer, docs), L)
         parts.append(blocks.blocks[:n_real] if n_real is not None else blocks.blocks)
         wheres.append(f"{where} ({parts[-1].shape[0]} blocks)" if frac > 0 else where)
@@ -78,17 +85,19 @@ def prepare_data(tokenizer, recipe: Recipe, budget: Budget, self_text: "SelfText
     data_spec, calib_spec = resolve_auto(recipe.data), resolve_auto(recipe.calib)
     n_calib = recipe.calib_sequences if recipe.bai or recipe.blockwise_steps else 0
     same = calib_spec == data_spec
+    skipped: dict[str, dict[str, int]] = {}
     if self_text is not None:
         if not same:  # calibration's self-generated text first, so it does not move with the budget
             self_text.reserve(_self_tokens(calib_spec, n_calib * L, L))
         self_text.reserve(_self_tokens(data_spec, n_seq * L + (n_calib * L if same else 0), L))
     if not same:
-        cblocks, calib_where = _blocks_from(calib_spec, n_calib * L, L, tokenizer, self_text)
+        cblocks, calib_where = _blocks_from(calib_spec, n_calib * L, L, tokenizer, self_text, skipped)
         if n_calib and len(cblocks) == 0:
             raise BinarizeError(f"calibration data {calib_where} is shorter than one sequence of {L} tokens")
         g = torch.Generator().manual_seed(recipe.seed + 17)
         calib = cblocks.blocks[torch.randperm(len(cblocks), generator=g)[:n_calib]]
-    train_blocks, where = _blocks_from(data_spec, n_seq * L + (n_calib * L if same else 0), L, tokenizer, self_text)
+    train_blocks, where = _blocks_from(data_spec, n_seq * L + (n_calib * L if same else 0), L, tokenizer, self_text,
+                                       skipped)
     if same:
         # Same source: hold its first n_calib blocks out of training, so calibration text is never
         # trained on and is the same at every budget (the head of a source does not depend on how
@@ -107,6 +116,12 @@ def prepare_data(tokenizer, recipe: Recipe, budget: Budget, self_text: "SelfText
         "train_blocks_available": len(train_blocks), "calib_sequences": int(calib.shape[0]),
         "epochs_over_train_data": n_seq / len(train_blocks) if len(train_blocks) else None,
     }
+    if skipped:  # records whose text was null, empty or not a string: counted, never trained on as "None"
+        info["skipped_records"] = skipped
+        if os.environ.get("RANK", "0") == "0":
+            for source, counts in skipped.items():
+                print(f"  note: {source}: skipped {sum(counts.values())} records whose text is not usable "
+                      f"({skipped_summary(counts)})", flush=True)
     return RunData(TrainStream(train_blocks, recipe.seed), calib, info)
 
 
