@@ -54,6 +54,7 @@ from .gguf_arch import GGUFArch, arch_of, rope_params, write_hparams
 from .gguf_q1 import _gguf, register_q1_0
 from .gguf_tokenizer import _source_gguf, add_hf_tokenizer_fields, copy_tokenizer_fields
 from .latent import load_converted, require_run_dir
+from .outer import check_fits
 from .registry import GGUF_TIE_ADVICE as TIE_ADVICE
 from .registry import FORMATS as ALL_FORMATS
 from .registry import Exported, check_fit
@@ -219,6 +220,20 @@ def _pick_type(in_features: int, target, fallback):
     return gguf.GGMLQuantizationType.F16
 
 
+def check_tensors(model, outer_modules: list, linears: dict, norms: dict, biases: dict, outer: str) -> None:
+    """The writers' one precision rule (``outer.check_fits``) for every tensor of a GGUF: the
+    embedding and an untied lm_head in ``outer`` (f16 holds |x| <= 65504), the folded linears as
+    codes times an fp16 block scale (the same range as f16), norms and biases in F32. Raises
+    BinarizeError naming the first tensor that does not fit, before anything is written."""
+    for mod in outer_modules:
+        name = next(n for n, m in model.named_modules() if m is mod) + ".weight"
+        check_fits(name, mod.weight.detach(), outer, "use --gguf-outer q8_0" if outer == "f16" else "")
+    for name, t in linears.items():
+        check_fits(name + ".weight", t.detach(), "f16")
+    for name, t in [*norms.items(), *biases.items()]:
+        check_fits(name, t.detach(), "f32")
+
+
 def write_gguf(model, tokenizer, meta: dict, path: Path, fmt: str, *, outer: str = "f16", fallback: str = "q4_0",
                tok_dir: Path | None = None, source_gguf: Path | None = None) -> GGUFReport:
     """Write ``model`` (a converted QuantLinear model) to ``path``; returns what was written."""
@@ -235,6 +250,10 @@ def write_gguf(model, tokenizer, meta: dict, path: Path, fmt: str, *, outer: str
     model_arch = getattr(gguf.MODEL_ARCH, arch.name)
     names = gguf.get_tensor_name_map(model_arch, cfg.num_hidden_layers)
     report = GGUFReport(format=fmt)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() == embed.weight.data_ptr():
+        head = None  # tied: written once, as the embedding
+    check_tensors(model, [m for m in (embed, head) if m is not None], linears, norms, biases, outer)
 
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[model_arch])
     report.notes += write_hparams(writer, cfg, meta.get("name") or f"binarize {meta.get('recipe', {}).get('name', '')} "
@@ -273,7 +292,6 @@ def write_gguf(model, tokenizer, meta: dict, path: Path, fmt: str, *, outer: str
                 return t[rows(cfg)]
         return t
 
-    embed = model.get_input_embeddings()
     add_plain(next(n for n, m in model.named_modules() if m is embed) + ".weight", embed.weight, outer_type)
     for name, w in linears.items():
         if arch.permute_qk and name.endswith("q_proj"):
@@ -300,8 +318,7 @@ def write_gguf(model, tokenizer, meta: dict, path: Path, fmt: str, *, outer: str
         add_plain(name + ".weight", w, gguf.GGMLQuantizationType.F32)
     for name, b in biases.items():
         add_plain(name, reorder(name, b), gguf.GGMLQuantizationType.F32)
-    head = model.get_output_embeddings()
-    if head is not None and head.weight.data_ptr() != embed.weight.data_ptr():
+    if head is not None:
         add_plain(next(n for n, m in model.named_modules() if m is head) + ".weight", head.weight, outer_type)
     if rope_params(cfg)["rope_type"] == "llama3":
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_rope_factors(cfg))

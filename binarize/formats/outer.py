@@ -32,6 +32,44 @@ OUTER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 INT8_SUFFIX, SCALE_SUFFIX = "_int8", "_int8_scale"
 
 
+# The largest magnitude each storage type of a full-precision tensor holds: fp16 / GGUF F16 65504,
+# bf16 and fp32 about 3.4e38, int8 rows and GGUF Q8_0 blocks store absmax / 127 (in fp32 and in
+# fp16 respectively), so Q8_0 holds magnitudes up to 127 * 65504.
+STORAGE_LIMITS = {"fp16": torch.finfo(torch.float16).max, "f16": torch.finfo(torch.float16).max,
+                  "bf16": torch.finfo(torch.bfloat16).max, "fp32": torch.finfo(torch.float32).max,
+                  "f32": torch.finfo(torch.float32).max, "int8": torch.finfo(torch.float32).max * 127,
+                  "q8_0": torch.finfo(torch.float16).max * 127}
+
+
+@torch.no_grad()
+def check_fits(name: str, t: torch.Tensor, storage: str, hint: str = "") -> None:
+    """The one precision rule of every writer (packed, BitNet, GGUF): refuse, with one line naming
+    the tensor, a full-precision tensor ``t`` whose values ``storage`` (a key of STORAGE_LIMITS)
+    cannot hold: any NaN or infinity (no format keeps a non-finite weight faithfully), or a
+    magnitude past the type's range (fp16 beyond 65504 would be stored as inf). ``hint`` says
+    what to do instead (a wider ``--outer-dtype``). Raises BinarizeError."""
+    if storage not in STORAGE_LIMITS:
+        raise ValueError(f"unknown storage type {storage!r}")
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise BinarizeError(f"{name} holds {bad} non-finite value(s) (NaN/Inf), which no export stores faithfully: "
+                            "the converted model is corrupt (convert again, e.g. with a lower --lr)")
+    amax = float(t.abs().max())
+    limit = STORAGE_LIMITS[storage]
+    if storage in ("bf16", "f16", "fp16"):  # past the largest finite value, a cast may still round to it
+        over = not bool(torch.isfinite(t.to(OUTER_DTYPES.get(storage, torch.float16))).all())
+    elif storage == "q8_0":
+        over = not bool(torch.isfinite(torch.tensor(amax / 127, dtype=torch.float32).half()))
+    else:
+        over = amax > limit
+    if over:
+        raise BinarizeError(f"{name} holds values up to {amax:.4g}, beyond what {storage} stores (largest "
+                            f"{limit:.4g}){': ' + hint if hint else ''}")
+
+
 def outer_dtype(name: str, int8: bool = True) -> torch.dtype:
     """The torch dtype for an ``--outer-dtype`` name; an unknown name (or int8 where the format
     cannot hold it, ``int8=False``) is one BinarizeError."""
@@ -107,24 +145,21 @@ def restore_int8_(model, files: list, matrices: dict[str, list[str]]) -> None:
 def cast_outer_(model, name: str, skip: tuple[type, ...] = ()) -> int:
     """Cast the full-precision matrices of ``model`` (parameters with ndim >= 2 of modules that are
     not instances of ``skip``; tied parameters once) to ``name``'s dtype in place; returns their
-    element count. fp16 refuses values beyond its range rather than storing inf; int8 leaves the
-    values in place (``int8_state_dict`` quantizes them at save time)."""
+    element count. Every matrix passes ``check_fits`` first (non-finite values, or values beyond
+    fp16's range for fp16, are one BinarizeError naming the tensor); int8 leaves the values in
+    place (``int8_state_dict`` quantizes them at save time)."""
     dtype = outer_dtype(name)
+    hint = "use --outer-dtype bf16 (or fp32)" if name in ("fp16", "int8") else ""
+    matrices = outer_matrices(model, skip)
+    for first in matrices:  # every tensor checked before any is cast
+        check_fits(first, model.get_parameter(first), name, hint)
     if dtype == torch.int8:
-        return sum(model.get_parameter(n).numel() for n in outer_matrices(model, skip))
-    seen, n = set(), 0
-    for module in model.modules():
-        if skip and isinstance(module, skip):
-            continue
-        for pname, p in module.named_parameters(recurse=False):
-            if id(p) in seen or p.ndim < 2 or not p.is_floating_point():
-                continue
-            seen.add(id(p))
-            if dtype == torch.float16 and bool((p.detach().abs() > torch.finfo(torch.float16).max).any()):
-                raise BinarizeError(f"{type(module).__name__}.{pname} holds values beyond fp16's range: "
-                                    "use --outer-dtype bf16")
-            p.data = p.data.to(dtype)
-            n += p.numel()
+        return sum(model.get_parameter(n).numel() for n in matrices)
+    n = 0
+    for first in matrices:
+        p = model.get_parameter(first)
+        p.data = p.data.to(dtype)
+        n += p.numel()
     return n
 
 
