@@ -73,12 +73,37 @@ def resolve_model(spec: str | None) -> ModelSource:
     return ModelSource(spec, spec)  # a hub id
 
 
+def hub_unreachable(exc: BaseException) -> bool:
+    """Whether a from_pretrained failure means the hub could not be asked (offline mode, no network)
+    rather than that it answered: huggingface_hub's LocalEntryNotFoundError / OfflineModeIsEnabled
+    anywhere in the exception's chain, or transformers' "couldn't connect" message."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or "couldn't connect to" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def load_config(src: ModelSource):
+    """The source's config. Raises BinarizeError (one line) when it cannot be read; a spec that is
+    neither a local directory nor reachable on the hub (``runs/x`` typed for a run that does not
+    exist, offline) says both, not the hub client's connection error."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(src.path, **src.kwargs())
     except (OSError, ValueError) as exc:
+        if src.path == src.spec and not src.gguf_file and hub_unreachable(exc):  # tried as a hub id
+            import huggingface_hub.constants as hub
+
+            why = "HF_HUB_OFFLINE is set" if hub.HF_HUB_OFFLINE else "no connection"
+            raise BinarizeError(f"cannot load model {src.spec!r}: there is no local directory {src.spec}, and the hub "
+                                f"was not reachable ({why}) to look it up as a hub id") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BinarizeError(f"cannot load model {src.spec!r}: {first}") from None
     if src.gguf_file:  # transformers' GGUF reader drops rope scaling: put it back or refuse

@@ -67,3 +67,38 @@ def test_perplexity_past_exp_range_is_inf_not_an_overflow_error():
     assert res["ppl"] == float("inf") and res["nll"] == pytest.approx(1e4)
     with pytest.raises(Exception, match="wikitext2: the perplexity of m is not finite"):
         check_finite_result("wikitext2", "m", res)
+
+
+@pytest.mark.parametrize("command", [["convert", "--tokens", "1k"], ["eval", "--limit", "1"]])
+def test_a_missing_org_name_path_offline_says_both_in_one_line(capsys, tmp_path, monkeypatch, command):
+    """``runs/does-not-exist`` with no ``runs`` here looks like a hub id: the answer names the
+    missing local directory and the unreachable hub, not the hub client's connection error."""
+    import huggingface_hub.constants as c
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    code, err = run_cli(capsys, command[0], "runs/does-not-exist", *command[1:])
+    assert_one_line_error(code, err, "cannot load model 'runs/does-not-exist': there is no local directory "
+                                     "runs/does-not-exist, and the hub was not reachable (HF_HUB_OFFLINE is set)")
+    assert "couldn't connect" not in err and not (tmp_path / "runs").exists()
+
+
+def test_a_missing_org_name_path_without_network_says_both(capsys, tmp_path, monkeypatch):
+    """The same with the hub online but no network (what transformers raises then, simulated)."""
+    import huggingface_hub.constants as c
+    import transformers
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def no_network(*args, **kwargs):
+        try:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
+        except LocalEntryNotFoundError as e:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find "
+                          "them in the cached files.\nCheck your internet connection") from e
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_network)
+    code, err = run_cli(capsys, "convert", "runs/does-not-exist", "--tokens", "1k")
+    assert_one_line_error(code, err, "there is no local directory runs/does-not-exist, and the hub was not "
+                                     "reachable (no connection)")
