@@ -28,13 +28,25 @@ def _source_gguf(run_dir: Path) -> Path | None:
     return p if p.suffix == ".gguf" and p.is_file() else None
 
 
-def copy_tokenizer_fields(writer, source: Path) -> None:
+SPECIAL_KEYS = {"eos": "tokenizer.ggml.eos_token_id", "pad": "tokenizer.ggml.padding_token_id",
+                "bos": "tokenizer.ggml.bos_token_id"}
+
+
+def copy_tokenizer_fields(writer, source: Path, special_ids: dict[str, int] | None = None) -> None:
+    """The source GGUF's ``tokenizer.*`` fields; ``special_ids`` (eos / pad / bos, from the run's
+    generation_config) replace the ids it holds."""
     gguf = _gguf()
     reader = gguf.GGUFReader(str(source))
+    override = {SPECIAL_KEYS[k]: v for k, v in (special_ids or {}).items() if k in SPECIAL_KEYS}
     for key, f in reader.fields.items():
         if key.startswith("tokenizer."):
+            if key in override:
+                writer.add_key_value(key, override.pop(key), gguf.GGUFValueType.UINT32)
+                continue
             sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+    for key, value in override.items():
+        writer.add_key_value(key, value, gguf.GGUFValueType.UINT32)
 
 
 def _pre_tokenizer_name(tokenizer_json: dict) -> str:
@@ -53,8 +65,10 @@ def _pre_tokenizer_name(tokenizer_json: dict) -> str:
     return "default"
 
 
-def add_hf_tokenizer_fields(writer, tokenizer, tok_dir: Path, n_vocab: int) -> str:
-    """Tokens, types, merges, special ids and chat template from a byte-level BPE tokenizer.json."""
+def add_hf_tokenizer_fields(writer, tokenizer, tok_dir: Path, n_vocab: int,
+                            special_ids: dict[str, int] | None = None) -> str:
+    """Tokens, types, merges, special ids and chat template from a byte-level BPE tokenizer.json;
+    ``special_ids`` (eos / pad / bos, from the run's generation_config) take precedence."""
     gguf = _gguf()
     try:
         tj = json.loads((tok_dir / "tokenizer.json").read_text())
@@ -79,6 +93,7 @@ def add_hf_tokenizer_fields(writer, tokenizer, tok_dir: Path, n_vocab: int) -> s
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(tok_dir, load_merges=True, n_vocab=n_vocab)
+    special.special_token_ids.update({k: v for k, v in (special_ids or {}).items() if 0 <= v < n_vocab})
     if special.chat_template is None and getattr(tokenizer, "chat_template", None):
         special.chat_template = tokenizer.chat_template
     special.add_to_gguf(writer, quiet=True)

@@ -52,6 +52,7 @@ from ..models import decoder_layers
 from ..qlinear import quant_layers
 from .gguf_arch import GGUFArch, arch_of, rope_params, write_hparams
 from .gguf_q1 import _gguf, register_q1_0
+from .generation import add_gguf_sampling, gguf_generation
 from .gguf_tokenizer import _source_gguf, add_hf_tokenizer_fields, copy_tokenizer_fields
 from .latent import load_converted, require_run_dir
 from .outer import check_fits
@@ -260,13 +261,16 @@ def write_gguf(model, tokenizer, meta: dict, path: Path, fmt: str, *, outer: str
                                   f"{fmt}", arch)
     writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{target.name}"))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    special_ids, sampling, gen_notes = gguf_generation(getattr(model, "generation_config", None))
+    add_gguf_sampling(writer, sampling)
+    report.notes += gen_notes
     if source_gguf is not None:
-        copy_tokenizer_fields(writer, source_gguf)
+        copy_tokenizer_fields(writer, source_gguf, special_ids)
         report.tokenizer = f"copied from {source_gguf.name}"
     else:
         if tok_dir is None:
             raise BinarizeError("no tokenizer to write into the GGUF metadata")
-        pre = add_hf_tokenizer_fields(writer, tokenizer, tok_dir, cfg.vocab_size)
+        pre = add_hf_tokenizer_fields(writer, tokenizer, tok_dir, cfg.vocab_size, special_ids)
         report.tokenizer = f"built from tokenizer.json (pre-tokenizer {pre})"
     if meta.get("act_bits", 0) == 8:
         report.notes.append("trained with int8 per-token activations; llama.cpp quantizes activations in its own "

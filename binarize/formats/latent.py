@@ -23,6 +23,7 @@ from ..errors import BinarizeError
 from ..models import restore_nonpersistent_buffers
 from ..qlinear import finish_init, prepare, quant_layers, set_t
 from ..recipe import Recipe
+from .generation import attach_generation_config
 
 LATENT_FORMAT = "binarize-latent"
 FORMAT_VERSION = 1
@@ -124,6 +125,7 @@ def load_converted(path: str | Path):
     if bad or unexpected:
         raise BinarizeError(f"{path}: weights do not match the config (missing {bad[:3]}, unexpected {unexpected[:3]})")
     restore_nonpersistent_buffers(model)  # rotary inv_freq, Gemma's embedding scale: garbage after to_empty
+    attach_generation_config(model, path)  # the source's, whole (from_config derives a lossy one)
     model.eval()
     require_tokenizer_files(path)
     try:
