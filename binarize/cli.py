@@ -30,7 +30,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 @app.command()
 def convert(
     model: Optional[str] = typer.Argument(None, help="Hub id, local HF dir or .gguf file (default: SmolLM2-135M-Instruct)."),
-    tokens: str = typer.Option(..., "--tokens", help="End-to-end QAT token budget: 200k, 500M, 2B or an integer. "
+    tokens: str = typer.Option(..., "--tokens", help="End-to-end QAT token budget: 200k, 500M, 2B or an integer; 0 runs the "
+                               "initialisation alone (post-training quantization, e.g. --recipe binary-ptq). "
                                "BaI (bai_steps x bai_batch_tokens) and block-wise reconstruction (blocks x "
                                "blockwise_steps x blockwise_batch x seq_len) come on top; the log's first lines "
                                "show what each stage costs."),
@@ -88,7 +89,7 @@ def convert(
     continual 16->1.58-bit switch; or train one from scratch (--from-scratch)."""
     from .recipe import parse_set, parse_tokens
 
-    n_tokens = parse_tokens(tokens)  # argument errors first, before the heavy imports
+    n_tokens = parse_tokens(tokens, allow_zero=True)  # argument errors first, before the heavy imports
     overrides = parse_set(set_)
     from .formats import get_format
     from .recipe import load_recipe

@@ -50,6 +50,15 @@ class Recipe:
     st_min: float = 1e-2  # St is clamped to [st_min, inf) so W/St stays finite
     train_st: bool = False  # keep learning St during QAT (paper: St fixed after BaI)
     share_st: bool = False  # tie St (q/k/v, gate/up, o_proj per KV group) so export folds it away (qlinear.share_st_)
+    # --- Hessian-aware initialisation (train/hessian_init.py, gptq.py), after BaI, before block-wise ---
+    init: str = "sign"  # sign: plain rounding of the (BaI-scaled) weights | hessian: GPTQ feedback + scale refit
+    hessian_feedback: bool = True  # GPTQ error feedback onto the columns not yet quantized
+    hessian_refine: int = 2  # rounds of row/column scale refit + re-quantization
+    hessian_column_scale: bool = True  # fit St as the column scale (off with share_st)
+    hessian_column_init: str = "given"  # given: start from St (1, or BaI's) | svid: OneBit's rank-1 of |W|
+    hessian_damp: float = 0.01  # H + damp * mean(diag H) * I
+    hessian_inputs: str = "quantized"  # block i's calibration inputs: quantized (blocks 0..i-1 converted) | fp
+    hessian_weight: str = "relative"  # tokens in H: relative (1 / ||W x_t||^2) | plain (GPTQ)
     # --- block-wise reconstruction (train/blockwise.py), after BaI and before end-to-end QAT ---
     blockwise_steps: int = 0  # AdamW steps per decoder block; 0: no block-wise stage
     blockwise_sequences: int = 32  # calibration sequences whose block activations are cached (<= calib_sequences)
@@ -111,6 +120,10 @@ class Recipe:
             "blockwise_quantizer": ("progressive", "ste"),
             "blockwise_last_loss": ("same", "kl"),
             "loss_backend": ("auto", "chunked", "liger"),
+            "init": ("sign", "hessian"),
+            "hessian_column_init": ("given", "svid"),
+            "hessian_inputs": ("quantized", "fp"),
+            "hessian_weight": ("relative", "plain"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -120,6 +133,9 @@ class Recipe:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise BinarizeError(f"recipe {self.name}: {key} must be positive, got {getattr(self, key)}")
+        if not 0 < self.hessian_damp < 1e3 or self.hessian_refine < 0:
+            raise BinarizeError(f"recipe {self.name}: hessian_damp must be in (0, 1000) (0 leaves a singular Hessian "
+                                f"singular) and hessian_refine >= 0, got {self.hessian_damp}, {self.hessian_refine}")
         if self.act_bits not in (0, 8):
             raise BinarizeError(f"recipe {self.name}: act_bits must be 0 (full precision) or 8, got {self.act_bits}")
         if self.progressive_form == "max" and self.scaling == "learnable":
@@ -257,15 +273,17 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
 
-def parse_tokens(text: str | int) -> int:
-    """'2B', '500M', '200k', '1.5M', '12000' -> int; zero, negative or garbage is an error."""
+def parse_tokens(text: str | int, allow_zero: bool = False) -> int:
+    """'2B', '500M', '200k', '1.5M', '12000' -> int; negative or garbage is an error, and so is zero
+    unless ``allow_zero`` (``convert --tokens 0``: post-training quantization)."""
     s = str(text).strip().lower().replace("_", "").replace(",", "")
     m = re.fullmatch(r"([+-]?\d+(?:\.\d+)?)([kmbgt]?)", s)
     if not m:
         raise BinarizeError(f"cannot parse token budget {text!r} (use e.g. 200k, 500M, 2B or an integer)")
     n = float(m.group(1)) * _SUFFIX[m.group(2)]
-    if n <= 0 or n != int(n):
-        raise BinarizeError(f"token budget must be a positive whole number of tokens, got {text!r}")
+    if n < 0 or (n == 0 and not allow_zero) or n != int(n):
+        what = "a whole number of tokens >= 0" if allow_zero else "a positive whole number of tokens"
+        raise BinarizeError(f"token budget must be {what}, got {text!r}")
     return int(n)
 
 

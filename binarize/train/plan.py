@@ -47,9 +47,11 @@ def plan_budget(recipe: Recipe, tokens: int) -> Budget:
     """Steps, switch and phase-in of a budget; an impossible combination is one BinarizeError."""
     L = recipe.seq_len
     n_seq = tokens // L
+    per_step = recipe.batch_tokens // L
+    if tokens == 0:  # post-training quantization: the initialisation stages alone, no end-to-end step
+        return Budget(0, L, 0, 0, per_step, 0, 1)
     if n_seq == 0:
         raise BinarizeError(f"token budget {tokens} is less than one sequence of {L} tokens")
-    per_step = recipe.batch_tokens // L
     steps, switch = _steps_and_switch(recipe, tokens)
     if switch >= steps:
         raise BinarizeError(f"switch_at {recipe.switch_at:g} is step {switch}, but the budget has only {steps} "
@@ -91,6 +93,14 @@ def check_job(recipe: Recipe, tokens: int, from_scratch: str | None = None, expo
     from ..models import SCRATCH_CONFIGS
 
     budget = plan_budget(recipe, tokens)
+    if tokens == 0:
+        if from_scratch is not None:
+            raise BinarizeError("--tokens 0 converts a pretrained model without training; --from-scratch has nothing "
+                                "to convert (give a token budget)")
+        if not (recipe.bai or recipe.init == "hessian" or recipe.blockwise_steps):
+            raise BinarizeError(f"--tokens 0 runs only the initialisation, and recipe {recipe.name} has none (bai, "
+                                "init: hessian, blockwise_steps): it would write the plain rounding; use a PTQ "
+                                "recipe (binary-ptq, ternary-ptq) or --set init=hessian")
     if from_scratch is not None:
         if from_scratch not in SCRATCH_CONFIGS:
             raise BinarizeError(f"unknown --config {from_scratch!r} (known: {', '.join(SCRATCH_CONFIGS)})")
@@ -139,12 +149,18 @@ def stage_summary(recipe: Recipe, budget: Budget, n_blocks: int, bai_only: bool 
         per_step = max(1, recipe.bai_batch_tokens // L) * L
         lines.append(f"BaI: {recipe.bai_steps} steps x {per_step:,} tokens = {recipe.bai_steps * per_step:,} tokens "
                      f"(St only, on {recipe.calib_sequences} calibration sequences)")
+    if recipe.init == "hessian" and not bai_only:
+        lines.append(f"Hessian-aware initialisation: every linear, GPTQ error feedback "
+                     f"{'on' if recipe.hessian_feedback else 'off'}, {recipe.hessian_refine} scale refits "
+                     f"(forward passes only, {recipe.calib_sequences} calibration sequences)")
     if recipe.blockwise_steps and not bai_only:
         per_block = recipe.blockwise_steps * recipe.blockwise_batch * L
         lines.append(f"block-wise: {n_blocks} blocks x {recipe.blockwise_steps} steps x {recipe.blockwise_batch} "
                      f"sequences = {per_block:,} tokens per block through one block "
                      f"({recipe.blockwise_sequences} cached calibration sequences)")
-    if not bai_only:
+    if not bai_only and budget.tokens == 0:
+        lines.append("QAT: none (--tokens 0: post-training quantization, the stages above alone)")
+    elif not bai_only:
         kd = f", distillation alpha {recipe.distill_alpha:g}" if recipe.distill_alpha else ""
         lines.append(f"QAT: {budget.tokens_used:,} tokens in {budget.steps} steps of {budget.seqs_per_step * L:,} "
                      f"(--tokens {budget.tokens:,}){kd}")

@@ -112,6 +112,7 @@ class RunRecord:
     init_from: dict | None = None  # --init-from: {"run": RUN, "wall_s": its BaI + block-wise seconds}
     fsdp: bool = False  # end-to-end QAT sharded over the processes (train/sharding.py)
     loss_backend: str = "chunked"  # the end-to-end loss's implementation (train/liger_loss.py)
+    hessian: dict | None = None  # init: hessian (train/hessian_init.py HessianInitRecord as a dict)
 
     def tail_loss(self, parts: int = 10) -> float | None:
         """Mean loss over the last 1/``parts`` of the steps (at least one); None without steps."""
@@ -133,6 +134,8 @@ class RunRecord:
             out["peak_memory_mib"] = self.peak_memory_mib
         if self.init_from is not None:
             out["init_from"] = self.init_from
+        if self.hessian is not None:
+            out["hessian"] = self.hessian
         return out
 
     @classmethod
@@ -141,7 +144,7 @@ class RunRecord:
                    d.get("data", {}), TokenRecord(**d["tokens"]), [StepRecord.from_dict(s) for s in d["steps"]],
                    BaiRecord(**d["bai"]) if d.get("bai") else None, d.get("wall_s", 0.0), d.get("peak_memory_mib"),
                    BlockwiseRecord(**d["blockwise"]) if d.get("blockwise") else None, d.get("processes", 1),
-                   d.get("init_from"), d.get("fsdp", False), d.get("loss_backend", "chunked"))
+                   d.get("init_from"), d.get("fsdp", False), d.get("loss_backend", "chunked"), d.get("hessian"))
 
     def write(self, path: Path) -> None:
         write_json(path, self.to_dict())

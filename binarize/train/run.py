@@ -1,8 +1,9 @@
 """``convert(job)``: one conversion from a model and a recipe to a finished run directory (and, as
 ``binarize convert`` does, its export), in the order the work happens:
 
-check the job -> load the model -> data -> ``qlinear.prepare`` -> BaI (``bai.py``) -> QAT
-(``loop.py``) -> save the run (``formats/latent.py`` + ``record.py``) -> export (``formats``).
+check the job (``plan.py``, ``preflight.py``) -> load the model -> data -> ``qlinear.prepare`` -> BaI
+(``bai.py``) -> Hessian-aware initialisation (``hessian_init.py``) -> block-wise (``blockwise.py``) -> QAT
+(``loop.py``; none at ``--tokens 0``) -> save the run (``formats/latent.py`` + ``record.py``) -> export (``formats``).
 
 The run lives in ``OUT.partial/`` (checkpoints, partial record) and becomes ``OUT/`` by a rename
 once everything is written, so OUT is either absent or complete. ``job.resume`` continues from
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,26 +25,28 @@ import torch
 from .._version import __version__
 from ..checkpoint import CHECKPOINT, check_output_dir, load_checkpoint, read_checkpoint_state, save_checkpoint
 from ..errors import BinarizeError
-from ..experts import MOE_REFUSAL, has_moe_experts
+from ..experts import has_moe_experts
 from ..formats.latent import save_converted
 from ..formats.registry import Exported
-from ..models import (check_supported, decoder_layers, final_norm, load_config, load_model, max_positions,
+from ..models import (check_supported, decoder_layers, load_config, load_model, max_positions,
                       resolve_model, scratch_model)
 from ..qlinear import finish_init, prepare
 from ..recipe import Recipe
 from .bai import binary_aware_init
 from .blockwise import blockwise_reconstruct
+from .hessian_init import hessian_init
 from .data import SelfText, prepare_data
 from .init_state import check_init, init_key, load_init, read_init, save_init
 from .loop import Interrupted, StopOnInterrupt, TrainState, save, train_qat, trainable_groups
-from .sharding import (TRUE, fsdp_options, fsdp_requested, full_model_state, load_optimizer_state, shard,
+from .sharding import (fsdp_options, fsdp_requested, full_model_state, load_optimizer_state, shard,
                        unsharded_model)
 from .liger_loss import resolve_backend
-from .losses import Distill, TrainLoss, check_chunked
+from .preflight import check_launch, check_model_options, check_teacher_fits
+from .losses import Distill, TrainLoss
 from .plan import check_job, fit_chunks, stage_summary
 from .record import BaiRecord, BlockwiseRecord, RunRecord, TokenRecord, plot_loss
 
-__all__ = ["ConvertJob", "ConvertResult", "Interrupted", "convert"]
+__all__ = ["ConvertJob", "ConvertResult", "Interrupted", "check_launch", "check_model_options", "convert"]
 
 
 @dataclass
@@ -186,6 +188,7 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         record.init_from = {"run": str(job.init_from), "wall_s": init["wall_s"]}
         record.bai = BaiRecord(**init["bai"]) if init.get("bai") else None
         record.blockwise = BlockwiseRecord(**init["blockwise"]) if init.get("blockwise") else None
+        record.hessian = init.get("hessian")
         state = {"phase": "qat", "step": 0, "init": True}  # straight to end-to-end QAT
     t_start = time.perf_counter()
     log = None if job.progress or not main else plain_log
@@ -195,6 +198,11 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                 if recipe.bai:
                     record.bai = binary_aware_init(model, data.calib.to(accelerator.device), recipe, progress, log)
                 finish_init(model, recipe)
+                if recipe.init == "hessian":
+                    rec = hessian_init(model, data.calib.to(accelerator.device), recipe, progress, log)
+                    record.hessian = dataclasses.asdict(rec)
+                    if main:
+                        print(f"  Hessian-aware initialisation: {rec.summary()}", flush=True)
             else:
                 finish_init(model, recipe, from_file=True)
                 if state.get("init"):
@@ -212,13 +220,14 @@ def convert_run(job: ConvertJob) -> ConvertResult:
 
                 record.blockwise = blockwise_reconstruct(model, data.calib, recipe, work, record.blockwise, progress, log,
                                                          save_blockwise, write=main)
-            if not job.bai_only:
+            if not job.bai_only and tokens > 0:  # --tokens 0: the initialisation alone (PTQ)
                 groups = trainable_groups(model, recipe)  # FSDP: the optimizer is built on the shards below
                 optimizer = None if sharded else torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas))
                 start_step, saved_optimizer = 0, None
                 if job.save_init and main and (state is None or state["phase"] != "qat"):
                     saved = record.to_dict()
-                    save_init(work, model, key, {"bai": saved["bai"], "blockwise": saved.get("blockwise")},
+                    save_init(work, model, key, {"bai": saved["bai"], "blockwise": saved.get("blockwise"),
+                                                 "hessian": saved.get("hessian")},
                               record.wall_s + time.perf_counter() - t_start)
                 if state is not None and state["phase"] == "qat" and not state.get("init"):
                     saved_optimizer = load_checkpoint(work, model, optimizer)
@@ -307,50 +316,6 @@ def _check_out(job: ConvertJob, work: Path) -> None:
         raise BinarizeError(f"an interrupted run is in {work} (use --resume to continue it, or --overwrite)")
 
 
-def check_launch(env: dict | None = None) -> None:
-    """Multi-process launches binarize runs correctly: one process per device (DDP through
-    ``accelerate launch --multi_gpu`` or ``torchrun``, FSDP through ``--fsdp`` or an accelerate FSDP
-    config, ``sharding.py``; gloo on CPU). DeepSpeed launches are refused with one line; so is
-    asking for more processes per machine than it has GPUs."""
-    env = os.environ if env is None else env
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in TRUE:
-        raise BinarizeError("DeepSpeed launches are not supported. Launch with DDP (accelerate launch --multi_gpu "
-                            "--num_processes N, or torchrun --nproc_per_node N) or FSDP (an accelerate FSDP "
-                            "config with fsdp_version: 2, or --fsdp), with --grad-checkpointing to save memory")
-    local = int(env.get("LOCAL_WORLD_SIZE", "1") or 1)
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus and local > gpus:
-        raise BinarizeError(f"{local} processes per machine were launched but it has {gpus} GPU(s): "
-                            f"use --num_processes / --nproc_per_node {gpus}")
-
-
-def check_model_options(model, recipe: Recipe, export: str | None = None) -> None:
-    """Recipe and export options the loaded model must support, refused with one line before any work."""
-    if export and export.startswith("gguf"):
-        from ..families import family_of
-        from ..formats.gguf_arch import arch_of
-
-        try:
-            arch_of(model.config)
-        except BinarizeError as e:
-            raise BinarizeError(f"--export {export}: {e}") from None
-        if family_of(model.config).up_linear is None and (recipe.bai or recipe.train_st):
-            raise BinarizeError(f"--export {export}: recipe {recipe.name} learns St, and a {model.config.model_type} "
-                                "MLP has no linear place to fold down's St into a GGUF (use a recipe without BaI "
-                                "and train_st, or --export binary)")
-    if export == "bitnet" and has_moe_experts(model):
-        raise BinarizeError("--export bitnet: " + MOE_REFUSAL.format(model_type=model.config.model_type))
-    if recipe.grad_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
-        raise BinarizeError(f"--grad-checkpointing: {type(model).__name__} does not support activation "
-                            "checkpointing in transformers; run without it")
-    if recipe.loss_chunk:
-        check_chunked(model)
-    resolve_backend(recipe, model)  # loss_backend=liger where liger cannot run: refused here, before any work
-    if recipe.blockwise_steps and recipe.blockwise_last_loss == "kl":  # refused before any work, not at the last block
-        check_chunked(model, "blockwise_last_loss=kl", "--set blockwise_last_loss=same")
-        final_norm(model)
-
-
 def set_grad_checkpointing(model, on: bool) -> None:
     """transformers' activation checkpointing of every decoder block (non-reentrant ``torch.utils.checkpoint``)."""
     if on:
@@ -361,22 +326,6 @@ def set_grad_checkpointing(model, on: bool) -> None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-
-
-def check_teacher_fits(model) -> None:
-    """Distillation keeps a frozen copy of the model: refuse, before any training, when that copy
-    does not fit in the memory free now (GPU memory when training runs on a GPU, else RAM)."""
-    need = sum(p.numel() * p.element_size() for p in model.parameters())
-    if torch.cuda.is_available():
-        free, where = torch.cuda.mem_get_info()[0], "GPU memory"
-    else:
-        import psutil
-
-        free, where = psutil.virtual_memory().available, "RAM"
-    if need > free:
-        raise BinarizeError(f"distillation needs a frozen copy of the model ({need / 2**30:.2f} GiB) but only "
-                            f"{free / 2**30:.2f} GiB of {where} is free: use a recipe without distill_alpha "
-                            "(--distill 0) or a machine with more memory")
 
 
 def peak_memory_mib() -> dict:

@@ -1,0 +1,120 @@
+"""What each element of the Hessian-aware initialisation is worth, at zero training tokens.
+
+Every variant starts from the same full-precision model, quantizes every decoder-block linear
+with the recipe's quantizer structure (binary: a_i sign s_j; ternary: per-row a_i RoundClip s_j),
+and is measured on the same evaluation windows (WikiText-2 test, non-overlapping windows of
+``--seq-len``, the first ``--windows``). Calibration: the first ``--calib-seqs`` x ``--calib-len``
+tokens of PTB train (``self`` text needs a generation run first; ``--calib FILE.jsonl.gz`` takes a
+``binarize generate-data`` file).
+
+    python benchmarks/hessian_init.py --method binary --variants sign,rtn-refit,gptq,gptq-refine,full
+    python benchmarks/hessian_init.py --method ternary --windows 16 --seq-len 1024
+
+Variants (each adds one element to the one before unless said):
+
+* ``sign``: plain rounding, per-row mean|W| (binary Sa / ternary AbsMean), no St: today's start;
+* ``rtn-refit``: the same codes, row scale refit in the Hessian metric (no feedback);
+* ``gptq``: GPTQ error feedback, row scale mean|W| then refit once (no refinement rounds);
+* ``gptq-refine``: + 2 rounds of row-scale refit and re-quantization (ARB-style);
+* ``full``: + the column scale St fitted in the same alternation (the default ``init: hessian``);
+* ``full-svid``: ``full`` with St started from OneBit's SVID;
+* ``full-plainH``: ``full`` with the plain (unweighted) Hessian;
+* ``full-fp``: ``full`` with every block fed the FP model's hidden states (not sequential);
+* ``rtn-col``: no feedback, but row and column scales refit (scale refinement alone).
+
+Prints one row per variant: WikiText-2 perplexity, mean relative layer-output error (plain ->
+result), seconds of the initialisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+
+import torch
+
+from binarize.calibration.datasets import DATASETS, local_file
+from binarize.evaluate import eval_tokens, perplexity
+from binarize.models import load_model
+from binarize.qlinear import finish_init, prepare, set_t
+from binarize.recipe import Recipe
+from binarize.train.hessian_init import hessian_init
+
+VARIANTS = {
+    "sign": None,
+    "rtn-refit": dict(hessian_feedback=False, hessian_refine=0, hessian_column_scale=False),
+    "rtn-col": dict(hessian_feedback=False, hessian_refine=2, hessian_column_scale=True),
+    "gptq": dict(hessian_refine=0, hessian_column_scale=False),
+    "gptq-refine": dict(hessian_refine=2, hessian_column_scale=False),
+    "full": dict(),
+    "full-svid": dict(hessian_column_init="svid"),
+    "full-plainH": dict(hessian_weight="plain"),
+    "full-fp": dict(hessian_inputs="fp"),
+}
+
+
+def calibration(tokenizer, n: int, length: int, path: str | None) -> torch.Tensor:
+    if path:
+        from binarize.calibration.streams import load_documents, tokenize_documents
+
+        ids = tokenize_documents(tokenizer, load_documents(path)[0])
+    else:
+        text = local_file(DATASETS["ptb"].splits["train"]).read_text()[:2_000_000]
+        ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    return ids[: n * length].view(n, length)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--method", default="binary", choices=("binary", "ternary"))
+    ap.add_argument("--variants", default="sign,rtn-refit,gptq,gptq-refine,full")
+    ap.add_argument("--calib-seqs", type=int, default=32)
+    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--calib", default=None, help="a data file instead of PTB train")
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE recipe override for every variant")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    base, tokenizer, src = load_model(None)
+    base.eval()
+    calib = calibration(tokenizer, args.calib_seqs, args.calib_len, args.calib)
+    ids, _ = eval_tokens(tokenizer, "wikitext2")
+    extra = {}
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        extra[k] = json.loads(v) if v[:1] in "0123456789-tf[" else v
+    fp = perplexity(base, ids, args.seq_len, limit=args.windows)["ppl"]
+    print(f"{src.spec}, {args.method}, calibration {tuple(calib.shape)}, WikiText-2 {args.windows} x {args.seq_len}: "
+          f"full precision {fp:.2f}", flush=True)
+    rows = []
+    for name in args.variants.split(","):
+        opts = VARIANTS[name]
+        recipe = Recipe(method=args.method, bai=False, per_row=True, micro_batch=4,
+                        **({"init": "hessian", **opts} if opts is not None else {}), **extra).validate()
+        model = copy.deepcopy(base)
+        prepare(model, recipe)
+        finish_init(model, recipe)
+        t0 = time.perf_counter()
+        rec = hessian_init(model, calib, recipe) if opts is not None else None
+        sec = time.perf_counter() - t0
+        set_t(model, math.inf, 1.0)
+        ppl = perplexity(model, ids, args.seq_len, limit=args.windows)["ppl"]
+        e = rec.layers if rec else {}
+        e0 = sum(v["plain"] for v in e.values()) / max(1, len(e))
+        e1 = sum(v["error"] for v in e.values()) / max(1, len(e))
+        rows.append({"variant": name, "ppl": ppl, "err_plain": e0, "err": e1, "seconds": sec})
+        print(f"{name:12s} WikiText-2 {ppl:14,.1f}   layer error {e0:.4f} -> {e1:.4f}   {sec:6.0f} s", flush=True)
+        del model
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"method": args.method, "fp": fp, "calib": list(calib.shape), "windows": args.windows,
+                       "seq_len": args.seq_len, "set": extra, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

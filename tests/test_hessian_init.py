@@ -1,0 +1,139 @@
+"""The Hessian-aware initialisation (binarize/gptq.py, train/hessian_init.py) and the PTQ-only
+path (``convert --tokens 0``)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from binarize.errors import BinarizeError
+from binarize.gptq import HessianQuantConfig, gptq_codes, damped_inverse_factor, output_error, quantize_layer
+from binarize.qlinear import QuantLinear
+from binarize.recipe import Recipe
+
+
+def _layer_problem(out=48, inp=64, n=512, seed=0):
+    """A weight with outlier columns and inputs with correlated channels and a few large ones."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * (1 + 3 * (torch.rand(inp, generator=g) > 0.9))
+    mix = torch.randn(inp, inp, generator=g) / math.sqrt(inp) + torch.eye(inp)
+    x = torch.randn(n, inp, generator=g) @ mix
+    x[:, :3] *= 8
+    return w, x.T @ x / n
+
+
+@pytest.mark.parametrize("method", ["binary", "ternary"])
+def test_each_element_lowers_the_output_error_and_never_loses_to_rounding(method):
+    w, h = _layer_problem()
+    ones = torch.ones(w.shape[1])
+    errs = {}
+    for name, cfg in {"refit": HessianQuantConfig(method, feedback=False, refine=0, column_scale=False),
+                      "gptq": HessianQuantConfig(method, refine=0, column_scale=False),
+                      "full": HessianQuantConfig(method)}.items():
+        res = quantize_layer(w, h, ones, cfg)
+        assert res.error <= res.error_plain + 1e-9
+        # the reported error is the error of the returned codes and scales
+        w_eff = res.row_scale.view(-1, 1) * res.codes * res.col_scale.view(1, -1)
+        assert res.error == pytest.approx(output_error(w, w_eff, h), rel=1e-5)
+        errs[name] = res.error
+    assert errs["gptq"] < errs["refit"] and errs["full"] <= errs["gptq"]
+    assert errs["full"] < 0.9 * res.error_plain
+
+
+def test_gptq_latent_rounds_to_its_codes_and_feedback_moves_later_columns():
+    w, h = _layer_problem(out=8, inp=32)
+    a = w.abs().mean(1)
+    codes, latent = gptq_codes(w, a, damped_inverse_factor(h, 0.01), "binary", block=8)
+    assert torch.equal(torch.where(latent >= 0, 1.0, -1.0), codes)
+    assert torch.equal(latent[:, 0], w[:, 0])  # the first column is quantized as it is
+    assert not torch.allclose(latent[:, -1], w[:, -1])  # the last one carries the others' errors
+
+
+def test_non_finite_weight_and_singular_damping_are_one_line_errors():
+    w, h = _layer_problem(out=4, inp=8)
+    bad = w.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(BinarizeError, match="non-finite"):
+        quantize_layer(bad, h, torch.ones(8), HessianQuantConfig())
+    with pytest.raises(BinarizeError, match="hessian_damp"):
+        Recipe(hessian_damp=0).validate()
+    with pytest.raises(BinarizeError, match="not positive definite"):
+        damped_inverse_factor(-torch.eye(8), 0.01)
+
+
+@pytest.mark.parametrize("method", ["binary", "ternary"])
+def test_applied_codes_survive_the_layers_own_quantizer(method):
+    from binarize.fake_quant import LayerSpec
+    from binarize.train.hessian_init import apply_layer
+
+    w, h = _layer_problem(out=16, inp=32)
+    lin = torch.nn.Linear(32, 16, bias=False)
+    lin.weight.data.copy_(w)
+    q = QuantLinear.from_linear(lin, spec=LayerSpec(method=method, per_row=True))
+    q.fold_st()
+    res = quantize_layer(w, h, torch.ones(32), HessianQuantConfig(method))
+    apply_layer(q, res.codes, res.row_scale, res.col_scale, res.latent)
+    codes, scale = q.codes()
+    assert torch.equal(codes, res.codes)
+    expect = res.row_scale.view(-1, 1) * res.codes * res.col_scale.half().float().view(1, -1)
+    torch.testing.assert_close(q.effective_weight().detach(), expect, rtol=1e-5, atol=1e-6)
+
+
+def _ptq_recipe(small_text, method="binary", **kw):
+    from binarize.recipe import load_recipe
+
+    return load_recipe(f"{method}-ptq", dict(seq_len=64, calib_sequences=16, data=str(small_text),
+                                            calib=str(small_text), micro_batch=4, **kw))
+
+
+@pytest.mark.parametrize("method", ["binary", "ternary"])
+def test_tokens_zero_writes_a_ptq_run_that_exports_and_tracks_the_fp_model_closer(trained_tiny_dir, small_text,
+                                                                                   tmp_path, method):
+    from transformers import AutoModelForCausalLM
+
+    from binarize.formats.latent import load_converted
+    from binarize.formats.packed_reader import load_packed
+    from binarize.train import ConvertJob, convert
+
+    out, plain = tmp_path / "ptq", tmp_path / "plain"
+    fmt = "binary" if method == "binary" else "ternary2"
+    convert(ConvertJob(str(trained_tiny_dir), 0, out, _ptq_recipe(small_text, method), progress=False, export=fmt))
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["steps"] == [] and rec["tokens"]["requested"] == 0 and rec["tokens"]["trained"] == 0
+    layers = rec["hessian"]["layers"]
+    assert len(layers) == rec["quantized_layers"]
+    assert all(v["error"] <= v["plain"] for v in layers.values())
+    convert(ConvertJob(str(trained_tiny_dir), 0, plain, _ptq_recipe(small_text, method, init="sign", bai=True,
+                                                                     bai_steps=1), progress=False))
+    fp = AutoModelForCausalLM.from_pretrained(trained_tiny_dir, dtype=torch.float32).eval()
+    model, tok, _ = load_converted(out)
+    ref, _, _ = load_converted(plain)
+    packed, _, _ = load_packed(out / "packed")
+    x = torch.randint(0, 2000, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        h = [m.model(input_ids=x).last_hidden_state for m in (fp, model, ref)]
+    err = lambda a: float((a - h[0]).pow(2).sum() / h[0].pow(2).sum())  # noqa: E731
+    assert err(h[1]) < err(h[2])  # the Hessian-aware start is closer to the FP model than the plain sign's
+    from binarize.qlinear import quant_layers
+
+    for name, q in quant_layers(model).items():  # the packed export holds exactly the chosen weights
+        assert torch.equal(packed.get_submodule(name).dequantized(), q.effective_weight().detach())
+
+
+def test_tokens_zero_without_an_initialisation_is_refused_before_work(tiny_model_dir, tmp_path, capsys):
+    from binarize.cli import main
+
+    def run(*argv):
+        with pytest.raises(SystemExit) as exc:
+            main(list(argv))
+        return exc.value.code, capsys.readouterr().err
+
+    code, err = run("convert", str(tiny_model_dir), "--tokens", "0", "--recipe", "binary-ste", "--set", "bai=false",
+                    "--out", str(tmp_path / "x"))
+    assert code == 2 and "has none" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+    code, err = run("generate-data", "--tokens", "0", "--out", str(tmp_path / "g.jsonl"))
+    assert code == 2 and "positive" in err
