@@ -14,6 +14,7 @@ field (plus the token ``ids``): the format the data loader reads.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import inspect
@@ -54,19 +55,40 @@ def cache_dir() -> Path:
 
 
 def model_fingerprint(src) -> str:
-    """sha256 over the model's weight/config files (a hub id stands for itself)."""
+    """SHA-256 over the model's weight and config files (name and content of each; a GGUF: that
+    file). A hub id is fingerprinted by its cached snapshot's files once downloaded, else stands for
+    itself (``hub:ID``). Hashed once per process while the files' sizes and times are unchanged
+    (the run identity and the self-generated text's cache key share it)."""
     path = Path(src.path)
     if not path.exists():
-        return f"hub:{src.spec}"
+        path = _hub_snapshot(src.spec)
+        if path is None:
+            return f"hub:{src.spec}"
     files = [path / src.gguf_file] if src.gguf_file else sorted(
-        p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".gguf"))
+        p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".gguf") and p.is_file())
+    return _files_sha256(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _files_sha256(stats: tuple[tuple[str, int, int], ...]) -> str:
     h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
+    for name, _, _ in stats:
+        h.update(Path(name).name.encode())
+        with open(name, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def _hub_snapshot(spec: str) -> Path | None:
+    """The directory of a hub model's cached snapshot (where its config.json is), if any."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(spec, "config.json")
+    except Exception:  # not a repo id, no cache: the spec stands for itself
+        return None
+    return Path(hit).parent if isinstance(hit, str) else None
 
 
 def check_disk(folder: Path, tokens: int) -> None:

@@ -14,15 +14,14 @@ short one) should not pay for them again.
   RNG state restored, the rest of the run is the run ``--save-init`` would have made at the new
   budget (``tests/test_init_state.py`` checks the latent weights are equal to a plain run's).
 
-The key: the model spec, a SHA-256 of the calibration token ids (which also pins the calibration
-source, its size and the self-generated text) and every recipe key except ``QAT_ONLY``; a run whose
-key differs is refused in one line naming the first differing key, before any output is written.
+The key: the model spec and a SHA-256 of its files, a SHA-256 of the calibration token ids (which
+also pins the calibration source, its size and the self-generated text) and every recipe key except
+``QAT_ONLY``; a run whose key differs is refused in one line naming the first differing key, before
+any output is written (``identity.first_difference``, the comparison ``--resume`` makes too).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from safetensors.torch import load_model, save_model
 from ..checkpoint import atomic_dir, rng_state, set_rng_state, write_json
 from ..errors import BinarizeError
 from ..recipe import Recipe
+from .identity import first_difference, tokens_sha256
 
 INIT = "init"
 # Recipe keys only end-to-end QAT reads (optimizer, batch, loss, text, the continual switch): two
@@ -45,12 +45,15 @@ QAT_ONLY = frozenset({
 })
 
 
-def init_key(recipe: Recipe, model_spec: str, calib: torch.Tensor) -> dict[str, Any]:
-    """What decides the initialisation: model spec, calibration ids (SHA-256 of their int64
-    bytes, shape (sequences, seq_len)) and the recipe without ``QAT_ONLY``."""
-    ids = calib.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
-    return {"model": model_spec, "calib_sha256": hashlib.sha256(ids).hexdigest(),
-            "recipe": {k: v for k, v in recipe.to_dict().items() if k not in QAT_ONLY}}
+def init_key(recipe: Recipe, model_spec: str, calib: torch.Tensor, model_sha256: str | None = None) -> dict[str, Any]:
+    """What decides the initialisation: the model (spec and, when given, the SHA-256 of its files),
+    calibration ids (SHA-256 of their int64 bytes, shape (sequences, seq_len)) and the recipe
+    without ``QAT_ONLY``."""
+    key = {"model": model_spec, "calib_sha256": tokens_sha256(calib),
+           "recipe": {k: v for k, v in recipe.to_dict().items() if k not in QAT_ONLY}}
+    if model_sha256 is not None:
+        key["model_sha256"] = model_sha256
+    return key
 
 
 def read_init(run: Path) -> dict[str, Any]:
@@ -66,20 +69,12 @@ def read_init(run: Path) -> dict[str, Any]:
 
 
 def check_init(run: Path, saved: dict[str, Any], key: dict[str, Any]) -> None:
-    """Refuse an initialisation made for another model, calibration set or recipe (one line)."""
-    old = saved.get("key", {})
-    if old.get("model") != key["model"]:
-        raise BinarizeError(f"--init-from {run}: it was made for {old.get('model')}, not {key['model']}")
-    if old.get("calib_sha256") != key["calib_sha256"]:
-        raise BinarizeError(f"--init-from {run}: it was made on other calibration text "
-                            "(calib, calib_sequences, seq_len or the self-generated corpus differ)")
-    # a key an older binarize did not have yet was at its default there (the default is what it ran)
-    defaults = {f.name: f.default for f in dataclasses.fields(Recipe) if f.default is not dataclasses.MISSING}
-    a, b = old.get("recipe", {}), key["recipe"]
-    for k in sorted(set(a) | set(b)):
-        if json.dumps(a.get(k, defaults.get(k))) != json.dumps(b.get(k, defaults.get(k))):
-            raise BinarizeError(f"--init-from {run}: recipe key {k} differs ({a.get(k)!r} there, {b.get(k)!r} "
-                                "here); only end-to-end keys and --tokens may differ")
+    """Refuse an initialisation made for another model, calibration set or recipe (one line; the
+    comparison of ``identity.first_difference``, as ``--resume`` makes it)."""
+    diff = first_difference(saved.get("key", {}), key, ignore=QAT_ONLY)
+    if diff:
+        hint = "; only end-to-end keys and --tokens may differ" if diff.startswith("recipe key") else ""
+        raise BinarizeError(f"--init-from {run}: it was made with other inputs: {diff}{hint}")
 
 
 def save_init(work: Path, model: torch.nn.Module, key: dict[str, Any], records: dict[str, Any],

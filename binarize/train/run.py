@@ -35,6 +35,7 @@ from ..recipe import Recipe
 from .bai import binary_aware_init
 from .blockwise import blockwise_reconstruct
 from .hessian_init import hessian_init
+from .identity import check_resume, model_fingerprint, read_identity, tokens_sha256, write_identity
 from .data import SelfText, prepare_data
 from .init_state import check_init, init_key, load_init, read_init, save_init
 from .loop import Interrupted, StopOnInterrupt, TrainState, save, train_qat, trainable_groups
@@ -96,6 +97,10 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     fsdp = fsdp_requested(job.fsdp)
     fsdp_opts = fsdp_options() if fsdp else {}
     state = read_checkpoint_state(work) if job.resume else None
+    # the run's identity (identity.py): checked against OUT.partial's on --resume as each part is known
+    saved_identity = read_identity(work) if state else None
+    identity = {"tokens": job.tokens, "from_scratch": job.from_scratch, "recipe": job.recipe.to_dict()}
+    check_resume(work, saved_identity, identity)
     init = None
     if job.init_from is not None and not state:  # a resumed run started from it already
         if job.from_scratch or job.bai_only:
@@ -125,6 +130,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         model, tokenizer, src = scratch_model(job.model, from_scratch, recipe.seed)
     else:
         model, tokenizer, src = load_model(job.model)
+    identity.update(model=src.spec, model_sha256=model_fingerprint(src))
+    check_resume(work, saved_identity, identity)
     limit = max_positions(model.config)
     if limit and recipe.seq_len > limit:
         raise BinarizeError(f"seq_len {recipe.seq_len} exceeds the model's maximum of {limit} positions")
@@ -158,7 +165,11 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         data = prepare_data(tokenizer, recipe, budget, self_text)
     if self_text.meta is not None:
         data.info["self_generation"] = {"file": str(self_text.path), **self_text.meta}
-    key = init_key(recipe, src.spec, data.calib) if (init is not None or job.save_init) else None
+    identity.update(calib_sha256=tokens_sha256(data.calib), calib_source=data.info["calib_source"],
+                    train_sha256=tokens_sha256(data.train.blocks.blocks), train_source=data.info["train_source"])
+    check_resume(work, saved_identity, identity)
+    key = (init_key(recipe, src.spec, data.calib, identity["model_sha256"]) if (init is not None or job.save_init)
+           else None)
     if init is not None:
         check_init(job.init_from, init, key)
 
@@ -167,6 +178,7 @@ def convert_run(job: ConvertJob) -> ConvertResult:
             if d.exists():
                 shutil.rmtree(d) if d.is_dir() else d.unlink()
         work.mkdir(parents=True)
+        write_identity(work, identity)
     accelerator.wait_for_everyone()
     torch.manual_seed(recipe.seed)
     distill = None
