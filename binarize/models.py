@@ -57,6 +57,15 @@ def resolve_model(spec: str | None) -> ModelSource:
     if spec is None or spec in ("", "default"):
         path = default_model_file()
         return ModelSource(DEFAULT_MODEL_NAME, str(path.parent), path.name)
+    try:
+        return _resolve_path(spec)
+    except BinarizeError as exc:  # a path holding a line break still makes one error line
+        raise BinarizeError(str(exc).replace("\r", "\\r").replace("\n", "\\n")) from None
+    except (OSError, ValueError, RuntimeError) as exc:  # a name too long, a NUL byte, ~user with no such user
+        raise BinarizeError(f"model path {spec[:80]!r} cannot be used ({str(exc).splitlines()[0][:80]})") from None
+
+
+def _resolve_path(spec: str) -> ModelSource:
     p = Path(spec).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
@@ -97,7 +106,9 @@ def load_config(src: ModelSource):
 
     try:
         config = AutoConfig.from_pretrained(src.path, **src.kwargs())
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001  (a damaged GGUF raises struct.error, IndexError, ...)
+        if not isinstance(exc, (OSError, ValueError)) and not src.gguf_file:
+            raise
         if src.path == src.spec and not src.gguf_file and hub_unreachable(exc):  # tried as a hub id
             import huggingface_hub.constants as hub
 
@@ -181,8 +192,10 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
         tokenizer = AutoTokenizer.from_pretrained(src.path, **src.kwargs())
         with _quiet_gguf():
             model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, config=config, **src.kwargs())
-    except (OSError, ValueError, NotImplementedError, SafetensorError) as exc:
+    except Exception as exc:  # noqa: BLE001  (a damaged GGUF's tensors raise many types)
         # NotImplementedError: a GGUF type gguf cannot read; SafetensorError: a truncated or corrupt weight file
+        if not isinstance(exc, (OSError, ValueError, NotImplementedError, SafetensorError)) and not src.gguf_file:
+            raise
         first = str(exc).strip().splitlines()[0]
         raise BinarizeError(f"cannot load model {src.spec!r}: {first}") from None
     if src.gguf_file:

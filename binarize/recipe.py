@@ -7,7 +7,9 @@ key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+from fractions import Fraction
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -122,7 +124,7 @@ class Recipe:
             "loss_backend": ("auto", "chunked", "liger"),
             "init": ("sign", "hessian"),
             "hessian_column_init": ("given", "svid"),
-            "hessian_inputs": ("quantized", "fp"),
+            "hessian_inputs": ("quantized", "fp", "corrected"),
             "hessian_weight": ("relative", "plain"),
         }
         for key, allowed in choices.items():
@@ -187,7 +189,8 @@ class Recipe:
                                 "self_greedy_prefix)") from None
         if self.self_tokens < 0:
             raise BinarizeError(f"recipe {self.name}: self_tokens must be >= 0 (0: what the run needs), got {self.self_tokens}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                           for b in self.betas):
             raise BinarizeError(f"recipe {self.name}: betas must be two numbers in [0, 1), got {self.betas}")
         return self
 
@@ -221,10 +224,16 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         or (kind is str and isinstance(value, str))
         or (kind is list and isinstance(value, list))
     )
+    if ok and kind is float:
+        try:
+            value = float(value)
+        except OverflowError:  # an integer past float's range
+            value = math.inf
+        ok = math.isfinite(value)
     if not ok:
-        article = "an" if kind.__name__[0] in "aeiou" else "a"
-        raise BinarizeError(f"{source}: recipe key {key!r} needs {article} {kind.__name__}, got {value!r}")
-    return float(value) if kind is float else value
+        article = "an" if kind.__name__[0] in "aeiou" else ("a finite" if kind is float else "a")
+        raise BinarizeError(f"{source}: recipe key {key!r} needs {article} {kind.__name__}, got {repr(value)[:80]}")
+    return value
 
 
 def recipe_dir() -> Path:
@@ -237,6 +246,15 @@ def available_recipes() -> list[str]:
 
 def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None) -> Recipe:
     """A recipe by shipped name (``binaryllm``) or by path to a YAML file, then overrides."""
+    try:
+        return _load_recipe(name_or_path, overrides)
+    except BinarizeError as exc:  # a path holding a line break still makes one error line
+        raise BinarizeError(str(exc).replace("\r", "\\r").replace("\n", "\\n")) from None
+    except (OSError, ValueError) as exc:  # a name too long or with a NUL byte; a file that is not UTF-8
+        raise BinarizeError(f"cannot read recipe {str(name_or_path)[:80]!r} ({str(exc).splitlines()[0][:80]})") from None
+
+
+def _load_recipe(name_or_path: str, overrides: dict[str, Any] | None) -> Recipe:
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") or path.is_file()):  # a folder of that name is not a recipe file
         path = recipe_dir() / f"{name_or_path}.yaml"
@@ -280,11 +298,18 @@ def parse_tokens(text: str | int, allow_zero: bool = False) -> int:
     m = re.fullmatch(r"([+-]?\d+(?:\.\d+)?)([kmbgt]?)", s)
     if not m:
         raise BinarizeError(f"cannot parse token budget {text!r} (use e.g. 200k, 500M, 2B or an integer)")
-    n = float(m.group(1)) * _SUFFIX[m.group(2)]
+    n = Fraction(m.group(1)) * _SUFFIX[m.group(2)]  # exact: a float rounds past 2**53
     if n < 0 or (n == 0 and not allow_zero) or n != int(n):
         what = "a whole number of tokens >= 0" if allow_zero else "a positive whole number of tokens"
         raise BinarizeError(f"token budget must be {what}, got {text!r}")
     return int(n)
+
+
+def _exists(spec: str) -> bool:
+    try:
+        return Path(spec).exists()
+    except (OSError, ValueError):  # a name too long, a NUL byte: no such file
+        return False
 
 
 def parse_mix(spec: str) -> tuple[str, float]:
@@ -295,7 +320,7 @@ def parse_mix(spec: str) -> tuple[str, float]:
     if spec == "self":
         return "", 1.0
     if not spec.startswith("self+"):
-        if "+" in spec.split("#")[0] and not Path(spec).exists():
+        if "+" in spec.split("#")[0] and not _exists(spec):
             raise BinarizeError(f"unknown data mix {spec!r}: use self+SOURCE:FRACTION, e.g. self+ptb:0.5")
         return spec, 0.0
     rest, _, frac = spec[5:].rpartition(":")

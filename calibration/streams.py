@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -123,6 +124,8 @@ def _jsonl_texts(path: Path, field: str, skipped: dict[str, int], keep_empty: bo
                 raise BinarizeError(f"{path}:{n}: not a JSON line") from None
             if not isinstance(rec, dict) or field not in rec:
                 raise BinarizeError(f"{path}:{n}: record has no {field!r} field")
+            if isinstance(rec[field], str):
+                rec[field].encode("utf-8")  # UnicodeEncodeError (a ValueError): a lone surrogate escape, not text
             values.append(rec[field])
     return keep_texts(values, skipped, keep_empty)
 
@@ -180,10 +183,29 @@ def read_documents(spec: str, *, max_chars: int | None = None) -> Documents:
         joiner = "" if DATASETS[name].local_format == "wikitext-raw" else "\n"
         return Documents([joiner.join(rows)], where, skipped)  # one running text, as in the original file
     file_part, _, field = spec.partition("#")
-    path = Path(file_part).expanduser()
+    path = Path(file_part)
+    try:
+        path = path.expanduser()
+        return _read_file(path, field, skipped)
+    except (OSError, ValueError, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:  # bad UTF-8, gzip,
+        # parquet; RuntimeError: ~user of no such user
+        if not _exists(path):
+            known = ", ".join(DATASETS)
+            raise BinarizeError(f"data source not found: {spec[:200]!r} (a file, hf:ID, or one of {known})") from None
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise BinarizeError(f"{path}: unreadable data file ({type(exc).__name__}: {first})") from None
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        return False
+
+
+def _read_file(path: Path, field: str, skipped: dict[str, int]) -> Documents:
     if not path.exists():
-        known = ", ".join(DATASETS)
-        raise BinarizeError(f"data source not found: {spec!r} (a file, hf:ID, or one of {known})")
+        raise FileNotFoundError(path)
     suffix = _suffix(path)
     if suffix == ".txt":
         docs = [_read_text(path)]

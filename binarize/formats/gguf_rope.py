@@ -23,6 +23,7 @@ tensor index only (GGUF v2/v3 layout, llama.cpp ``ggml/include/gguf.h``).
 from __future__ import annotations
 
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -44,7 +45,7 @@ class _Header:
         self.path = path
         with open(path, "rb") as f:
             self.buf = f.read(1 << 16)
-            self.f, self.pos = f, 0
+            self.f, self.pos, self.size = f, 0, os.fstat(f.fileno()).st_size
             if self._take(4) != b"GGUF":
                 raise BinarizeError(f"{path} is not a GGUF file (bad magic)")
             version, = self._unpack("<I")
@@ -66,6 +67,8 @@ class _Header:
             self.data_start = (self.pos + align - 1) // align * align
 
     def _take(self, n: int) -> bytes:
+        if self.pos + n > self.size:
+            raise BinarizeError(f"{self.path}: truncated or damaged GGUF header (a length past the end of the file)")
         while self.pos + n > len(self.buf):
             more = self.f.read(max(1 << 20, n))
             if not more:

@@ -47,23 +47,30 @@ def validate_packed_dir(path: Path) -> dict:
 
     try:
         meta = json.loads((path / "binarize.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError and undecodable UTF-8
         raise BinarizeError(f"{path}: unreadable binarize.json ({_first_line(exc)})") from None
+    if not isinstance(meta, dict):
+        raise BinarizeError(f"{path}: binarize.json is not a JSON object")
     if meta.get("format") != PACKED_FORMAT:
         raise BinarizeError(f"{path}: unknown format {meta.get('format')!r}")
     if meta.get("format_version") != PACKED_VERSION:
         raise BinarizeError(f"{path}: format version {meta.get('format_version')!r} is not supported "
                             f"(this binarize reads version {PACKED_VERSION})")
     check_format(meta.get("packing"))
-    for f, digest in meta.get("checksums", {}).items():
-        if not (path / f).is_file():
-            raise BinarizeError(f"{path / f}: missing")
-        if sha256(path / f) != digest:
-            raise BinarizeError(f"{path / f}: checksum mismatch (file corrupted or modified)")
     require_tokenizer_files(path)
+    for key in ("checksums", "file_checksums"):  # file_checksums: every other file (exports since issue 42)
+        sums = meta.get(key, {})
+        if not isinstance(sums, dict) or not all(isinstance(v, str) and isinstance(f, str) and f and "/" not in f
+                                                 and f not in (".", "..") for f, v in sums.items()):
+            raise BinarizeError(f"{path}: binarize.json's {key} is not a map of file names to sha256 digests")
+        for f, digest in sums.items():
+            if not (path / f).is_file():
+                raise BinarizeError(f"{path / f}: missing")
+            if sha256(path / f) != digest:
+                raise BinarizeError(f"{path / f}: checksum mismatch (file corrupted or modified)")
     try:
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # transformers raises many types (KeyError, TypeError, ...) on a damaged config.json
         raise BinarizeError(f"{path}: cannot read config.json ({_first_line(exc)})") from None
     qcfg = getattr(config, "quantization_config", None)
     qcfg = qcfg if isinstance(qcfg, dict) else getattr(qcfg, "to_dict", lambda: {})()

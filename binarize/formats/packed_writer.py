@@ -142,6 +142,8 @@ def export_packed(run_dir: Path, out: Path, fmt: str = "binary", *, overwrite: b
             "format": PACKED_FORMAT, "format_version": PACKED_VERSION, "binarize_version": __version__,
             "packing": fmt, "method": meta.get("method", "binary"), "source_run": str(run_dir),
             "checksums": {f: sha256(tmp / f) for f in files}, **bits,
+            "file_checksums": {p.name: sha256(p) for p in sorted(tmp.iterdir())
+                               if p.is_file() and p.name not in files and p.name != "binarize.json"},
             "st_layout": {k: layout[k] for k in ("st_layers", "st_folded_into_norm", "st_dtypes")},
             "weight_formula": "W = scale[i] * code[i, j] * st[j] (st = 1 where folded into the norm or not stored)",
             "act_bits": meta.get("act_bits", 0), "outer_dtype": outer_dtype,

@@ -140,6 +140,27 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunRecord":
+        """The record of a run.json document; BinarizeError for a field of the wrong type."""
+        record = cls._from_dict(d)
+        record.check()
+        return record
+
+    def check(self) -> None:
+        """Numbers where numbers belong (a damaged run.json must not load as a record)."""
+        def number(v, finite: bool = True) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and (not finite or math.isfinite(v))
+
+        bad = [f"tokens.{k}" for k, v in dataclasses.asdict(self.tokens).items()
+               if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+        bad += [f"steps[{i}].{k}" for i, s in enumerate(self.steps) for k, v in dataclasses.asdict(s).items()
+                if not (number(v, k != "t") or (k == "kd" and v is None))]
+        if not isinstance(self.recipe, dict) or not isinstance(self.data, dict):
+            bad.append("recipe or data (not a mapping)")
+        if bad:
+            raise BinarizeError(f"run record: {', '.join(bad[:3])} not a valid number")
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> "RunRecord":
         return cls(d["binarize_version"], d["model"], d.get("from_scratch"), d["recipe"], d["quantized_layers"],
                    d.get("data", {}), TokenRecord(**d["tokens"]), [StepRecord.from_dict(s) for s in d["steps"]],
                    BaiRecord(**d["bai"]) if d.get("bai") else None, d.get("wall_s", 0.0), d.get("peak_memory_mib"),
@@ -156,7 +177,7 @@ class RunRecord:
         path = path / "run.json" if path.is_dir() else path
         try:
             return cls.from_dict(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError: bad UTF-8 too
             raise BinarizeError(f"{path}: unreadable run record ({type(exc).__name__}: {exc})") from None
 
 
