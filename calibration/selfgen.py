@@ -8,8 +8,9 @@ from the full softmax: 1.0 / 1.0). A sequence ends at EOS or at ``seq_len`` toke
 
 Generation is batched with a KV cache and seeded, and the result is cached under
 ``$BINARIZE_CACHE`` (else ``~/.cache/binarize``) keyed by a hash of the model files and every
-setting, so a resumed or repeated conversion reuses it. Files are ``.jsonl.gz`` with a ``text``
-field (plus the token ``ids``): the format the data loader reads.
+setting, so a resumed or repeated conversion reuses it. Files are ``.jsonl.gz`` records of the
+sampled token ``ids`` (what a conversion trains on, exactly: decoding and tokenizing again would
+change them) with their decoded ``text`` beside them for people to read.
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def generate_sequences(model, tokenizer, cfg: SelfGenConfig, on_tokens=None) -> 
 
 
 def write_jsonl(path: Path, seqs: list[list[int]], tokenizer, meta: dict) -> None:
-    """Atomically write sequences as .jsonl(.gz) records {"text", "ids"} plus PATH.meta.json."""
+    """Atomically write sequences as .jsonl(.gz) records {"text", "ids"} (``ids``: the sampled
+    tokens, which training reads; ``text``: for people) plus PATH.meta.json."""
     tmp = path.with_name(path.name + ".tmp")
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(tmp, "wt", encoding="utf-8") as f:

@@ -247,6 +247,17 @@ def tokenize_documents(tokenizer, docs: list[str], piece_chars: int = 200_000) -
     return torch.tensor([tok for piece in pieces for tok in piece], dtype=torch.long)
 
 
+def join_sequences(seqs: list[list[int]], eos: int | None) -> torch.Tensor:
+    """One int64 stream of already tokenized documents (self-generated ids) with EOS between
+    them, as ``tokenize_documents`` joins text: the ids go in exactly as they are."""
+    flat: list[int] = []
+    for i, s in enumerate(seqs):
+        if i and eos is not None:
+            flat.append(eos)
+        flat.extend(s)
+    return torch.tensor(flat, dtype=torch.long)
+
+
 @dataclass
 class TokenBlocks:
     """A token stream cut into non-overlapping blocks of seq_len (the tail is dropped)."""

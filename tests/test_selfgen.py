@@ -201,3 +201,51 @@ def test_generation_stops_when_samples_end_at_once(tok):
     with pytest.raises(BinarizeError, match=f"EOS right after the first token.*{MAX_EMPTY_BATCHES} batches.*0 of 500"):
         generate_sequences(model, tok, SelfGenConfig(tokens=500, seq_len=16, batch_size=4))
     assert model.calls == MAX_EMPTY_BATCHES  # one forward per batch: each stops at its first EOS
+
+
+def test_a_conversion_trains_on_exactly_the_generated_ids(tiny_model_dir, tmp_path, monkeypatch):
+    """``data: self`` trains and calibrates on the sampled ids as they were sampled (decoding them to
+    text and tokenizing again gives other ids, most of all on a random model), and run.json's counts
+    are the generated tokens."""
+    from transformers import AutoTokenizer
+
+    import binarize.train.run as run_mod
+    from binarize.calibration.streams import join_sequences
+    from binarize.recipe import load_recipe
+    from binarize.train import ConvertJob, convert
+
+    seen = {}
+    real = run_mod.prepare_data
+    monkeypatch.setattr(run_mod, "prepare_data", lambda *a, **k: seen.setdefault("data", real(*a, **k)))
+    recipe = load_recipe("binaryllm", dict(seq_len=32, batch_tokens=128, bai_steps=1, bai_batch_tokens=64,
+                                           calib_sequences=4, chunks=2, data="self", calib="self", self_batch=8))
+    out = tmp_path / "run"
+    convert(ConvertJob(str(tiny_model_dir), 1_024, out, recipe, progress=False, export=None))
+    data, info = seen["data"], json.loads((out / "run.json").read_text())["data"]
+    gen = info["self_generation"]
+    with gzip.open(gen["file"], "rt") as f:
+        recs = [json.loads(line) for line in f]
+    assert sum(len(r["ids"]) for r in recs) == gen["tokens"]
+    read = [r["ids"] for r in recs[:gen["sequences_read"]]]
+    assert gen["tokens_read"] == sum(map(len, read)) > 0
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+    stream = join_sequences(read, eos)
+    used = torch.cat([data.calib, data.train.blocks.blocks])  # calibration: the first blocks, held out
+    assert used.shape[1] == 32 and torch.equal(used.flatten(), stream[:used.numel()])
+
+
+def test_self_text_records_without_ids_are_tokenized_and_bad_ids_refused(tok, tmp_path):
+    """A cache file written before ids were read (text only) still trains; ids that are not this
+    vocabulary's token ids are refused in one line."""
+    from binarize.errors import BinarizeError
+    from binarize.recipe import load_recipe
+    from binarize.train.data import SelfText
+
+    st = SelfText(None, tok, None, load_recipe("binaryllm", {}))
+    st.path = tmp_path / "old.jsonl.gz"
+    assert st._ids({"text": "hello world"}, 1) == tok("hello world", add_special_tokens=False)["input_ids"]
+    assert st._ids({"text": "x", "ids": [5, 7]}, 1) == [5, 7]
+    for bad in ({"ids": [1, len(tok)]}, {"ids": [1.5]}, {"ids": "12"}, {"ids": [True]}, {"other": 1}, None):
+        with pytest.raises(BinarizeError, match="old.jsonl.gz:3: ") as exc:
+            st._ids(bad, 3)
+        assert "\n" not in str(exc.value)

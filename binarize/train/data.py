@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from binarize.calibration.datasets import DATASETS, local_file
-from binarize.calibration.streams import TokenBlocks, TrainStream, read_documents, skipped_summary, tokenize_documents
+from binarize.calibration.streams import (TokenBlocks, TrainStream, join_sequences, read_documents, skipped_summary,
+                                          tokenize_documents)
 
 from ..errors import BinarizeError
 from ..recipe import Recipe, parse_mix
@@ -61,8 +62,8 @@ def _blocks_from(spec: str, n_tokens: int, L: int, tokenizer, self_text,
     if frac > 0:
         if self_text is None:
             raise BinarizeError("self-generated data needs the model (convert builds it)")
-        docs, where = self_text.take(_self_tokens(spec, n_tokens, L))
-        blocks = TokenBlocks.from_stream(tokenize_documents(tokenizer, docs), L)
+        seqs, where = self_text.take(_self_tokens(spec, n_tokens, L))  # the sampled ids, not their text again
+        blocks = TokenBlocks.from_stream(join_sequences(seqs, tokenizer.eos_token_id), L)
         parts.append(blocks.blocks[:n_self])
         wheres.append(f"{where} ({parts[-1].shape[0]} blocks)")
     if real:
@@ -137,11 +138,15 @@ class SelfText:
         self.model, self.tokenizer, self.src, self.recipe = model, tokenizer, src, recipe
         self.progress, self.log = progress, log
         self.reserved, self.docs, self.cursor, self.path, self.meta = 0, None, 0, None, None
+        self.read = {"sequences": 0, "tokens": 0}  # handed out so far: the generated ids themselves
 
     def reserve(self, n_tokens: int) -> None:
         self.reserved += n_tokens
 
-    def take(self, n_tokens: int) -> tuple[list[str], str]:
+    def take(self, n_tokens: int) -> tuple[list[list[int]], str]:
+        """The next documents (token ids, as sampled) holding ``n_tokens`` with an EOS after each,
+        and where they came from. A record's ``ids`` are used as they are; a record of an older
+        cache file without them is tokenized from its ``text``."""
         import gzip
         import json
 
@@ -158,8 +163,26 @@ class SelfText:
                 self.docs = [json.loads(line) for line in f]
         out, got, first = [], 0, self.cursor
         while got < n_tokens and self.cursor < len(self.docs):
-            rec = self.docs[self.cursor]
-            out.append(rec["text"])
-            got += len(rec["ids"]) + 1  # + the EOS the loader puts between documents
+            ids = self._ids(self.docs[self.cursor], self.cursor + 1)
+            out.append(ids)
+            got += len(ids) + 1  # + the EOS the loader puts between documents
             self.cursor += 1
+        self.read["sequences"] += len(out)
+        self.read["tokens"] += sum(map(len, out))
         return out, f"self-generated {self.path} [docs {first}:{self.cursor}]"
+
+    def _ids(self, rec, line: int) -> list[int]:
+        """A record's token ids: its ``ids`` checked (ints inside the vocabulary: the model's, which
+        may hold padding rows past the tokenizer's), else its text tokenized."""
+        ids = rec.get("ids") if isinstance(rec, dict) else None
+        if ids is None:
+            text = rec.get("text") if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                raise BinarizeError(f"{self.path}:{line}: a self-generated record with neither ids nor text "
+                                    "(delete the file to generate it again)")
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        vocab = max(len(self.tokenizer), getattr(getattr(self.model, "config", None), "vocab_size", 0) or 0)
+        if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < vocab for i in ids):
+            raise BinarizeError(f"{self.path}:{line}: ids are not token ids of this model's vocabulary of {vocab} "
+                                "(delete the file to generate it again)")
+        return ids

@@ -164,7 +164,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     with accelerator.main_process_first():  # self-generated text is written once, then read by the others
         data = prepare_data(tokenizer, recipe, budget, self_text)
     if self_text.meta is not None:
-        data.info["self_generation"] = {"file": str(self_text.path), **self_text.meta}
+        data.info["self_generation"] = {"file": str(self_text.path), **self_text.meta,
+                                        **{f"{k}_read": v for k, v in self_text.read.items()}}
     identity.update(calib_sha256=tokens_sha256(data.calib), calib_source=data.info["calib_source"],
                     train_sha256=tokens_sha256(data.train.blocks.blocks), train_source=data.info["train_source"])
     check_resume(work, saved_identity, identity)
