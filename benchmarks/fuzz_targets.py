@@ -221,7 +221,7 @@ def gguf_target(fx: Fixtures) -> Target:
 
 
 def record_targets(fx: Fixtures) -> list[Target]:
-    from binarize.checkpoint import read_checkpoint_state
+    from binarize.train.resume_state import read_checkpoint_state
     from binarize.recipe import Recipe
     from binarize.train.record import RunRecord
 

@@ -20,7 +20,12 @@ Variants (each adds one element to the one before unless said):
 * ``full-svid``: ``full`` with St started from OneBit's SVID;
 * ``full-plainH``: ``full`` with the plain (unweighted) Hessian;
 * ``full-fp``: ``full`` with every block fed the FP model's hidden states (not sequential);
-* ``rtn-col``: no feedback, but row and column scales refit (scale refinement alone).
+* ``full-corr``: ``full`` on the quantized inputs with the FP outputs as targets (GPTAQ);
+* ``rtn-col``: no feedback, but row and column scales refit (scale refinement alone);
+* ``bai``: BaI's St (16 Adam steps on next-token loss under the plain sign), no Hessian;
+* ``bai+full``: BaI, then ``full`` starting from BaI's St;
+* ``full+scales`` / ``bai+full+scales``: then 16 Adam steps on St and Sl by next-token loss with the
+  codes fixed (``hessian_scale_steps``).
 
 Prints one row per variant: WikiText-2 perplexity, mean relative layer-output error (plain ->
 result), seconds of the initialisation.
@@ -41,6 +46,7 @@ from binarize.evaluate import eval_tokens, perplexity
 from binarize.models import load_model
 from binarize.qlinear import finish_init, prepare, set_t
 from binarize.recipe import Recipe
+from binarize.train.bai import binary_aware_init
 from binarize.train.hessian_init import hessian_init
 
 VARIANTS = {
@@ -53,6 +59,13 @@ VARIANTS = {
     "full-svid": dict(hessian_column_init="svid"),
     "full-plainH": dict(hessian_weight="plain"),
     "full-fp": dict(hessian_inputs="fp"),
+    "full-corr": dict(hessian_inputs="corrected"),  # quantized inputs, FP targets (GPTAQ)
+    "full-corr+scales": dict(init="hessian", hessian_inputs="corrected", hessian_scale_steps=16),
+    # with an end-to-end scale search (BaI's Adam on next-token loss, calibration text, codes fixed)
+    "bai": dict(bai=True),  # BaI's St alone (plain sign codes): today's binaryllm start
+    "bai+full": dict(bai=True, init="hessian"),  # BaI's St as the column scale's start
+    "full+scales": dict(init="hessian", hessian_scale_steps=16),
+    "bai+full+scales": dict(bai=True, init="hessian", hessian_scale_steps=16),
 }
 
 
@@ -94,13 +107,20 @@ def main() -> None:
     rows = []
     for name in args.variants.split(","):
         opts = VARIANTS[name]
-        recipe = Recipe(method=args.method, bai=False, per_row=True, micro_batch=4,
-                        **({"init": "hessian", **opts} if opts is not None else {}), **extra).validate()
+        opts = {"init": "hessian", **opts} if opts is not None and "init" not in opts and "bai" not in opts else opts
+        settings = {"bai": False, "per_row": True, "micro_batch": 4, "seq_len": args.calib_len,
+                    "bai_steps": 16, "bai_batch_tokens": 4 * args.calib_len, **(opts or {}), **extra}
+        recipe = Recipe(method=args.method, **settings).validate()
         model = copy.deepcopy(base)
         prepare(model, recipe)
-        finish_init(model, recipe)
         t0 = time.perf_counter()
-        rec = hessian_init(model, calib, recipe) if opts is not None else None
+        if recipe.bai:
+            binary_aware_init(model, calib, recipe)
+        finish_init(model, recipe)
+        rec = hessian_init(model, calib, recipe) if recipe.init == "hessian" else None
+        if recipe.hessian_scale_steps:
+            binary_aware_init(model, calib, recipe, scales=("st", "sl"), steps=recipe.hessian_scale_steps,
+                              lr=recipe.hessian_scale_lr, label="scale search")
         sec = time.perf_counter() - t0
         set_t(model, math.inf, 1.0)
         ppl = perplexity(model, ids, args.seq_len, limit=args.windows)["ppl"]

@@ -79,7 +79,7 @@ class Plan:
         return {**self.common, **m.overrides}
 
     def tokens_of(self, m: Member) -> int:
-        return m.tokens or self.tokens
+        return self.tokens if m.tokens is None else m.tokens  # a member's 0: post-training quantization
 
 
 def plan_dir() -> Path:
@@ -144,7 +144,7 @@ def load_plan(name_or_path: str, tokens: str | None = None) -> Plan:
             raise BinarizeError(f"plan {path}: run name {name!r} is not a unique file-safe name")
         seen.add(name)
         plan.members.append(Member(name, str(r.get("recipe", plan.recipe)), _mapping(r.get("set"), f"run {name}: set"),
-                                   parse_tokens(r["tokens"]) if "tokens" in r else None,
+                                   parse_tokens(r["tokens"], allow_zero=True) if "tokens" in r else None,
                                    str(r["series"]) if "series" in r else None))
     for m in plan.members:
         try:

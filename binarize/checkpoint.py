@@ -98,41 +98,6 @@ def save_checkpoint(workdir: Path, model, optimizer, state: dict, tensors: dict 
         write_json(tmp / "state.json", state)
 
 
-def read_checkpoint_state(workdir: Path) -> dict:
-    path = workdir / CHECKPOINT / "state.json"
-    if not path.exists():
-        raise BinarizeError(f"nothing to resume: no checkpoint in {workdir}")
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):  # ValueError: JSONDecodeError and bad UTF-8
-        raise BinarizeError(f"corrupt checkpoint state: {path}") from None
-    return check_state(state, path)
-
-
-def check_state(state: Any, path: Path) -> dict:
-    """``state`` as ``convert --resume`` reads it (phase, step, a valid recipe and run record), or
-    BinarizeError naming what is wrong in ``path``."""
-    from .recipe import Recipe, _coerce
-    from .train.record import RunRecord
-
-    if not isinstance(state, dict) or state.get("phase") not in ("bai", "blockwise", "qat"):
-        raise BinarizeError(f"corrupt checkpoint state: {path} (no phase bai, blockwise or qat)")
-    step = state.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise BinarizeError(f"corrupt checkpoint state: {path} (step {step!r} is not a count)")
-    recipe = state.get("recipe")
-    if not isinstance(recipe, dict) or not isinstance(state.get("record"), dict):
-        raise BinarizeError(f"corrupt checkpoint state: {path} (no recipe or run record)")
-    state["recipe"] = {k: _coerce(k, v, f"{path}") for k, v in recipe.items()}  # typed as the dataclass's fields
-    Recipe(**state["recipe"]).validate()
-    try:
-        RunRecord.from_dict(state["record"])
-        state["record"]["tokens"]["requested"] + 0
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise BinarizeError(f"corrupt checkpoint state: {path} (run record: {type(exc).__name__} {exc})") from None
-    return state
-
-
 def load_checkpoint(workdir: Path, model, optimizer) -> dict | None:
     """Load the checkpoint's model state into ``model`` and its optimizer state into ``optimizer``
     (None: not loaded), restore the RNG; returns the saved optimizer state."""

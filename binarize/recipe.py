@@ -59,8 +59,10 @@ class Recipe:
     hessian_column_scale: bool = True  # fit St as the column scale (off with share_st)
     hessian_column_init: str = "given"  # given: start from St (1, or BaI's) | svid: OneBit's rank-1 of |W|
     hessian_damp: float = 0.01  # H + damp * mean(diag H) * I
-    hessian_inputs: str = "quantized"  # block i's calibration inputs: quantized (blocks 0..i-1 converted) | fp
+    hessian_inputs: str = "quantized"  # block i's inputs: quantized (blocks 0..i-1 converted) | fp | corrected
     hessian_weight: str = "relative"  # tokens in H: relative (1 / ||W x_t||^2) | plain (GPTQ)
+    hessian_scale_steps: int = 0  # then Adam steps on St and Sl by next-token loss, codes fixed (bai.py's search)
+    hessian_scale_lr: float = 1e-3
     # --- block-wise reconstruction (train/blockwise.py), after BaI and before end-to-end QAT ---
     blockwise_steps: int = 0  # AdamW steps per decoder block; 0: no block-wise stage
     blockwise_sequences: int = 32  # calibration sequences whose block activations are cached (<= calib_sequences)
@@ -93,6 +95,7 @@ class Recipe:
     self_top_p: float = 1.0
     self_greedy_prefix: int = 4  # top-1 tokens after the random first token (LLM-QAT: 3-5)
     self_tokens: int = 0  # size of the self-generated corpus (more steps repeat it in epochs); 0: what the run needs
+    max_epochs: float = 2.0  # a fixed self_tokens corpus is enlarged so no token is trained on more often; 0: off
     seed: int = 0
     save_every: int = 0  # steps between checkpoints; 0: only on Ctrl-C and at the end
     # --- continual switch (seed 000): full precision first, quantized from switch_at ---
@@ -157,7 +160,8 @@ class Recipe:
             if v != int(v) and not 0 <= v < 1:
                 raise BinarizeError(f"recipe {self.name}: {key} is a whole step (>= 1) or a fraction in [0, 1), got {v}")
         for key in ("bai_steps", "warmup_steps", "save_every", "min_lr", "weight_decay", "grad_clip", "schedule_span",
-                    "switch_at", "distill_alpha", "blockwise_steps", "distill_ce", "loss_chunk", "distill_topk"):
+                    "switch_at", "distill_alpha", "blockwise_steps", "distill_ce", "loss_chunk", "distill_topk",
+                    "hessian_scale_steps", "hessian_scale_lr", "max_epochs"):
             if getattr(self, key) < 0:
                 raise BinarizeError(f"recipe {self.name}: {key} must be >= 0, got {getattr(self, key)}")
         if self.distill_ce == 0 and self.distill_alpha == 0:

@@ -129,7 +129,7 @@ def test_damaged_gguf_and_bad_model_paths_are_one_line(fixtures, tmp_path):
 
 
 def test_run_record_and_checkpoint_state_are_checked(fixtures, tmp_path):
-    from binarize.checkpoint import read_checkpoint_state
+    from binarize.train.resume_state import read_checkpoint_state
     from binarize.train.record import RunRecord
 
     doc = json.loads((fixtures.run / "run.json").read_text())

@@ -89,9 +89,24 @@ def _ptq_recipe(small_text, method="binary", **kw):
                                             calib=str(small_text), micro_batch=4, **kw))
 
 
-@pytest.mark.parametrize("method", ["binary", "ternary"])
+def test_corrected_target_undoes_the_error_its_inputs_carry():
+    from binarize.train.hessian_init import corrected_target
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 32, generator=g)
+    x_fp = torch.randn(4096, 32, generator=g)
+    x_q = x_fp @ (torch.eye(32) + 0.2 * torch.randn(32, 32, generator=g)) + 0.05 * torch.randn(4096, 32, generator=g)
+    h, m = x_q.T @ x_q / 4096, x_fp.T @ x_q / 4096
+    v = corrected_target(w, h, m, 1e-4)
+    err = lambda a: float((x_q @ a.T - x_fp @ w.T).pow(2).mean())  # noqa: E731
+    assert err(v) < 0.2 * err(w)
+    torch.testing.assert_close(corrected_target(w, h, h, 1e-6), w, rtol=1e-3, atol=1e-3)  # no input error: W itself
+
+
+@pytest.mark.parametrize("method, settings", [("binary", {}),
+                                              ("ternary", {"hessian_inputs": "corrected", "hessian_scale_steps": 2})])
 def test_tokens_zero_writes_a_ptq_run_that_exports_and_tracks_the_fp_model_closer(trained_tiny_dir, small_text,
-                                                                                   tmp_path, method):
+                                                                                   tmp_path, method, settings):
     from transformers import AutoModelForCausalLM
 
     from binarize.formats.latent import load_converted
@@ -100,12 +115,16 @@ def test_tokens_zero_writes_a_ptq_run_that_exports_and_tracks_the_fp_model_close
 
     out, plain = tmp_path / "ptq", tmp_path / "plain"
     fmt = "binary" if method == "binary" else "ternary2"
-    convert(ConvertJob(str(trained_tiny_dir), 0, out, _ptq_recipe(small_text, method), progress=False, export=fmt))
+    convert(ConvertJob(str(trained_tiny_dir), 0, out, _ptq_recipe(small_text, method, bai_batch_tokens=256, **settings),
+                       progress=False, export=fmt))
     rec = json.loads((out / "run.json").read_text())
     assert rec["steps"] == [] and rec["tokens"]["requested"] == 0 and rec["tokens"]["trained"] == 0
     layers = rec["hessian"]["layers"]
     assert len(layers) == rec["quantized_layers"]
     assert all(v["error"] <= v["plain"] for v in layers.values())
+    if settings.get("hessian_scale_steps"):
+        search = rec["hessian"]["scale_search"]
+        assert search["steps"] == 2 and search["loss_after"] < search["loss_before"]
     convert(ConvertJob(str(trained_tiny_dir), 0, plain, _ptq_recipe(small_text, method, init="sign", bai=True,
                                                                      bai_steps=1), progress=False))
     fp = AutoModelForCausalLM.from_pretrained(trained_tiny_dir, dtype=torch.float32).eval()

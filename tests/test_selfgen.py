@@ -122,7 +122,7 @@ def test_self_tokens_sizes_the_corpus_and_training_repeats_it(trained_tiny_dir, 
     with pytest.raises(SystemExit) as exc:
         main(["convert", str(trained_tiny_dir), "--tokens", "2048", "--seq-len", "64", "--batch-tokens", "256",
               "--chunks", "4", "--bai-steps", "2", "--set", "calib_sequences=4", "--set", "self_tokens=768",
-              "--data", "self", "--no-progress", "--export", "none", "--out", str(out)])
+              "--data", "self", "--no-progress", "--export", "none", "--out", str(out), "--set", "max_epochs=0"])
     assert exc.value.code in (0, None)
     run = json.loads((out / "run.json").read_text())
     info = run["data"]
@@ -131,6 +131,16 @@ def test_self_tokens_sizes_the_corpus_and_training_repeats_it(trained_tiny_dir, 
     assert 0 < info["train_blocks_available"] <= 768 // 64 - 4  # what is left after the held-out calibration
     assert info["epochs_over_train_data"] > 2  # 32 training sequences over a few blocks
     assert run["tokens"]["trained"] == 2048
+    # by default (max_epochs 2) the same request generates enough text that nothing is read more than twice
+    grown = tmp_path / "grown"
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(trained_tiny_dir), "--tokens", "2048", "--seq-len", "64", "--batch-tokens", "256",
+              "--chunks", "4", "--bai-steps", "2", "--set", "calib_sequences=4", "--set", "self_tokens=768",
+              "--data", "self", "--no-progress", "--export", "none", "--out", str(grown)])
+    assert exc.value.code in (0, None)
+    info = json.loads((grown / "run.json").read_text())["data"]
+    assert info["self_generation"]["settings"]["tokens"] == 2048 // 2 + 4 * 64
+    assert 1 <= info["epochs_over_train_data"] <= 2
 
 
 @pytest.mark.parametrize("spec", ["self+ptb", "self+ptb:1.5", "ptb+c4", "self+:0.5"])

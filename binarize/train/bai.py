@@ -31,7 +31,9 @@ from .record import BaiRecord
 BAI_EVAL_SEQUENCES = 8
 
 
-def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None, log=None) -> BaiRecord:
+def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None, log=None, *,
+                      scales: tuple[str, ...] = ("st",), steps: int | None = None, lr: float | None = None,
+                      label: str = "BaI") -> BaiRecord:
     """Search per-input-channel St by next-token loss under hard-sign weights, weights frozen
     (with ``recipe.bai_path``: under the t values of ``schedules.bai_path_points`` in turn, the
     last step at the hard sign).
@@ -39,26 +41,32 @@ def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None,
     ``calib`` is (n, seq_len) token ids; each of ``recipe.bai_steps`` Adam steps (lr ``bai_lr``)
     takes ``bai_batch_tokens`` of it in order, cycling. Loss is measured before and after on the
     first ``BAI_EVAL_SEQUENCES`` sequences. Ends with St rounded to fp16 and folded into the latent.
+
+    The same search tunes other per-layer scales with the codes fixed: ``scales=("st", "sl")`` after
+    the Hessian-aware initialisation (``hessian_init.py``, recipe ``hessian_scale_steps``), with
+    its own ``steps`` / ``lr`` / ``label`` (the layers are folded already; St is rounded to fp16).
     """
+    steps = recipe.bai_steps if steps is None else steps
+    lr = recipe.bai_lr if lr is None else lr
     layers = quant_layers(model)
     set_t(model, math.inf)
     for p in model.parameters():
         p.requires_grad_(False)
-    st = list({id(q.st): q.st for q in layers.values()}.values())  # tied St (share_st) once
-    for p in st:
+    params = list({id(getattr(q, k)): getattr(q, k) for q in layers.values() for k in scales}.values())  # tied once
+    for p in params:
         p.requires_grad_(True)
     eval_set = calib[:BAI_EVAL_SEQUENCES]
     before = mean_loss(model, eval_set, recipe.micro_batch)
-    opt = torch.optim.Adam(st, lr=recipe.bai_lr)
+    opt = torch.optim.Adam(params, lr=lr)
     per_step = max(1, recipe.bai_batch_tokens // recipe.seq_len)
     points = (bai_path_points(recipe.scheduler, recipe.chunks, recipe.schedule_span) if recipe.bai_path
               else [math.inf])
     losses = []
-    task = progress.add_task("BaI", total=recipe.bai_steps, info="") if progress else None
+    task = progress.add_task(label, total=steps, info="") if progress else None
     model.train()
     loss_fn = TrainLoss(model, None, recipe.loss_chunk)
-    for step in range(recipe.bai_steps):
-        t = bai_step_t(points, step, recipe.bai_steps)
+    for step in range(steps):
+        t = bai_step_t(points, step, steps)
         set_t(model, t)
         idx = [(step * per_step + i) % calib.shape[0] for i in range(per_step)]
         loss, _ = accumulate(loss_fn, calib[idx], recipe.micro_batch, lambda l: l.backward())
@@ -67,17 +75,20 @@ def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None,
         losses.append(loss)
         if progress:
             progress.update(task, advance=1, info=f"loss {loss:.3f}")
-        if log and log_now(step, recipe.bai_steps):
-            log(f"BaI step {step + 1}/{recipe.bai_steps}  loss {loss:.3f}" + (f"  t {t:.3g}" if recipe.bai_path else ""))
+        if log and log_now(step, steps):
+            log(f"{label} step {step + 1}/{steps}  loss {loss:.3f}" + (f"  t {t:.3g}" if recipe.bai_path else ""))
     set_t(model, math.inf)
     model.eval()
     after = mean_loss(model, eval_set, recipe.micro_batch)
     if log:
-        log(f"BaI loss on {eval_set.shape[0]} calibration sequences: {before:.3f} -> {after:.3f}")
+        log(f"{label} loss on {eval_set.shape[0]} calibration sequences: {before:.3f} -> {after:.3f}")
     for q in layers.values():
-        q.st.requires_grad_(False)
+        for k in scales:
+            getattr(q, k).requires_grad_(False)
+        if q.folded:
+            with torch.no_grad():
+                q.st.copy_(q.st.clamp_min(q.st_min).half().float())  # as fold_st rounds it, for the export
         q.fold_st()
     if progress:
         progress.remove_task(task)
-    return BaiRecord(before, after, losses, recipe.bai_steps, recipe.bai_lr, int(eval_set.shape[0]),
-                     recipe.bai_steps * per_step * recipe.seq_len)
+    return BaiRecord(before, after, losses, steps, lr, int(eval_set.shape[0]), steps * per_step * recipe.seq_len)

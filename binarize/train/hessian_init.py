@@ -9,7 +9,9 @@ then o, then gate/up, then down for a LLaMA block). A group's Hessians are colle
 block's earlier groups already quantized and the later ones at full precision, so each linear
 compensates the error of the ones before it. Block i's inputs (``hessian_inputs``):
 ``"quantized"`` (default) are the outputs of the already-quantized blocks 0..i-1, ``"fp"`` the
-full-precision model's own hidden states.
+full-precision model's own hidden states, ``"corrected"`` the quantized inputs with the FP layer's
+output on its own inputs as the target (``corrected_target``: each linear also undoes the error
+its inputs carry; GPTAQ, arXiv 2504.02692; it runs a copy of each FP block beside it).
 
 The Hessian H = sum_t w_t x_t x_t^T / sum_t w_t over the calibration tokens t (``hessian_weight``):
 ``"plain"`` (w_t = 1, GPTQ) or ``"relative"`` (default; w_t = 1 / mean_i y_ti^2 with y_t = W x_t the
@@ -26,6 +28,7 @@ quantizer's own row scale of that latent).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,6 +52,7 @@ class HessianInitRecord:
     tokens: int = 0
     options: dict = field(default_factory=dict)
     wall_s: float = 0.0
+    scale_search: dict | None = None  # hessian_scale_steps: the BaI-style search of St and Sl that followed
 
     def summary(self) -> str:
         if not self.layers:
@@ -96,36 +100,71 @@ def _call_groups(block, x: torch.Tensor, kwargs: dict) -> list[list[QuantLinear]
     return groups
 
 
-def _hessians(block, group: list[QuantLinear], x: torch.Tensor, kwargs: dict, batch: int, weight: str):
-    """H (in, in) per linear of ``group``, from the block run on x (n, seq, hidden)."""
-    acc = {id(q): [torch.zeros(q.in_features, q.in_features, device=x.device), 0.0] for q in group}
+def _statistics(block, group: list[QuantLinear], x: torch.Tensor, kwargs: dict, batch: int, weight: str,
+                fp_block=None, fp_x: torch.Tensor | None = None) -> dict:
+    """Per linear of ``group`` (by id): H = E_w[x x^T] (in, in) of its inputs when the block runs on x
+    (n, seq, hidden), and, given the FP block and its own inputs ``fp_x``, M = E_w[x_fp x^T] (in, in)
+    for the input-error correction. The token weights w come from the FP output W x_fp (or W x)."""
+    rel = {id(m): n for n, m in block.named_modules()}
+    acc = {id(q): {"h": torch.zeros(q.in_features, q.in_features, device=x.device), "m": None, "n": 0.0}
+           for q in group}
+    seen: dict[str, torch.Tensor] = {}
+
+    def capture(m, args):  # the FP block's input to the same linear, for the same tokens
+        seen[rel_fp[id(m)]] = args[0].detach().float().reshape(-1, m.in_features)
+        if id(m) == last_fp:
+            raise _GroupDone
 
     def hook(m, args):
         a = args[0].detach().float().reshape(-1, m.in_features)
+        ref = seen.get(rel[id(m)], a)
         if weight == "relative":
-            y = a @ m.full_precision_weight().detach().float().T
+            y = ref @ (fp_weights[id(m)] if fp_block is not None else m.full_precision_weight().detach().float()).T
             wt = 1.0 / y.pow(2).mean(1).clamp_min(1e-12)
         else:
             wt = torch.ones(a.shape[0], device=a.device)
-        h = acc[id(m)]
-        h[0] += (a * wt.unsqueeze(1)).T @ a
-        h[1] += float(wt.sum())
+        st = acc[id(m)]
+        st["h"] += (a * wt.unsqueeze(1)).T @ a
+        st["n"] += float(wt.sum())
+        if fp_block is not None:
+            mm = (ref * wt.unsqueeze(1)).T @ a
+            st["m"] = mm if st["m"] is None else st["m"] + mm
 
-    def stop(m, args, out):  # the rest of the block is not needed for this group's Hessians
+    def stop(m, args, out):  # the rest of the block is not needed for this group's statistics
         raise _GroupDone
 
     hooks = [q.register_forward_pre_hook(hook) for q in group] + [group[-1].register_forward_hook(stop)]
+    if fp_block is not None:
+        fp_mods = {id(q): fp_block.get_submodule(rel[id(q)]) for q in group}
+        rel_fp = {id(fm): rel[k] for k, fm in fp_mods.items()}
+        fp_weights = {k: fm.full_precision_weight().detach().float() for k, fm in fp_mods.items()}
+        last_fp = id(fp_mods[id(group[-1])])
+        hooks += [fm.register_forward_pre_hook(capture) for fm in fp_mods.values()]
     try:
         with torch.no_grad():
             for i in range(0, x.shape[0], batch):
-                try:
-                    _block_call(block, x[i : i + batch], kwargs)
-                except _GroupDone:
-                    pass
+                seen.clear()
+                for blk, inp in ((fp_block, fp_x), (block, x)):
+                    if blk is None:
+                        continue
+                    try:
+                        _block_call(blk, inp[i : i + batch], kwargs)
+                    except _GroupDone:
+                        pass
     finally:
         for h in hooks:
             h.remove()
-    return {k: v[0] / max(v[1], 1e-30) for k, v in acc.items()}
+    return {k: {"h": v["h"] / max(v["n"], 1e-30), "m": None if v["m"] is None else v["m"] / max(v["n"], 1e-30)}
+            for k, v in acc.items()}
+
+
+def corrected_target(w: torch.Tensor, h: torch.Tensor, m: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weight whose output on the quantized model's inputs x best matches the FP layer's output on
+    its own inputs x_fp: argmin_V E||V x - W x_fp||^2 = W M H^-1 with M = E[x_fp x^T], H = E[x x^T]
+    (damped like GPTQ's H). Quantizing it in the H metric then also undoes the error the earlier
+    layers left in x (GPTAQ, arXiv 2504.02692, asymmetric calibration)."""
+    hd = h + damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+    return torch.linalg.solve(hd, (w @ m).T).T
 
 
 @torch.no_grad()
@@ -167,24 +206,30 @@ def hessian_init(model, calib: torch.Tensor, recipe: Recipe, progress=None, log=
     names = {id(q): n for n, q in quant_layers(model).items()}
     blocks = decoder_layers(model)
     x, kwargs = block_inputs(model, calib, recipe.micro_batch)
-    fp_x = x if recipe.hessian_inputs == "fp" else None
+    mode = recipe.hessian_inputs
+    fp_x = x if mode in ("fp", "corrected") else None  # the FP model's hidden states, block by block
     batch = max(1, recipe.micro_batch)
     task = progress.add_task("Hessian init", total=len(blocks), info="") if progress else None
     for b, block in enumerate(blocks):
         set_t(block, math.inf, 0.0)  # every layer at its full-precision weight until its group is done
-        inputs = fp_x if fp_x is not None else x
+        fp_block = copy.deepcopy(block) if mode == "corrected" else None  # the original weights, kept
         if fp_x is not None:  # the next block's FP inputs, before this block's latents are replaced
             with torch.no_grad():
                 fp_next = torch.cat([_block_call(block, fp_x[i : i + batch], kwargs).float()
                                      for i in range(0, fp_x.shape[0], batch)])
+        inputs = fp_x if mode == "fp" else x
         for group in _call_groups(block, inputs, kwargs):
-            hs = _hessians(block, group, inputs, kwargs, batch, recipe.hessian_weight)
+            stats = _statistics(block, group, inputs, kwargs, batch, recipe.hessian_weight, fp_block,
+                                fp_x if mode == "corrected" else None)
             for q in group:
                 name = names[id(q)]
                 w = q.full_precision_weight().detach().float()
+                h, m = stats[id(q)]["h"], stats[id(q)]["m"]
                 try:
-                    res = quantize_layer(w, hs[id(q)], q.scale_in().detach().float(), cfg, q.st_min)
-                except BinarizeError as e:
+                    if m is not None:
+                        w = corrected_target(w, h, m, recipe.hessian_damp)
+                    res = quantize_layer(w, h, q.scale_in().detach().float(), cfg, q.st_min)
+                except (BinarizeError, RuntimeError) as e:
                     raise BinarizeError(f"Hessian-aware initialisation, layer {name}: {e}") from None
                 apply_layer(q, res.codes, res.row_scale, res.col_scale, res.latent)
                 q.lam = 1.0
@@ -192,11 +237,12 @@ def hessian_init(model, calib: torch.Tensor, recipe: Recipe, progress=None, log=
                                     "round": res.rounds}
         with torch.no_grad():
             set_t(block, math.inf, 1.0)
-            if fp_x is None:
+            if mode != "fp":
                 x = torch.cat([_block_call(block, x[i : i + batch], kwargs).float() for i in range(0, x.shape[0], batch)])
-            else:
+            if fp_x is not None:
                 fp_x = fp_next
-        if not torch.isfinite(fp_x if fp_x is not None else x).all():
+        del fp_block
+        if not torch.isfinite(fp_x if mode == "fp" else x).all():
             raise BinarizeError(f"Hessian-aware initialisation: block {b} gives non-finite outputs")
         if progress:
             progress.update(task, advance=1)

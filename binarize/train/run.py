@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from .._version import __version__
-from ..checkpoint import CHECKPOINT, check_output_dir, load_checkpoint, read_checkpoint_state, save_checkpoint
+from ..checkpoint import CHECKPOINT, check_output_dir, load_checkpoint, save_checkpoint
 from ..errors import BinarizeError
 from ..experts import has_moe_experts
 from ..formats.latent import save_converted
@@ -36,7 +36,7 @@ from .bai import binary_aware_init
 from .blockwise import blockwise_reconstruct
 from .hessian_init import hessian_init
 from .identity import check_resume, model_fingerprint, read_identity, tokens_sha256, write_identity
-from .data import SelfText, prepare_data
+from .data import SelfText, prepare_data, resolve_auto
 from .init_state import check_init, init_key, load_init, read_init, save_init
 from .loop import Interrupted, StopOnInterrupt, TrainState, save, train_qat, trainable_groups
 from .sharding import (fsdp_options, fsdp_requested, full_model_state, load_optimizer_state, shard,
@@ -44,8 +44,9 @@ from .sharding import (fsdp_options, fsdp_requested, full_model_state, load_opti
 from .liger_loss import resolve_backend
 from .preflight import check_launch, check_model_options, check_teacher_fits
 from .losses import Distill, TrainLoss
-from .plan import check_job, fit_chunks, stage_summary
+from .plan import check_job, fit_chunks, fit_self_text, plan_budget, stage_summary
 from .record import BaiRecord, BlockwiseRecord, RunRecord, TokenRecord, plot_loss
+from .resume_state import read_checkpoint_state
 
 __all__ = ["ConvertJob", "ConvertResult", "Interrupted", "check_launch", "check_model_options", "convert"]
 
@@ -119,6 +120,10 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     notice = None
     if not state:  # a resumed run's recipe was fitted when it started
         recipe, notice = fit_chunks(recipe, tokens)
+        calibrates = recipe.bai or recipe.blockwise_steps or recipe.init == "hessian"  # as data.prepare_data holds out
+        held_out = recipe.calib_sequences * recipe.seq_len if calibrates and recipe.calib == recipe.data else 0
+        recipe, text_notice = fit_self_text(recipe, plan_budget(recipe, tokens), resolve_auto(recipe.data), held_out)
+        notice = "; ".join(n for n in (notice, text_notice) if n) or None
         if fsdp_opts.get("activation_checkpointing"):  # the accelerate config's fsdp_activation_checkpointing
             recipe = dataclasses.replace(recipe, grad_checkpointing=True)
     budget = check_job(recipe, tokens, from_scratch, None if state else export)
@@ -213,6 +218,11 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                 finish_init(model, recipe)
                 if recipe.init == "hessian":
                     rec = hessian_init(model, data.calib.to(accelerator.device), recipe, progress, log)
+                    if recipe.hessian_scale_steps:  # St and Sl by next-token loss, codes fixed
+                        tuned = binary_aware_init(model, data.calib.to(accelerator.device), recipe, progress, log,
+                                                  scales=("st", "sl"), steps=recipe.hessian_scale_steps,
+                                                  lr=recipe.hessian_scale_lr, label="scale search")
+                        rec.scale_search = dataclasses.asdict(tuned)
                     record.hessian = dataclasses.asdict(rec)
                     if main:
                         print(f"  Hessian-aware initialisation: {rec.summary()}", flush=True)
