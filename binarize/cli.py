@@ -234,9 +234,14 @@ def generate_data(
 def eval_(
     models: Optional[List[str]] = typer.Argument(None, help="Hub id, local dir, .gguf, convert run dir or packed "
                                                  "dir; several with --compare (default model if omitted)."),
-    datasets: str = typer.Option("wikitext2", "--datasets", help="Comma list of wikitext2, c4, ptb ('' for none)."),
-    seq_len: int = typer.Option(2048, "--seq-len"),
+    datasets: Optional[str] = typer.Option(None, "--datasets", help="Comma list of wikitext2, c4, ptb ('' for none; "
+                                           "default: wikitext2, with --quick/--full all three)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per window (default 2048)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N windows."),
+    quick: bool = typer.Option(False, "--quick", help="The quick protocol the README quotes: the first 16 windows "
+                               "x 1024 tokens of WikiText-2, C4 and PTB (minutes on a CPU)."),
+    full: bool = typer.Option(False, "--full", help="The standard protocol: every window x 2048 tokens (C4: at "
+                              "most 256) of WikiText-2, C4 and PTB."),
     batch_size: int = typer.Option(1, "--batch-size", help="Windows per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16."),
@@ -250,14 +255,17 @@ def eval_(
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the results table here."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help=PROGRESS_HELP),
 ):
-    """Perplexity by the GPTQ/OmniQuant protocol (and lm-eval zero-shot tasks) for one or more models."""
-    from .evaluate import EvalOptions, evaluate_models, markdown_table
+    """Perplexity by the GPTQ/OmniQuant protocol (and lm-eval zero-shot tasks) for one or more models;
+    --quick / --full name the protocol, which is printed and recorded in the JSON."""
+    from .evaluate import EvalOptions, evaluate_models, markdown_table, resolve_protocol
 
     specs = list(models or []) or [None]
     if len(specs) > 1 and not compare:
         raise BinarizeError("several models given: add --compare to evaluate them side by side")
-    opts = EvalOptions(datasets=[d.strip() for d in datasets.split(",") if d.strip()], seq_len=seq_len,
-                       limit=limit, batch_size=batch_size, device=device, dtype=dtype, ptq=ptq,
+    protocol = resolve_protocol(quick, full, seq_len, limit, None if datasets is None else
+                                [d.strip() for d in datasets.split(",") if d.strip()])
+    opts = EvalOptions(datasets=protocol["datasets"], seq_len=protocol["seq_len"],
+                       limit=protocol["limit"], batch_size=batch_size, device=device, dtype=dtype, ptq=ptq,
                        tasks=[t.strip() for t in (tasks or "").split(",") if t.strip()],
                        tasks_include=tasks_include, tasks_limit=tasks_limit, progress=live_progress(progress))
     opts.check()

@@ -135,6 +135,49 @@ def mean_loss(model, blocks: torch.Tensor, micro_batch: int = 1) -> float:
     return total / count
 
 
+# The named protocols of ``binarize eval`` (--quick, --full): windows of seq_len tokens, the first
+# ``limit`` of each set (None: all; C4 keeps at most 256 either way), on these sets. quick is the
+# 16 x 1024 figure README quotes (minutes on a CPU); full is the GPTQ/OmniQuant protocol.
+PROTOCOLS = {
+    "quick": {"seq_len": 1024, "limit": 16, "datasets": ["wikitext2", "c4", "ptb"]},
+    "full": {"seq_len": 2048, "limit": None, "datasets": ["wikitext2", "c4", "ptb"]},
+}
+DEFAULT_SEQ_LEN, DEFAULT_DATASETS = 2048, ["wikitext2"]  # binarize eval without a preset
+
+
+def protocol_name(seq_len: int, limit: int | None) -> str:
+    """quick or full when the windows are that protocol's (whichever sets they are taken from), else custom."""
+    return next((n for n, p in PROTOCOLS.items() if (p["seq_len"], p["limit"]) == (seq_len, limit)), "custom")
+
+
+def describe_protocol(name: str, seq_len: int, limit: int | None, datasets: list[str]) -> str:
+    windows = f"first {limit} windows" if limit else "all windows (C4: at most 256)"
+    return f"protocol: {name} ({windows} x {seq_len} tokens) on {', '.join(datasets)}"
+
+
+def resolve_protocol(quick: bool = False, full: bool = False, seq_len: int | None = None, limit: int | None = None,
+                     datasets: list[str] | None = None) -> dict:
+    """--quick / --full / explicit flags -> {name, seq_len, limit, datasets}. A preset's --seq-len and
+    --limit may be repeated but not contradicted (BinarizeError, one line); --datasets picks other sets
+    for the preset's windows."""
+    if quick and full:
+        raise BinarizeError("--quick and --full are exclusive: --quick is 16 windows x 1024 tokens, --full every "
+                            "window x 2048; give one of them")
+    preset = "quick" if quick else "full" if full else None
+    if preset is None:
+        seq_len = DEFAULT_SEQ_LEN if seq_len is None else seq_len
+        datasets = list(DEFAULT_DATASETS) if datasets is None else datasets
+        return {"name": protocol_name(seq_len, limit), "seq_len": seq_len, "limit": limit, "datasets": datasets}
+    p = PROTOCOLS[preset]
+    for flag, given, want in (("--seq-len", seq_len, p["seq_len"]), ("--limit", limit, p["limit"])):
+        if given is not None and given != want:
+            windows = f"the first {p['limit']} windows" if p["limit"] else "every window"
+            raise BinarizeError(f"--{preset} evaluates {windows} x {p['seq_len']} tokens; {flag} {given} contradicts "
+                                f"it (drop --{preset} for a custom protocol, or drop {flag})")
+    return {"name": preset, "seq_len": p["seq_len"], "limit": p["limit"],
+            "datasets": list(p["datasets"]) if datasets is None else datasets}
+
+
 @dataclass
 class EvalOptions:
     """What ``binarize eval`` measures, for every model it is given."""
@@ -198,6 +241,10 @@ def evaluate_models(specs: list[str | None], opts: EvalOptions, echo=print) -> l
     from .models import max_positions
 
     device, dtype = _placement(opts)
+    protocol = {"name": protocol_name(opts.seq_len, opts.limit), "seq_len": opts.seq_len, "limit": opts.limit,
+                "datasets": list(opts.datasets)}
+    if opts.datasets:
+        echo(describe_protocol(**protocol))
     token_cache: dict[tuple[str, str], tuple[torch.Tensor, dict]] = {}
     rows = []
     for spec in specs:
@@ -212,7 +259,7 @@ def evaluate_models(specs: list[str | None], opts: EvalOptions, echo=print) -> l
             desc += f" + naive {opts.ptq}"
         model.to(device=device, dtype=dtype).eval()
         row = {"model": desc, "spec": spec, "ptq": opts.ptq, "device": str(device), "dtype": str(dtype).split(".")[-1],
-               "perplexity": {}, "tasks": {}}
+               "protocol": protocol, "perplexity": {}, "tasks": {}}
         for name in opts.datasets:
             key = (tok.name_or_path, name)
             if key not in token_cache:  # models sharing a tokenizer tokenize once

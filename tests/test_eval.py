@@ -193,3 +193,48 @@ def test_eval_missing_local_file_offline(capsys, trained_tiny_dir, tmp_path, mon
     code, err = run_cli(capsys, "eval", str(trained_tiny_dir), "--no-progress", "--datasets", "ptb", "--limit", "1",
                         "--seq-len", "64")
     assert_one_line_error(code, err, "no local file ptb/ptb.test.txt")
+
+
+THREE = ["wikitext2", "c4", "ptb"]
+
+
+def test_eval_presets_resolve_to_their_protocols():
+    from binarize.evaluate import resolve_protocol
+
+    assert resolve_protocol(quick=True) == {"name": "quick", "seq_len": 1024, "limit": 16, "datasets": THREE}
+    assert resolve_protocol(full=True) == {"name": "full", "seq_len": 2048, "limit": None, "datasets": THREE}
+    assert resolve_protocol() == {"name": "full", "seq_len": 2048, "limit": None, "datasets": ["wikitext2"]}
+    assert resolve_protocol(quick=True, seq_len=1024, limit=16) == resolve_protocol(quick=True)  # repeating: fine
+    assert resolve_protocol(full=True, seq_len=2048)["limit"] is None
+    assert resolve_protocol(quick=True, datasets=["ptb"])["datasets"] == ["ptb"]  # other sets, same windows
+    assert resolve_protocol(seq_len=1024, limit=16, datasets=THREE)["name"] == "quick"  # the flags it stands for
+    assert resolve_protocol(seq_len=64, limit=2)["name"] == "custom"
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--quick", "--full"], "--quick and --full are exclusive"),
+    (["--quick", "--seq-len", "2048"], "--quick evaluates the first 16 windows x 1024 tokens; --seq-len 2048"),
+    (["--quick", "--limit", "8"], "--limit 8 contradicts"),
+    (["--full", "--limit", "16"], "--full evaluates every window x 2048 tokens; --limit 16"),
+    (["--full", "--seq-len", "1024"], "--seq-len 1024 contradicts"),
+])
+def test_eval_preset_contradictions_are_one_line(capsys, tmp_path, flags, needle):
+    # refused before any model is looked at: the spec need not exist
+    assert_one_line_error(*run_cli(capsys, "eval", str(tmp_path / "no-model"), "--no-progress", *flags), needle)
+
+
+def test_eval_quick_prints_and_records_its_protocol(capsys, trained_tiny_dir, tmp_path, monkeypatch):
+    from binarize import evaluate
+
+    # the tiny model holds 256 positions: the same preset at windows it can run
+    monkeypatch.setitem(evaluate.PROTOCOLS, "quick", {"seq_len": 64, "limit": 2, "datasets": THREE})
+    js = tmp_path / "q.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(trained_tiny_dir), "--quick", "--no-progress", "--json", str(js)])
+    assert exc.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "protocol: quick (first 2 windows x 64 tokens) on wikitext2, c4, ptb", out
+    row = json.loads(js.read_text())[0]
+    assert row["protocol"] == {"name": "quick", "seq_len": 64, "limit": 2, "datasets": THREE}
+    assert list(row["perplexity"]) == THREE
+    assert all(r["windows"] == 2 and r["seq_len"] == 64 for r in row["perplexity"].values())
