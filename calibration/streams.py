@@ -280,8 +280,8 @@ class TrainStream:
     (seed, g), so a resumed run sees exactly the sequences an uninterrupted one would.
     """
 
-    def __init__(self, blocks: TokenBlocks, seed: int):
-        if len(blocks) == 0:
+    def __init__(self, blocks: TokenBlocks, seed: int, allow_empty: bool = False):
+        if len(blocks) == 0 and not allow_empty:  # allow_empty: a run that trains nothing (--tokens 0)
             raise BinarizeError("training data is shorter than one sequence")
         self.blocks, self.seed = blocks, seed
         self._epoch, self._perm = -1, None

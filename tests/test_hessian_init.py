@@ -85,8 +85,8 @@ def test_applied_codes_survive_the_layers_own_quantizer(method):
 def _ptq_recipe(small_text, method="binary", **kw):
     from binarize.recipe import load_recipe
 
-    return load_recipe(f"{method}-ptq", dict(seq_len=64, calib_sequences=16, data=str(small_text),
-                                            calib=str(small_text), micro_batch=4, **kw))
+    return load_recipe(f"{method}-ptq", {"seq_len": 64, "calib_sequences": 16, "data": str(small_text),
+                                        "calib": str(small_text), "micro_batch": 4, **kw})
 
 
 def test_corrected_target_undoes_the_error_its_inputs_carry():
@@ -156,3 +156,14 @@ def test_tokens_zero_without_an_initialisation_is_refused_before_work(tiny_model
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
     code, err = run("generate-data", "--tokens", "0", "--out", str(tmp_path / "g.jsonl"))
     assert code == 2 and "positive" in err
+
+
+def test_tokens_zero_reads_and_generates_no_training_text(trained_tiny_dir, small_text, tmp_path):
+    from binarize.train import ConvertJob, convert
+
+    out = tmp_path / "ptq"
+    recipe = _ptq_recipe(small_text, "ternary", data="self")  # calibration from the file: nothing to generate
+    convert(ConvertJob(str(trained_tiny_dir), 0, out, recipe, progress=False))
+    info = json.loads((out / "run.json").read_text())["data"]
+    assert info["train_source"] == "none (--tokens 0)" and "self_generation" not in info
+    assert info["calib_sequences"] == 16

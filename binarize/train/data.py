@@ -97,13 +97,16 @@ def prepare_data(tokenizer, recipe: Recipe, budget: Budget, self_text: "SelfText
             raise BinarizeError(f"calibration data {calib_where} is shorter than one sequence of {L} tokens")
         g = torch.Generator().manual_seed(recipe.seed + 17)
         calib = cblocks.blocks[torch.randperm(len(cblocks), generator=g)[:n_calib]]
-    train_blocks, where = _blocks_from(data_spec, n_seq * L + (n_calib * L if same else 0), L, tokenizer, self_text,
-                                       skipped)
+    if n_seq == 0 and not same:  # --tokens 0: no training text is read (or generated)
+        train_blocks, where = TokenBlocks(torch.zeros(0, L, dtype=torch.long)), "none (--tokens 0)"
+    else:
+        train_blocks, where = _blocks_from(data_spec, n_seq * L + (n_calib * L if same else 0), L, tokenizer,
+                                           self_text, skipped)
     if same:
         # Same source: hold its first n_calib blocks out of training, so calibration text is never
         # trained on and is the same at every budget (the head of a source does not depend on how
         # much of it a budget reads; --init-from shares one initialisation across budgets).
-        if len(train_blocks) <= n_calib:
+        if len(train_blocks) < n_calib or (n_seq and len(train_blocks) == n_calib):
             raise BinarizeError(f"{where} has {len(train_blocks)} blocks of {L} tokens, too few to hold out "
                                 f"{n_calib} for calibration and train on the rest")
         calib = train_blocks.blocks[:n_calib]
@@ -123,7 +126,7 @@ def prepare_data(tokenizer, recipe: Recipe, budget: Budget, self_text: "SelfText
             for source, counts in skipped.items():
                 print(f"  note: {source}: skipped {sum(counts.values())} records whose text is not usable "
                       f"({skipped_summary(counts)})", flush=True)
-    return RunData(TrainStream(train_blocks, recipe.seed), calib, info)
+    return RunData(TrainStream(train_blocks, recipe.seed, allow_empty=n_seq == 0), calib, info)
 
 
 class SelfText:
