@@ -102,3 +102,31 @@ def test_a_missing_org_name_path_without_network_says_both(capsys, tmp_path, mon
     code, err = run_cli(capsys, "convert", "runs/does-not-exist", "--tokens", "1k")
     assert_one_line_error(code, err, "there is no local directory runs/does-not-exist, and the hub was not "
                                      "reachable (no connection)")
+
+
+def test_a_non_finite_qat_loss_stops_with_one_line_and_keeps_the_last_good_step(monkeypatch, tiny_model_dir,
+                                                                                  small_text, tmp_path):
+    import json
+
+    import binarize.train.loop as loop
+    from binarize.errors import BinarizeError
+    from binarize.train import ConvertJob, convert
+    from tests.test_convert import tiny_recipe
+
+    real = loop.step_gradients
+
+    def poisoned(s, batch):  # the third step's loss overflows
+        loss, kd = real(s, batch)
+        return (float("nan") if len(s.record.steps) == 2 else loss), kd
+
+    monkeypatch.setattr(loop, "step_gradients", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(BinarizeError, match=r"QAT step 3/\d+: the loss is nan") as exc:
+        convert(ConvertJob(str(tiny_model_dir), 2048, out, tiny_recipe(small_text, bai_steps=1), progress=False))
+    assert "\n" not in str(exc.value) and not out.exists()
+    state = json.loads((tmp_path / "run.partial" / "checkpoint" / "state.json").read_text())
+    assert state["phase"] == "qat" and state["step"] == 2
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "run.partial" / "checkpoint" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from ..errors import BinarizeError
 from ..evaluate import mean_loss
 from ..qlinear import quant_layers, set_t
 from ..recipe import Recipe
@@ -70,6 +71,9 @@ def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None,
         set_t(model, t)
         idx = [(step * per_step + i) % calib.shape[0] for i in range(per_step)]
         loss, _ = accumulate(loss_fn, calib[idx], recipe.micro_batch, lambda l: l.backward())
+        if not math.isfinite(loss):
+            raise BinarizeError(f"{label} step {step + 1}/{steps}: the calibration loss is {loss} (not finite); "
+                                f"lower its learning rate ({'bai_lr' if label == 'BaI' else 'hessian_scale_lr'})")
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss)

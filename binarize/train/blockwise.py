@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import BinarizeError
 from ..models import decoder_layers, final_norm
 from ..qlinear import quant_layers, set_t
 from ..recipe import Recipe
@@ -194,6 +195,10 @@ def train_block(block, x: torch.Tensor, target: torch.Tensor, kwargs: dict, reci
             grp["lr"] = grp["base_lr"] * decay
         idx = order[step * batch : (step + 1) * batch]
         loss = loss_fn(_block_call(block, x[idx], kwargs), target[idx])
+        if not torch.isfinite(loss):  # one scalar per step; the block's weights are not yet touched
+            raise BinarizeError(f"block-wise stage, block {index + 1}, step {step + 1}: the reconstruction loss is "
+                                f"{float(loss)} (not finite); the blocks before it are checkpointed (--resume), "
+                                "or lower blockwise_lr / blockwise_scale_lr and start again with --overwrite")
         loss.backward()
         if recipe.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from ..checkpoint import save_checkpoint
+from ..errors import BinarizeError
 from ..qlinear import QuantLinear, quant_layers, set_t
 from ..recipe import Recipe
 from ..schedules import phase_lambda
@@ -60,6 +61,14 @@ class TrainState:
     session_start: float = field(default_factory=time.perf_counter)  # this session's start (perf_counter)
 
 
+class NonFiniteLoss(Exception):
+    """A step's loss (or KD term) came out NaN or infinite; raised before the optimizer step."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(step, value)
+        self.step, self.value = step, value
+
+
 def train_qat(s: TrainState, start_step: int = 0) -> None:
     """Steps ``start_step .. budget.steps - 1``; Ctrl-C checkpoints after the step in flight and
     raises Interrupted, ``recipe.save_every`` checkpoints periodically."""
@@ -73,7 +82,13 @@ def train_qat(s: TrainState, start_step: int = 0) -> None:
                     getattr(s.optimizer, "optimizer", s.optimizer).state.clear()  # fresh AdamW moments
                     if s.log:
                         s.log(f"switch to quantized training at step {step + 1}: fresh optimizer state")
-                r = train_step(s, step)
+                try:
+                    r = train_step(s, step)
+                except NonFiniteLoss as e:  # the model is still the last good step's: keep it for --resume
+                    save(s, "qat", step)
+                    raise BinarizeError(f"end-to-end QAT step {e.step + 1}/{steps}: the loss is {e.value} (not finite); "
+                                        f"the model after step {step} is checkpointed in {s.workdir} (--resume continues from "
+                                        "it); to start again with a lower lr: --set lr=... --overwrite") from None
                 if s.progress:
                     lam = f" lam {r.lam:.2g}" if r.lam < 1 else ""  # 80 columns: chunk, lr, kd go to the log
                     s.progress.update(task, completed=step + 1, info=f"t {r.t:.3g}{lam} loss {r.loss:.4g} "
@@ -108,6 +123,9 @@ def train_step(s: TrainState, step: int) -> StepRecord:
     count = min(budget.seqs_per_step, budget.n_sequences - first)
     s.model.train()
     loss, kd = step_gradients(s, s.data.train.get(first, count))
+    if not (math.isfinite(loss) and (kd is None or math.isfinite(kd))):  # before the optimizer touches anything
+        s.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(step, loss if not math.isfinite(loss) else kd)
     if recipe.grad_clip > 0:
         acc.clip_grad_norm_([p for g in s.optimizer.param_groups for p in g["params"]], recipe.grad_clip)
     s.optimizer.step()
