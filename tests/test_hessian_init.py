@@ -167,3 +167,35 @@ def test_tokens_zero_reads_and_generates_no_training_text(trained_tiny_dir, smal
     info = json.loads((out / "run.json").read_text())["data"]
     assert info["train_source"] == "none (--tokens 0)" and "self_generation" not in info
     assert info["calib_sequences"] == 16
+
+
+def test_ptq_refusals_come_before_any_work_and_leave_nothing(tiny_model_dir, small_text, tmp_path, capsys):
+    from binarize.cli import main
+
+    def run(*argv):
+        with pytest.raises(SystemExit) as exc:
+            main(list(argv))
+        return exc.value.code, capsys.readouterr().err
+
+    out = tmp_path / "x"
+    base = ("convert", str(tiny_model_dir), "--tokens", "0", "--recipe", "ternary-ptq", "--seq-len", "64",
+            "--data", str(small_text), "--calib", str(small_text), "--out", str(out))
+    code, err = run(*base, "--set", "calib_sequences=1")  # 64 tokens for a 256-wide layer input
+    assert code == 2 and "at least 256 calibration tokens" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not out.with_name("x.partial").exists()
+    code, err = run(*base, "--set", "calib_sequences=8", "--export", "gguf-tq2")  # St per layer: no GGUF
+    assert code == 2 and "share_st" in err and not out.with_name("x.partial").exists()
+
+
+def test_a_ptq_run_saves_its_initialisation_for_a_later_budget(trained_tiny_dir, small_text, tmp_path):
+    from binarize.train import ConvertJob, convert
+
+    recipe = _ptq_recipe(small_text, "ternary", hessian_inputs="quantized")
+    convert(ConvertJob(str(trained_tiny_dir), 0, tmp_path / "ptq", recipe, progress=False, save_init=True))
+    init = json.loads((tmp_path / "ptq" / "init" / "init.json").read_text())
+    assert len(init["hessian"]["layers"]) == 14
+    convert(ConvertJob(str(trained_tiny_dir), 512, tmp_path / "more", recipe, progress=False,
+                       init_from=tmp_path / "ptq"))
+    rec = json.loads((tmp_path / "more" / "run.json").read_text())
+    assert rec["init_from"]["run"] == str(tmp_path / "ptq") and rec["hessian"] == init["hessian"]
+    assert rec["tokens"]["trained"] == 512

@@ -18,7 +18,8 @@ from typing import Callable
 
 from ..errors import BinarizeError
 
-GGUF_TIE_ADVICE = "convert with the recipe option share_st: true (or a recipe without BaI, where St = 1)"
+GGUF_TIE_ADVICE = ("convert with the recipe option share_st: true (or a recipe without BaI, train_st and "
+                   "init: hessian, where St = 1)")
 BITNET_FIT = "use a bitnet-b158 or continual-16to158 recipe (per-tensor scale, no BaI, act_bits 8)"
 
 
@@ -91,11 +92,12 @@ def check_fit(method: str, fmt: str, what: str) -> Format:
 def check_recipe(recipe, fmt: str) -> Format:
     """Before training: the recipe can produce a model this format holds (method, St, scales)."""
     f = check_fit(recipe.method, fmt, f"recipe {recipe.name}")
-    if f.kind == "gguf" and (recipe.bai or recipe.train_st) and not recipe.share_st:
+    learns_st = recipe.bai or recipe.train_st or (recipe.init == "hessian" and recipe.hessian_column_scale)
+    if f.kind == "gguf" and learns_st and not recipe.share_st:
         raise BinarizeError(f"{fmt} has no per-input scale, and recipe {recipe.name} learns one St per layer: "
                             f"{GGUF_TIE_ADVICE}")
     if f.kind == "bitnet" and (recipe.method != "ternary" or recipe.act_bits != 8 or recipe.per_row or recipe.bai
-                               or recipe.scaling != "analytic"):
+                               or recipe.scaling != "analytic" or recipe.init == "hessian"):
         raise BinarizeError(f"recipe {recipe.name} does not make a model the bitnet format holds ({BITNET_FIT})")
     return f
 

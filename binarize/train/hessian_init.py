@@ -191,16 +191,21 @@ def apply_layer(q: QuantLinear, codes: torch.Tensor, row: torch.Tensor, col: tor
     q.sl.copy_(row / scale)
 
 
+def check_calibration(widths: list[int], calib: torch.Tensor) -> None:
+    """Each layer's Hessian needs at least as many calibration tokens as its input width (the
+    widest of ``widths``); else one BinarizeError line, raised by ``convert`` before any work."""
+    if calib.numel() < max(widths):
+        raise BinarizeError(f"the Hessian-aware initialisation needs at least {max(widths)} calibration tokens (the "
+                            f"widest layer input) but has {calib.numel()}: raise calib_sequences")
+
+
 def hessian_init(model, calib: torch.Tensor, recipe: Recipe, progress=None, log=None) -> HessianInitRecord:
     """Run the stage on every decoder block of a prepared model whose St is folded (after
     ``finish_init``). ``calib`` is (n, seq_len) token ids; each layer's Hessian needs at least as
     many calibration tokens as its widest input (else a BinarizeError before any work)."""
     t0 = time.perf_counter()
     cfg = config_from_recipe(recipe)
-    widest = max(q.in_features for q in quant_layers(model).values())
-    if calib.numel() < widest:
-        raise BinarizeError(f"the Hessian-aware initialisation needs at least {widest} calibration tokens (the widest "
-                            f"layer input) but has {calib.numel()}: raise calib_sequences")
+    check_calibration([q.in_features for q in quant_layers(model).values()], calib)
     rec = HessianInitRecord(tokens=int(calib.numel()), options={**asdict(cfg), "inputs": recipe.hessian_inputs,
                                                                  "weight": recipe.hessian_weight})
     names = {id(q): n for n, q in quant_layers(model).items()}

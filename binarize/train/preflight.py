@@ -47,6 +47,10 @@ def check_model_options(model, recipe: Recipe, export: str | None = None) -> Non
             raise BinarizeError(f"--export {export}: recipe {recipe.name} learns St, and a {model.config.model_type} "
                                 "MLP has no linear place to fold down's St into a GGUF (use a recipe without BaI "
                                 "and train_st, or --export binary)")
+    if recipe.init == "hessian" and recipe.hessian_inputs == "corrected" and has_moe_experts(model):
+        raise BinarizeError("hessian_inputs=corrected pairs each linear's quantized and full-precision inputs token by "
+                            "token, and a mixture-of-experts router sends an expert different tokens in the two: "
+                            "use --set hessian_inputs=quantized")
     if export == "bitnet" and has_moe_experts(model):
         raise BinarizeError("--export bitnet: " + MOE_REFUSAL.format(model_type=model.config.model_type))
     if recipe.grad_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):

@@ -34,7 +34,7 @@ from ..qlinear import finish_init, prepare
 from ..recipe import Recipe
 from .bai import binary_aware_init
 from .blockwise import blockwise_reconstruct
-from .hessian_init import hessian_init
+from .hessian_init import check_calibration, hessian_init
 from .identity import check_resume, model_fingerprint, read_identity, tokens_sha256, write_identity
 from .data import SelfText, prepare_data, resolve_auto
 from .init_state import check_init, init_key, load_init, read_init, save_init
@@ -178,6 +178,9 @@ def convert_run(job: ConvertJob) -> ConvertResult:
            else None)
     if init is not None:
         check_init(job.init_from, init, key)
+    elif recipe.init == "hessian" and not state:  # before anything is written
+        check_calibration([m.in_features for m in decoder_layers(model).modules() if isinstance(m, torch.nn.Linear)]
+                          + [getattr(model.config, "intermediate_size", 0) or 0], data.calib)
 
     if not job.resume and main:
         for d in (job.out, work):
@@ -219,10 +222,12 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                 if recipe.init == "hessian":
                     rec = hessian_init(model, data.calib.to(accelerator.device), recipe, progress, log)
                     if recipe.hessian_scale_steps:  # St and Sl by next-token loss, codes fixed
+                        t_search = time.perf_counter()
                         tuned = binary_aware_init(model, data.calib.to(accelerator.device), recipe, progress, log,
                                                   scales=("st", "sl"), steps=recipe.hessian_scale_steps,
                                                   lr=recipe.hessian_scale_lr, label="scale search")
-                        rec.scale_search = dataclasses.asdict(tuned)
+                        rec.scale_search = {**dataclasses.asdict(tuned), "wall_s": time.perf_counter() - t_search}
+                        rec.wall_s += rec.scale_search["wall_s"]
                     record.hessian = dataclasses.asdict(rec)
                     if main:
                         print(f"  Hessian-aware initialisation: {rec.summary()}", flush=True)
@@ -243,15 +248,15 @@ def convert_run(job: ConvertJob) -> ConvertResult:
 
                 record.blockwise = blockwise_reconstruct(model, data.calib, recipe, work, record.blockwise, progress, log,
                                                          save_blockwise, write=main)
+            if job.save_init and main and not job.bai_only and (state is None or state["phase"] != "qat"):
+                saved = record.to_dict()
+                save_init(work, model, key, {"bai": saved["bai"], "blockwise": saved.get("blockwise"),
+                                             "hessian": saved.get("hessian")},
+                          record.wall_s + time.perf_counter() - t_start)
             if not job.bai_only and tokens > 0:  # --tokens 0: the initialisation alone (PTQ)
                 groups = trainable_groups(model, recipe)  # FSDP: the optimizer is built on the shards below
                 optimizer = None if sharded else torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas))
                 start_step, saved_optimizer = 0, None
-                if job.save_init and main and (state is None or state["phase"] != "qat"):
-                    saved = record.to_dict()
-                    save_init(work, model, key, {"bai": saved["bai"], "blockwise": saved.get("blockwise"),
-                                                 "hessian": saved.get("hessian")},
-                              record.wall_s + time.perf_counter() - t_start)
                 if state is not None and state["phase"] == "qat" and not state.get("init"):
                     saved_optimizer = load_checkpoint(work, model, optimizer)
                     start_step = state["step"]
@@ -335,7 +340,7 @@ def _check_out(job: ConvertJob, work: Path) -> None:
             raise BinarizeError(f"nothing to resume: no checkpoint in {work}")
         return
     check_output_dir(out, job.overwrite, "use --overwrite, or --resume")
-    if work.exists() and not job.overwrite:
+    if work.exists() and not job.overwrite and (work / CHECKPOINT / "state.json").exists():  # none: nothing to keep
         raise BinarizeError(f"an interrupted run is in {work} (use --resume to continue it, or --overwrite)")
 
 
