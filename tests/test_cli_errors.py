@@ -28,8 +28,8 @@ def base(tiny_model_dir, small_text, tmp_path):
                  "--batch-tokens", "256", "--chunks", "4", "--no-progress"]
 
 
-@pytest.mark.parametrize("tokens,needle", [("0", "positive"), ("-5", "positive"), ("lots", "cannot parse"),
-                                           ("-2B", "positive")])
+@pytest.mark.parametrize("tokens,needle", [("-5", "whole number of tokens >= 0"), ("lots", "cannot parse"),
+                                           ("-2B", "whole number of tokens >= 0"), ("1.5", "whole number")])
 def test_bad_token_budget(capsys, base, tokens, needle):
     out, args = base
     assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", tokens), needle)
@@ -77,7 +77,7 @@ def test_recipe_errors(capsys, base, tmp_path):
     bad.write_text("lr: [oops\n")
     assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "1k", "--recipe", str(bad)),
                           "malformed recipe")
-    assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "1k", "--set", "bai_lr=fast"), "needs a float")
+    assert_one_line_error(*run_cli(capsys, "convert", *args, "--tokens", "1k", "--set", "bai_lr=fast"), "needs a finite float")
     assert not out.exists()
 
 

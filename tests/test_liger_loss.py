@@ -133,8 +133,9 @@ def test_a_distilling_conversion_runs_on_liger_and_records_it(trained_tiny_dir, 
 
     runs = {}
     for backend in ("chunked", "liger"):
+        # the hard sign from step 0 (ste): at t = 0 the student is the teacher and both KLs are ~0 of either sign
         recipe = load_recipe("binaryllm", dict(seq_len=64, batch_tokens=256, bai=False, chunks=2, data=str(small_text),
-                                               distill_alpha=1.0, loss_backend=backend))
+                                               distill_alpha=1.0, loss_backend=backend, quantizer="ste"))
         out = convert(ConvertJob(model=str(trained_tiny_dir), tokens=768, out=tmp_path / backend, recipe=recipe,
                                  progress=False, export="none"))
         runs[backend] = json.loads((out / "run.json").read_text())
