@@ -109,9 +109,14 @@ class QuantLinear(nn.Module):
         is absorbed by the latent, which is divided by the rounded value).
         """
         if not self.folded:
-            self.st.copy_(self.st.clamp_min(self.st_min).half().float())  # idempotent: shared St rounds once
+            self.round_st_()  # idempotent: shared St rounds once
             self.weight.copy_(self.weight / self.scale_in())
             self.folded = True
+
+    @torch.no_grad()
+    def round_st_(self) -> None:
+        """St clamped to st_min and rounded to the nearest fp16, the value the packed export stores."""
+        self.st.copy_(self.st.clamp_min(self.st_min).half().float())
 
     @torch.no_grad()
     def use_learnable_scale(self) -> None:

@@ -198,6 +198,11 @@ class Recipe:
             raise BinarizeError(f"recipe {self.name}: betas must be two numbers in [0, 1), got {self.betas}")
         return self
 
+    @property
+    def calibrates(self) -> bool:
+        """An initialisation stage reads the calibration set: BaI, ``init: hessian`` or block-wise."""
+        return bool(self.bai or self.init == "hessian" or self.blockwise_steps)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -21,7 +21,7 @@ from binarize.train.plan import fit_self_text, plan_budget
 def test_a_fixed_corpus_is_enlarged_so_no_token_is_read_more_than_twice(spec, tokens, corpus, want):
     r = Recipe(seq_len=256, batch_tokens=1024, self_tokens=corpus, data=spec).validate()
     budget = plan_budget(r, tokens)
-    fitted, notice = fit_self_text(r, budget, spec)  # no calibration held out of the corpus here
+    fitted, notice = fit_self_text(r, tokens, spec)  # no calibration held out of the corpus here
     frac = 0.5 if "+" in spec else 1.0
     if want is None:
         assert fitted.self_tokens == corpus and notice is None
@@ -30,16 +30,15 @@ def test_a_fixed_corpus_is_enlarged_so_no_token_is_read_more_than_twice(spec, to
         assert fitted.self_tokens == -(-int(budget.tokens_used * frac) // 2)  # ceil: exactly 2 epochs at most
         assert budget.tokens_used * frac / fitted.self_tokens <= 2.0
     off, notice = fit_self_text(Recipe(seq_len=256, batch_tokens=1024, self_tokens=corpus, max_epochs=0).validate(),
-                                budget, spec)
+                                tokens, spec)
     assert off.self_tokens == corpus and notice is None
 
 
 def test_the_calibration_held_out_of_the_corpus_does_not_count_as_training_text():
     r = Recipe(seq_len=64, batch_tokens=256, chunks=4, self_tokens=768, data="self").validate()
-    budget = plan_budget(r, 2048)
-    fitted, _ = fit_self_text(r, budget, "self", held_out=256)
+    fitted, _ = fit_self_text(r, 2048, "self", held_out=256)
     assert fitted.self_tokens == 1024 + 256  # 2,048 training tokens at most twice, plus the calibration
-    kept, notice = fit_self_text(dataclasses.replace(r, self_tokens=1280), budget, "self", held_out=256)
+    kept, notice = fit_self_text(dataclasses.replace(r, self_tokens=1280), 2048, "self", held_out=256)
     assert kept.self_tokens == 1280 and notice is None
-    grown, notice = fit_self_text(dataclasses.replace(r, self_tokens=200), budget, "self", held_out=256)
+    grown, notice = fit_self_text(dataclasses.replace(r, self_tokens=200), 2048, "self", held_out=256)
     assert grown.self_tokens == 1280 and "calibration takes all of it" in notice

@@ -90,8 +90,7 @@ def binary_aware_init(model, calib: torch.Tensor, recipe: Recipe, progress=None,
         for k in scales:
             getattr(q, k).requires_grad_(False)
         if q.folded:
-            with torch.no_grad():
-                q.st.copy_(q.st.clamp_min(q.st_min).half().float())  # as fold_st rounds it, for the export
+            q.round_st_()  # as fold_st rounds it, for the export
         q.fold_st()
     if progress:
         progress.remove_task(task)

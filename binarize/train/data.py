@@ -84,7 +84,7 @@ def prepare_data(tokenizer, recipe: Recipe, budget: Budget, self_text: "SelfText
     L = recipe.seq_len
     n_seq = budget.n_sequences
     data_spec, calib_spec = resolve_auto(recipe.data), resolve_auto(recipe.calib)
-    n_calib = recipe.calib_sequences if recipe.bai or recipe.blockwise_steps or recipe.init == "hessian" else 0
+    n_calib = recipe.calib_sequences if recipe.calibrates else 0
     same = calib_spec == data_spec
     skipped: dict[str, dict[str, int]] = {}
     if self_text is not None:

@@ -172,9 +172,9 @@ def apply_layer(q: QuantLinear, codes: torch.Tensor, row: torch.Tensor, col: tor
                 latent: torch.Tensor) -> None:
     """Write codes (out, in), row scale a (out,), column scale s (in,) into a folded QuantLinear so
     that its hard quantizer gives a_i C_ij s_j (St rounded to fp16; see the module docstring)."""
-    st = col.half().float().clamp_min(q.st_min)
-    if q.st_groups is None and q.st.shape == st.shape:
-        q.st.copy_(st)
+    if q.st_groups is None and q.st.shape == col.shape:
+        q.st.copy_(col)
+        q.round_st_()
     st = q.scale_in().detach()
     if q.spec.method == "binary":
         new = latent * (col / st).view(1, -1)  # same signs; divided by the rounded St

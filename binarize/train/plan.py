@@ -84,7 +84,7 @@ def fit_chunks(recipe: Recipe, tokens: int) -> tuple[Recipe, str | None]:
         f"chunks: the progressive schedule runs {quantized} chunks, one per step (t along the same curve)")
 
 
-def fit_self_text(recipe: Recipe, budget: Budget, data_spec: str, held_out: int = 0) -> tuple[Recipe, str | None]:
+def fit_self_text(recipe: Recipe, tokens: int, data_spec: str, held_out: int = 0) -> tuple[Recipe, str | None]:
     """Training text that does not run out (issue 41 item 3): a fixed self-generated corpus
     (``self_tokens``) that the budget would read more than ``max_epochs`` times is enlarged to
     ``ceil(tokens / max_epochs)`` so that no token is seen more often; returns (recipe, notice).
@@ -96,9 +96,9 @@ def fit_self_text(recipe: Recipe, budget: Budget, data_spec: str, held_out: int 
     from ..recipe import parse_mix
 
     real, frac = parse_mix(data_spec)
-    if not recipe.self_tokens or frac == 0 or budget.tokens == 0 or recipe.max_epochs <= 0:
+    if not recipe.self_tokens or frac == 0 or tokens == 0 or recipe.max_epochs <= 0:
         return recipe, None
-    need = math.ceil(budget.tokens_used * frac)
+    need = math.ceil(tokens // recipe.seq_len * recipe.seq_len * frac)  # the whole sequences trained on
     have = recipe.self_tokens - held_out
     if have > 0 and need <= recipe.max_epochs * have:
         return recipe, None
@@ -123,7 +123,7 @@ def check_job(recipe: Recipe, tokens: int, from_scratch: str | None = None, expo
         if from_scratch is not None:
             raise BinarizeError("--tokens 0 converts a pretrained model without training; --from-scratch has nothing "
                                 "to convert (give a token budget)")
-        if not (recipe.bai or recipe.init == "hessian" or recipe.blockwise_steps):
+        if not recipe.calibrates:
             raise BinarizeError(f"--tokens 0 runs only the initialisation, and recipe {recipe.name} has none (bai, "
                                 "init: hessian, blockwise_steps): it would write the plain rounding; use a PTQ "
                                 "recipe (binary-ptq, ternary-ptq) or --set init=hessian")

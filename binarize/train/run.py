@@ -44,7 +44,7 @@ from .sharding import (fsdp_options, fsdp_requested, full_model_state, load_opti
 from .liger_loss import resolve_backend
 from .preflight import check_launch, check_model_options, check_teacher_fits
 from .losses import Distill, TrainLoss
-from .plan import check_job, fit_chunks, fit_self_text, plan_budget, stage_summary
+from .plan import check_job, fit_chunks, fit_self_text, stage_summary
 from .record import BaiRecord, BlockwiseRecord, RunRecord, TokenRecord, plot_loss
 from .resume_state import read_checkpoint_state
 
@@ -120,9 +120,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     notice = None
     if not state:  # a resumed run's recipe was fitted when it started
         recipe, notice = fit_chunks(recipe, tokens)
-        calibrates = recipe.bai or recipe.blockwise_steps or recipe.init == "hessian"  # as data.prepare_data holds out
-        held_out = recipe.calib_sequences * recipe.seq_len if calibrates and recipe.calib == recipe.data else 0
-        recipe, text_notice = fit_self_text(recipe, plan_budget(recipe, tokens), resolve_auto(recipe.data), held_out)
+        held_out = recipe.calib_sequences * recipe.seq_len if recipe.calibrates and recipe.calib == recipe.data else 0
+        recipe, text_notice = fit_self_text(recipe, tokens, resolve_auto(recipe.data), held_out)
         notice = "; ".join(n for n in (notice, text_notice) if n) or None
         if fsdp_opts.get("activation_checkpointing"):  # the accelerate config's fsdp_activation_checkpointing
             recipe = dataclasses.replace(recipe, grad_checkpointing=True)
