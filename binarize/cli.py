@@ -30,12 +30,23 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 @app.command()
 def convert(
     model: Optional[str] = typer.Argument(None, help="Hub id, local HF dir or .gguf file (default: SmolLM2-135M-Instruct)."),
-    tokens: str = typer.Option(..., "--tokens", help="End-to-end QAT token budget: 200k, 500M, 2B or an integer; 0 runs the "
-                               "initialisation alone (post-training quantization, e.g. --recipe binary-ptq). "
-                               "BaI (bai_steps x bai_batch_tokens) and block-wise reconstruction (blocks x "
-                               "blockwise_steps x blockwise_batch x seq_len) come on top; the log's first lines "
-                               "show what each stage costs."),
-    recipe: str = typer.Option("binaryllm", "--recipe", help="Recipe name in recipes/ or a YAML path."),
+    time_: Optional[str] = typer.Option(None, "--time", help="The time you have (20m, 1h, 8h): binarize measures "
+                                        "this machine's speed for each stage on the model (seconds) and plans the "
+                                        "stages to end within it; the plan is printed and kept in run.json. With "
+                                        "--tokens, the end-to-end budget is fixed and the rest is planned."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", help="End-to-end QAT token budget: 200k, 500M, 2B or an "
+                               "integer; 0 runs the initialisation alone (post-training quantization, e.g. --recipe "
+                               "binary-ptq). BaI (bai_steps x bai_batch_tokens) and block-wise reconstruction "
+                               "(blocks x blockwise_steps x blockwise_batch x seq_len) come on top; the log's "
+                               "first lines show what each stage costs. Give --tokens or --time."),
+    recipe: str = typer.Option("binaryllm-distill", "--recipe", envvar="BINARIZE_RECIPE",
+                               help="Recipe name in recipes/ or a YAML path. Default binaryllm-distill, the best "
+                               "measured 1-bit recipe; binaryllm is the paper's, ternary-distill the 1.58-bit one."),
+    profile: str = typer.Option("auto", "--profile", envvar="BINARIZE_PROFILE",
+                                help="Sizes that fit the device: auto (cpu without CUDA, else the recipe's), cpu "
+                                "(sequences of 256, 1024 tokens per step, 32 calibration sequences ...: "
+                                "binarize/profiles.py) or recipe (the recipe's own, the papers' settings). Flags "
+                                "and --set always win."),
     data: Optional[str] = typer.Option(None, "--data", help="Training text: ptb, wikitext2:test, FILE, hf:ID[:CONFIG[:SPLIT]], "
                                        "self (the model's own samples), self+SOURCE:FRACTION, auto (default: PTB "
                                        "train if found locally, else self)."),
@@ -87,9 +98,14 @@ def convert(
 ):
     """Convert a model by a recipe: BinaryLLM (BaI + progressive QAT, the default), BitNet b1.58 or the
     continual 16->1.58-bit switch; or train one from scratch (--from-scratch)."""
+    from .profiles import profile_overrides
     from .recipe import parse_set, parse_tokens
+    from .train.timeplan import parse_duration
 
-    n_tokens = parse_tokens(tokens, allow_zero=True)  # argument errors first, before the heavy imports
+    if tokens is None and time_ is None:
+        raise BinarizeError("give --time (the time you have, e.g. --time 30m) or --tokens (the end-to-end budget)")
+    n_tokens = parse_tokens(tokens, allow_zero=True) if tokens is not None else None  # argument errors first
+    time_s = parse_duration(time_) if time_ is not None else None
     overrides = parse_set(set_)
     from .formats import get_format
     from .recipe import load_recipe
@@ -105,12 +121,16 @@ def convert(
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if data is not None and calib is None:
         overrides.setdefault("calib", data)
-    rec = load_recipe(recipe, overrides)
+    used_profile, sized = profile_overrides(profile, overrides)
+    rec = load_recipe(recipe, {**sized, **overrides})
+    if sized and os.environ.get("RANK", "0") == "0":
+        typer.echo(f"{used_profile} profile (--profile recipe keeps the recipe's sizes): "
+                   + ", ".join(f"{k} {getattr(rec, k)}" for k in sized))
     if export_format == "auto":
         export_format = "ternary2" if rec.method == "ternary" else "binary"
     job = ConvertJob(model=model, tokens=n_tokens, out=out, recipe=rec, resume=resume, overwrite=overwrite,
                      bai_only=bai_only, progress=live_progress(progress), from_scratch=config if from_scratch else None,
-                     export=export_format, save_init=save_init, init_from=init_from, fsdp=fsdp)
+                     export=export_format, save_init=save_init, init_from=init_from, fsdp=fsdp, time_s=time_s)
     try:
         result = convert_run(job)
     except Interrupted as exc:
@@ -130,6 +150,11 @@ def convert(
         typer.echo(f"QAT: {record.tokens.trained:,} tokens in {len(record.steps)} steps, "
                    f"final loss {record.steps[-1].loss:.3f}")
     typer.echo(f"wrote {result.path}")
+    if record.plan is not None:
+        from .train.timeplan import format_duration
+
+        typer.echo(f"--time {format_duration(record.plan['seconds'])}: planned {format_duration(record.plan['expected_s'])}"
+                   f", took {format_duration(record.plan.get('actual_s', 0.0))} before the export")
     if result.exported is not None:
         for line in result.exported.lines:
             typer.echo(line)

@@ -218,10 +218,20 @@ def generate_to_file(model, tokenizer, cfg: SelfGenConfig, path: Path, model_id:
     return meta
 
 
+def cache_path(src, cfg: SelfGenConfig) -> Path:
+    """Where the corpus of (model files, settings) is cached (it may not exist yet)."""
+    key = hashlib.sha256(json.dumps({"model": model_fingerprint(src), **asdict(cfg)}, sort_keys=True).encode())
+    return cache_dir() / f"{key.hexdigest()[:24]}.jsonl.gz"
+
+
+def is_cached(src, cfg: SelfGenConfig) -> bool:
+    path = cache_path(src, cfg)
+    return path.exists() and path.with_name(path.name + ".meta.json").exists()
+
+
 def cached_self_data(model, tokenizer, src, cfg: SelfGenConfig, progress: bool = True, log=None) -> tuple[Path, dict]:
     """The cached file for (model files, settings), generating it on first use."""
-    key = hashlib.sha256(json.dumps({"model": model_fingerprint(src), **asdict(cfg)}, sort_keys=True).encode())
-    path = cache_dir() / f"{key.hexdigest()[:24]}.jsonl.gz"
+    path = cache_path(src, cfg)
     meta_path = path.with_name(path.name + ".meta.json")
     if path.exists() and meta_path.exists():
         if log:

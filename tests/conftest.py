@@ -10,6 +10,10 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter; set before any test imports triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The suite's convert tests were written against the paper's recipe at its own sizes; the tests of
+# the command's defaults (tests/test_timeplan.py) pass --recipe / --profile or clear these.
+os.environ.setdefault("BINARIZE_RECIPE", "binaryllm")
+os.environ.setdefault("BINARIZE_PROFILE", "recipe")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one thread per worker, so two workers share two cores
     torch.set_num_threads(1)
 

@@ -131,7 +131,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_model_dir, small_text,
 
 def test_ctrl_c_in_bai_leaves_nothing_to_trip_over(tiny_model_dir, small_text, tmp_path, monkeypatch):
     """BaI keeps no checkpoint: Ctrl-C there removes the partial run, so the same command runs again."""
-    import binarize.train.run as run_mod
+    import binarize.train.init_stages as run_mod  # the initialisation stages' module calls BaI
 
     recipe = tiny_recipe(small_text)
     real = run_mod.binary_aware_init

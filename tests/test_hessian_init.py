@@ -199,3 +199,34 @@ def test_a_ptq_run_saves_its_initialisation_for_a_later_budget(trained_tiny_dir,
     rec = json.loads((tmp_path / "more" / "run.json").read_text())
     assert rec["init_from"]["run"] == str(tmp_path / "ptq") and rec["hessian"] == init["hessian"]
     assert rec["tokens"]["trained"] == 512
+
+
+@pytest.mark.parametrize("method", ["binary", "ternary"])
+def test_block_wise_after_the_hessian_stage_targets_the_original_blocks(trained_tiny_dir, small_text, method):
+    """The Hessian stage writes its codes into the latent weights, so a block at lam = 0 is no
+    longer the original: block-wise targets come from the original model's blocks."""
+    from transformers import AutoModelForCausalLM
+
+    from binarize.models import decoder_layers
+    from binarize.qlinear import finish_init, prepare, set_t
+    from binarize.train.blockwise import block_inputs, blockwise_reconstruct, reconstruction_loss
+    from binarize.train.hessian_init import hessian_init
+
+    recipe = _ptq_recipe(small_text, method, blockwise_steps=1, blockwise_sequences=8, blockwise_batch=4,
+                         blockwise_lr=1e-12, blockwise_scale_lr=1e-12, hessian_scale_steps=0)
+    fp = AutoModelForCausalLM.from_pretrained(trained_tiny_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(trained_tiny_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, 2000, (16, 64), generator=torch.Generator().manual_seed(2))
+    prepare(model, recipe)
+    finish_init(model, recipe)
+    hessian_init(model, ids, recipe)
+    x, kwargs = block_inputs(fp, ids[:8])
+    with torch.no_grad():
+        want = decoder_layers(fp)[0](x, **kwargs)
+        set_t(model, math.inf, 1.0)
+        got = decoder_layers(model)[0](x, **kwargs)
+    want, got = (t[0] if isinstance(t, tuple) else t for t in (want, got))
+    expected = float(reconstruction_loss(got, want, recipe.blockwise_loss))
+    rec = blockwise_reconstruct(model, ids, recipe, None, None, write=False, fp_layers=decoder_layers(fp))
+    assert rec.blocks[0]["loss_hard_before"] == pytest.approx(expected, rel=1e-4)
+    assert 0 < expected < 1  # a Hessian-initialised block is near its original

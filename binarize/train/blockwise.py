@@ -219,8 +219,13 @@ def train_block(block, x: torch.Tensor, target: torch.Tensor, kwargs: dict, reci
 
 
 def blockwise_reconstruct(model, calib: torch.Tensor, recipe: Recipe, workdir: Path, record: BlockwiseRecord | None,
-                          progress=None, log=None, save=None, write: bool = True) -> BlockwiseRecord:
+                          progress=None, log=None, save=None, write: bool = True,
+                          fp_layers: torch.nn.ModuleList | None = None) -> BlockwiseRecord:
     """The block-wise stage over ``calib[:blockwise_sequences]`` (token ids, (n, seq_len)).
+
+    ``fp_layers``: the original model's decoder blocks, which give the targets y_i where a stage
+    before this one replaced the latent weights (``init: hessian`` writes its codes into them,
+    so lam = 0 no longer runs the original block); None: the block itself at lam = 0.
 
     Continues a stage a checkpoint interrupted when ``record`` holds finished blocks (the cached
     activations are then read from ``workdir``). ``save(record)`` writes a checkpoint; Ctrl-C
@@ -255,7 +260,7 @@ def blockwise_reconstruct(model, calib: torch.Tensor, recipe: Recipe, workdir: P
         for i in range(start, len(layers)):
             block = layers[i]
             _set_fp(block, True)
-            target = _run(block, x_fp, kwargs, mb)
+            target = _run(fp_layers[i] if fp_layers is not None else block, x_fp, kwargs, mb)
             x_in = x_q if x_q is not None else x_fp
             set_t(block, math.inf)
             with torch.no_grad():

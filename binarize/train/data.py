@@ -129,6 +129,15 @@ def prepare_data(tokenizer, recipe: Recipe, budget: Budget, self_text: "SelfText
     return RunData(TrainStream(train_blocks, recipe.seed, allow_empty=n_seq == 0), calib, info)
 
 
+def self_gen_config(r: Recipe, needed: int):
+    """The SelfGenConfig of a recipe's corpus: ``self_tokens``, else the ``needed`` tokens."""
+    from binarize.calibration.selfgen import SelfGenConfig
+
+    return SelfGenConfig(tokens=r.self_tokens or needed, seq_len=r.seq_len, batch_size=r.self_batch,
+                         temperature=r.self_temperature, top_p=r.self_top_p, greedy_prefix=r.self_greedy_prefix,
+                         seed=r.seed)
+
+
 class SelfText:
     """Self-generated documents for prepare_data: generated (or found in the cache) once for
     everything reserved, then handed out in order, so training and calibration never share text.
@@ -153,14 +162,10 @@ class SelfText:
         import gzip
         import json
 
-        from binarize.calibration.selfgen import SelfGenConfig, cached_self_data
+        from binarize.calibration.selfgen import cached_self_data
 
         if self.docs is None:
-            r = self.recipe
-            cfg = SelfGenConfig(tokens=r.self_tokens or max(self.reserved, n_tokens), seq_len=r.seq_len,
-                                batch_size=r.self_batch,
-                                temperature=r.self_temperature, top_p=r.self_top_p,
-                                greedy_prefix=r.self_greedy_prefix, seed=r.seed)
+            cfg = self_gen_config(self.recipe, max(self.reserved, n_tokens))
             self.path, self.meta = cached_self_data(self.model, self.tokenizer, self.src, cfg, self.progress, self.log)
             with gzip.open(self.path, "rt", encoding="utf-8") as f:
                 self.docs = [json.loads(line) for line in f]

@@ -67,6 +67,10 @@ def first_difference(old: dict[str, Any], new: dict[str, Any], ignore: frozenset
         return f"the model differs ({old['model']} there, {new['model']} here)"
     if "from_scratch" in old and "from_scratch" in new and old["from_scratch"] != new["from_scratch"]:
         return f"--from-scratch differs ({old['from_scratch']} there, {new['from_scratch']} here)"
+    if old.get("time_s") != new.get("time_s"):  # --time (train/timed.py): the plan was made for that time
+        def t(v):
+            return f"--time {v:g} s" if v is not None else "no --time"
+        return f"--time differs ({t(old.get('time_s'))} there, {t(new.get('time_s'))} here)"
     if both("tokens") and old["tokens"] != new["tokens"]:
         return f"--tokens differs ({old['tokens']:,} there, {new['tokens']:,} here)"
     if both("recipe"):

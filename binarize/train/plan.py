@@ -110,6 +110,17 @@ def fit_self_text(recipe: Recipe, tokens: int, data_spec: str, held_out: int = 0
         "(--set max_epochs=0 keeps the smaller corpus)")
 
 
+def fit_recipe(recipe: Recipe, tokens: int, data_spec: str, fsdp_opts: dict | None = None) -> tuple[Recipe, str | None]:
+    """The recipe fitted to a budget (``fit_chunks``, ``fit_self_text`` with the resolved ``data``
+    spec, an accelerate config's activation checkpointing) and the notices to print, or None."""
+    recipe, notice = fit_chunks(recipe, tokens)
+    held_out = recipe.calib_sequences * recipe.seq_len if recipe.calibrates and recipe.calib == recipe.data else 0
+    recipe, text_notice = fit_self_text(recipe, tokens, data_spec, held_out)
+    if (fsdp_opts or {}).get("activation_checkpointing"):  # the accelerate config's fsdp_activation_checkpointing
+        recipe = dataclasses.replace(recipe, grad_checkpointing=True)
+    return recipe, "; ".join(n for n in (notice, text_notice) if n) or None
+
+
 def check_job(recipe: Recipe, tokens: int, from_scratch: str | None = None, export: str | None = None) -> Budget:
     """Every check that needs no model or data, so bad combinations fail before any work.
 

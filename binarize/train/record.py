@@ -113,6 +113,7 @@ class RunRecord:
     fsdp: bool = False  # end-to-end QAT sharded over the processes (train/sharding.py)
     loss_backend: str = "chunked"  # the end-to-end loss's implementation (train/liger_loss.py)
     hessian: dict | None = None  # init: hessian (train/hessian_init.py HessianInitRecord as a dict)
+    plan: dict | None = None  # --time: the plan (train/timeplan.py TimePlan.to_dict) and its actual_s
 
     def tail_loss(self, parts: int = 10) -> float | None:
         """Mean loss over the last 1/``parts`` of the steps (at least one); None without steps."""
@@ -136,6 +137,8 @@ class RunRecord:
             out["init_from"] = self.init_from
         if self.hessian is not None:
             out["hessian"] = self.hessian
+        if self.plan is not None:
+            out["plan"] = self.plan
         return out
 
     @classmethod
@@ -165,7 +168,8 @@ class RunRecord:
                    d.get("data", {}), TokenRecord(**d["tokens"]), [StepRecord.from_dict(s) for s in d["steps"]],
                    BaiRecord(**d["bai"]) if d.get("bai") else None, d.get("wall_s", 0.0), d.get("peak_memory_mib"),
                    BlockwiseRecord(**d["blockwise"]) if d.get("blockwise") else None, d.get("processes", 1),
-                   d.get("init_from"), d.get("fsdp", False), d.get("loss_backend", "chunked"), d.get("hessian"))
+                   d.get("init_from"), d.get("fsdp", False), d.get("loss_backend", "chunked"), d.get("hessian"),
+                   d.get("plan") if isinstance(d.get("plan"), dict) else None)
 
     def write(self, path: Path) -> None:
         write_json(path, self.to_dict())

@@ -5,10 +5,11 @@ It lives beside the run record (train/) so that ``binarize.checkpoint`` imports 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CHECKPOINT
+from ..checkpoint import CHECKPOINT, check_output_dir
 from ..errors import BinarizeError
 from ..recipe import Recipe, _coerce
 from .record import RunRecord
@@ -44,3 +45,30 @@ def check_state(state: Any, path: Path) -> dict:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BinarizeError(f"corrupt checkpoint state: {path} (run record: {type(exc).__name__} {exc})") from None
     return state
+
+
+def check_out(out: Path, work: Path, resume: bool, overwrite: bool) -> None:
+    """OUT and OUT.partial as the job needs them: --resume a checkpoint in OUT.partial, else an OUT
+    that is absent or empty (or --overwrite) and no interrupted run in OUT.partial."""
+    if resume:
+        if out.exists() and any(out.iterdir()) and not work.exists():
+            raise BinarizeError(f"{out} is a finished run; nothing to resume")
+        if not (work / CHECKPOINT / "state.json").exists():
+            raise BinarizeError(f"nothing to resume: no checkpoint in {work}")
+        return
+    check_output_dir(out, overwrite, "use --overwrite, or --resume")
+    if work.exists() and not overwrite and (work / CHECKPOINT / "state.json").exists():  # none: nothing to keep
+        raise BinarizeError(f"an interrupted run is in {work} (use --resume to continue it, or --overwrite)")
+
+
+def interrupted(work: Path, main: bool):
+    """Ctrl-C in a phase that does not checkpoint: keep the last checkpoint if there is one (then
+    --resume continues from it), else remove the partial run so that the same command starts again."""
+    from .loop import Interrupted
+
+    if (work / CHECKPOINT / "state.json").exists():
+        return Interrupted("interrupted; the last checkpoint is kept")
+    if main:
+        shutil.rmtree(work, ignore_errors=True)
+    return Interrupted("interrupted before the first checkpoint: nothing was kept, run the same command again",
+                       resumable=False)

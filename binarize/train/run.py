@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from .._version import __version__
-from ..checkpoint import CHECKPOINT, check_output_dir, load_checkpoint, save_checkpoint
+from ..checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from ..errors import BinarizeError
 from ..experts import has_moe_experts
 from ..formats.latent import save_converted
@@ -32,9 +32,9 @@ from ..models import (check_supported, decoder_layers, load_config, load_model, 
                       resolve_model, scratch_model)
 from ..qlinear import finish_init, prepare
 from ..recipe import Recipe
-from .bai import binary_aware_init
 from .blockwise import blockwise_reconstruct
-from .hessian_init import check_calibration, hessian_init
+from .hessian_init import check_calibration
+from .init_stages import initialise
 from .identity import check_resume, model_fingerprint, read_identity, tokens_sha256, write_identity
 from .data import SelfText, prepare_data, resolve_auto
 from .init_state import check_init, init_key, load_init, read_init, save_init
@@ -44,9 +44,11 @@ from .sharding import (fsdp_options, fsdp_requested, full_model_state, load_opti
 from .liger_loss import resolve_backend
 from .preflight import check_launch, check_model_options, check_teacher_fits
 from .losses import Distill, TrainLoss
-from .plan import check_job, fit_chunks, fit_self_text, stage_summary
+from .plan import check_job, fit_recipe, stage_summary
+from .timed import plan_for_time
+from .timeplan import QAT_FLOOR_STEPS
 from .record import BaiRecord, BlockwiseRecord, RunRecord, TokenRecord, plot_loss
-from .resume_state import read_checkpoint_state
+from .resume_state import check_out, interrupted, read_checkpoint_state
 
 __all__ = ["ConvertJob", "ConvertResult", "Interrupted", "check_launch", "check_model_options", "convert"]
 
@@ -59,7 +61,7 @@ class ConvertJob:
     ``OUT/packed`` at the end (None or "none": no export); it is checked before any work."""
 
     model: str | None
-    tokens: int
+    tokens: int | None
     out: Path
     recipe: Recipe
     resume: bool = False
@@ -71,6 +73,8 @@ class ConvertJob:
     save_init: bool = False  # keep the state entering end-to-end QAT in OUT/init/ (train/init_state.py)
     init_from: Path | None = None  # start from RUN/init/ instead of running BaI and block-wise
     fsdp: bool = False  # shard end-to-end QAT over the processes (also: an accelerate FSDP launch)
+    time_s: float | None = None  # --time: plan the stages for this many seconds (train/timed.py); tokens fixed
+    # beside it (``tokens`` >= 0) or planned (``tokens`` None)
     on_step: Callable[[int], None] | None = field(default=None, repr=False)  # test hook
 
 
@@ -92,8 +96,9 @@ def convert(job: ConvertJob) -> Path:
 def convert_run(job: ConvertJob) -> ConvertResult:
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
+    t_job = time.perf_counter()
     work = job.out.with_name(job.out.name + ".partial")
-    _check_out(job, work)
+    check_out(job.out, work, job.resume, job.overwrite)
     check_launch()
     fsdp = fsdp_requested(job.fsdp)
     fsdp_opts = fsdp_options() if fsdp else {}
@@ -101,6 +106,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     # the run's identity (identity.py): checked against OUT.partial's on --resume as each part is known
     saved_identity = read_identity(work) if state else None
     identity = {"tokens": job.tokens, "from_scratch": job.from_scratch, "recipe": job.recipe.to_dict()}
+    if job.time_s is not None:
+        identity["time_s"] = job.time_s
     check_resume(work, saved_identity, identity)
     init = None
     if job.init_from is not None and not state:  # a resumed run started from it already
@@ -111,6 +118,11 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     recipe = Recipe(**state["recipe"]).validate() if state else job.recipe
     tokens = state["record"]["tokens"]["requested"] if state else job.tokens
     export = job.export if job.export not in (None, "none") else None
+    timed = job.time_s is not None and not state  # a resumed run keeps the plan it recorded
+    if timed and (job.from_scratch or job.bai_only or job.init_from is not None):
+        raise BinarizeError("--time plans a whole conversion of a pretrained model; "
+                            f"{'--from-scratch' if job.from_scratch else '--bai-only' if job.bai_only else '--init-from'}"
+                            " takes --tokens instead")
 
     from_scratch = state["record"].get("from_scratch") if state else job.from_scratch
     if from_scratch and recipe.train_fp != "all":
@@ -118,14 +130,12 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     if not from_scratch:  # a missing model or unsupported architecture is reported first
         check_supported(load_config(resolve_model(job.model)))
     notice = None
-    if not state:  # a resumed run's recipe was fitted when it started
-        recipe, notice = fit_chunks(recipe, tokens)
-        held_out = recipe.calib_sequences * recipe.seq_len if recipe.calibrates and recipe.calib == recipe.data else 0
-        recipe, text_notice = fit_self_text(recipe, tokens, resolve_auto(recipe.data), held_out)
-        notice = "; ".join(n for n in (notice, text_notice) if n) or None
-        if fsdp_opts.get("activation_checkpointing"):  # the accelerate config's fsdp_activation_checkpointing
-            recipe = dataclasses.replace(recipe, grad_checkpointing=True)
-    budget = check_job(recipe, tokens, from_scratch, None if state else export)
+    if timed:  # every check that needs no model, on a nominal budget; the plan comes once it is loaded
+        nominal = tokens if tokens is not None else QAT_FLOOR_STEPS * recipe.batch_tokens
+        check_job(fit_recipe(recipe, nominal, resolve_auto(recipe.data), fsdp_opts)[0], nominal, from_scratch, export)
+    elif not state:  # a resumed run's recipe was fitted when it started
+        recipe, notice = fit_recipe(recipe, tokens, resolve_auto(recipe.data), fsdp_opts)
+    budget = None if timed else check_job(recipe, tokens, from_scratch, None if state else export)
     if export and not state:
         from ..formats import check_recipe
 
@@ -150,6 +160,13 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision="bf16" if torch.cuda.is_available() else "no", kwargs_handlers=ddp)
     main = accelerator.is_main_process
+    plan = None
+    if timed:  # measured where training runs, before anything is written
+        model.to(accelerator.device)
+        recipe, tokens, plan = plan_for_time(job.time_s, recipe, model, tokenizer, src, tokens=tokens,
+                                             spent_s=time.perf_counter() - t_job, log=plain_log if main else None)
+        recipe, notice = fit_recipe(recipe, tokens, resolve_auto(recipe.data), fsdp_opts)
+        budget = check_job(recipe, tokens, from_scratch, export)
     sharded = fsdp and accelerator.num_processes > 1
     if state and bool(state.get("fsdp")) != sharded:
         raise BinarizeError(f"{work} was checkpointed by {'an FSDP' if state.get('fsdp') else 'an unsharded'} run: "
@@ -159,6 +176,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         procs += " (FSDP)" if sharded else (" (--fsdp: one process, nothing to shard)" if fsdp else "")
         print(f"{src.spec} on {accelerator.device}{procs}", flush=True)
         for line in stage_summary(recipe, budget, len(decoder_layers(model)), job.bai_only):
+            print("  " + line, flush=True)
+        for line in plan.lines() if plan else []:
             print("  " + line, flush=True)
         if notice:
             print(f"  note: {notice}", flush=True)
@@ -194,13 +213,18 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         teacher = copy.deepcopy(model).requires_grad_(False).eval()
         distill = Distill(teacher, recipe.distill_alpha, recipe.distill_temperature, recipe.distill_ce,
                           recipe.distill_topk)
+    fp_layers = None  # the Hessian stage writes its codes into the latent weights: block-wise targets need the original
+    if recipe.init == "hessian" and recipe.blockwise_steps and not job.bai_only:
+        fp_layers = (decoder_layers(distill.teacher) if distill is not None
+                     else copy.deepcopy(decoder_layers(model)).requires_grad_(False).eval())
     names = prepare(model, recipe)
     record = RunRecord.from_dict(state["record"]) if state else RunRecord(
         binarize_version=__version__, model=src.spec, from_scratch=from_scratch, recipe=recipe.to_dict(),
         quantized_layers=len(names), data=data.info,
         tokens=TokenRecord(requested=tokens, seq_len=recipe.seq_len, sequences=budget.n_sequences,
                            budget_used=budget.tokens_used, dropped_remainder=tokens % recipe.seq_len,
-                           per_step=budget.seqs_per_step * recipe.seq_len, optimizer_steps=budget.steps))
+                           per_step=budget.seqs_per_step * recipe.seq_len, optimizer_steps=budget.steps),
+        plan=plan.to_dict() if plan else None)
     record.processes, record.fsdp = accelerator.num_processes, sharded
     if distill is not None:
         distill.teacher.to(accelerator.device)
@@ -215,21 +239,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     try:
         with _progress(job.progress and main) as progress:
             if state is None or state["phase"] == "bai":
-                if recipe.bai:
-                    record.bai = binary_aware_init(model, data.calib.to(accelerator.device), recipe, progress, log)
-                finish_init(model, recipe)
-                if recipe.init == "hessian":
-                    rec = hessian_init(model, data.calib.to(accelerator.device), recipe, progress, log)
-                    if recipe.hessian_scale_steps:  # St and Sl by next-token loss, codes fixed
-                        t_search = time.perf_counter()
-                        tuned = binary_aware_init(model, data.calib.to(accelerator.device), recipe, progress, log,
-                                                  scales=("st", "sl"), steps=recipe.hessian_scale_steps,
-                                                  lr=recipe.hessian_scale_lr, label="scale search")
-                        rec.scale_search = {**dataclasses.asdict(tuned), "wall_s": time.perf_counter() - t_search}
-                        rec.wall_s += rec.scale_search["wall_s"]
-                    record.hessian = dataclasses.asdict(rec)
-                    if main:
-                        print(f"  Hessian-aware initialisation: {rec.summary()}", flush=True)
+                record.bai, record.hessian = initialise(model, data.calib.to(accelerator.device), recipe, progress,
+                                                        log, main)
             else:
                 finish_init(model, recipe, from_file=True)
                 if state.get("init"):
@@ -246,7 +257,7 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                                                             "recipe": recipe.to_dict(), "record": saved})
 
                 record.blockwise = blockwise_reconstruct(model, data.calib, recipe, work, record.blockwise, progress, log,
-                                                         save_blockwise, write=main)
+                                                         save_blockwise, write=main, fp_layers=fp_layers)
             if job.save_init and main and not job.bai_only and (state is None or state["phase"] != "qat"):
                 saved = record.to_dict()
                 save_init(work, model, key, {"bai": saved["bai"], "blockwise": saved.get("blockwise"),
@@ -286,13 +297,17 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                     tensors = full_model_state(loss_fn, model)
                     model = unsharded_model(job.model, from_scratch, recipe, tensors) if main else None
     except KeyboardInterrupt:  # outside the phases that checkpoint on Ctrl-C themselves (BaI, set-up)
-        raise _interrupted(work, main) from None
+        raise interrupted(work, main) from None
     record.wall_s += time.perf_counter() - t_start
     record.peak_memory_mib = peak_memory_mib()
     exported = None
     if main:
         with StopOnInterrupt() as stop:  # writing the run takes seconds: a Ctrl-C then waits for it
+            t_save = time.perf_counter()
             save_converted(model.float().cpu(), tokenizer, recipe, work, names)
+            if record.plan is not None:  # loading and measuring, the stages, writing; the export follows
+                record.plan["actual_s"] = round(record.plan["stages"].get("spent", 0.0) + record.wall_s
+                                                + time.perf_counter() - t_save, 1)
             record.write(work / "run.json")
             plot_loss(record, work / "loss.png")
             shutil.rmtree(work / CHECKPOINT, ignore_errors=True)
@@ -313,34 +328,10 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     return ConvertResult(job.out, record, exported, main)
 
 
-def _interrupted(work: Path, main: bool) -> Interrupted:
-    """Ctrl-C in a phase that does not checkpoint: keep the last checkpoint if there is one (then
-    --resume continues from it), else remove the partial run so that the same command starts again."""
-    if (work / CHECKPOINT / "state.json").exists():
-        return Interrupted("interrupted; the last checkpoint is kept")
-    if main:
-        shutil.rmtree(work, ignore_errors=True)
-    return Interrupted("interrupted before the first checkpoint: nothing was kept, run the same command again",
-                       resumable=False)
-
-
 def _progress(enabled: bool):
     from ..progress import progress_bar
 
     return progress_bar(enabled)
-
-
-def _check_out(job: ConvertJob, work: Path) -> None:
-    out = job.out
-    if job.resume:
-        if out.exists() and any(out.iterdir()) and not work.exists():
-            raise BinarizeError(f"{out} is a finished run; nothing to resume")
-        if not (work / CHECKPOINT / "state.json").exists():
-            raise BinarizeError(f"nothing to resume: no checkpoint in {work}")
-        return
-    check_output_dir(out, job.overwrite, "use --overwrite, or --resume")
-    if work.exists() and not job.overwrite and (work / CHECKPOINT / "state.json").exists():  # none: nothing to keep
-        raise BinarizeError(f"an interrupted run is in {work} (use --resume to continue it, or --overwrite)")
 
 
 def set_grad_checkpointing(model, on: bool) -> None:

@@ -1,0 +1,184 @@
+"""This machine's speed for each stage of a conversion, on the actual model, before any work
+(``binarize convert --time``): a few timed units of every stage the plan may use, run by the
+stages' own functions on throw-away copies (the model that is then converted is not touched, nor
+the global RNG). Seconds, not minutes: on the default model on 2 CPU cores about 30-60 s.
+
+What is timed and how it is scaled (``timeplan.StageSpeeds``):
+
+* end-to-end step: one micro-batch of ``micro_batch x seq_len`` random token ids through the
+  recipe's ``TrainLoss`` (teacher included) forward and backward, after one untimed warm-up, times
+  the micro-batches of a step, plus one AdamW step over the trainable parameters;
+* BaI / the scale search: the same without the teacher, per step, plus the two evaluations;
+* Hessian-aware initialisation: the stage itself on a one-block copy of the model (the recipe's
+  calibration size), times the number of blocks;
+* block-wise: ``train_block`` for 3 steps on the one-block copy, per step (the last block's
+  head-KL loss timed the same way), plus four passes of the cached sequences per block;
+* self-generation: one batch of ``self_batch`` sequences of 24 tokens, per token (skipped when
+  the corpus is cached or the text is not self-generated);
+* writing: a ``torch.save`` of the model's weights, three times over (run, export, check), + 5 s.
+
+Random token ids stand in for the text: the time of these stages does not depend on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..models import decoder_layers
+from ..qlinear import finish_init, prepare
+from ..recipe import Recipe
+from .timeplan import StageSpeeds
+
+PROBE_BLOCK_STEPS = 3
+GEN_PROBE_LEN = 24
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def one_block_copy(model) -> torch.nn.Module:
+    """A deep copy of ``model`` with only its first decoder block (the probe's unit of a stage)."""
+    m = copy.deepcopy(model)
+    layers = decoder_layers(m)
+    del layers[1:]
+    cfg = m.config
+    if getattr(cfg, "num_hidden_layers", None):
+        cfg.num_hidden_layers = 1
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = cfg.layer_types[:1]
+    return m
+
+
+@dataclass(frozen=True)
+class PassTimes:
+    """Seconds of one micro-batch through the full model: forward and backward without the
+    teacher, forward alone; the unit of BaI and the scale search (``init_seconds``)."""
+
+    student_mb: float
+    forward_mb: float
+
+
+def init_seconds(model, r: Recipe, passes: PassTimes, ids: torch.Tensor) -> float:
+    """Seconds of recipe ``r``'s initialisation stages on ``model``: BaI and the scale search by
+    their steps of ``passes``, the Hessian-aware initialisation timed on a one-block copy (calibration
+    token ids ``ids``, (n, seq_len)) times the number of blocks."""
+    from .bai import BAI_EVAL_SEQUENCES
+    from .hessian_init import hessian_init
+
+    mb = max(1, r.micro_batch)
+
+    def search_s(steps: int) -> float:
+        per = math.ceil(max(1, r.bai_batch_tokens // r.seq_len) / mb) * passes.student_mb
+        return steps * per + 2 * math.ceil(BAI_EVAL_SEQUENCES / mb) * passes.forward_mb if steps else 0.0
+
+    s = search_s(r.bai_steps) if r.bai else 0.0
+    if r.init == "hessian":
+        m1 = one_block_copy(model)
+        prepare(m1, r)
+        finish_init(m1, r)
+        rng = torch.get_rng_state()
+        s += len(decoder_layers(model)) * _timed(lambda: hessian_init(m1, ids[: r.calib_sequences], r))
+        torch.set_rng_state(rng)
+        s += search_s(r.hessian_scale_steps)
+    return s
+
+
+def probe_ids(model, recipe: Recipe) -> torch.Tensor:
+    """Random token ids (max(micro_batch, calib_sequences, blockwise_batch), seq_len), seeded."""
+    g = torch.Generator().manual_seed(0)
+    n = max(recipe.micro_batch, recipe.calib_sequences, recipe.blockwise_batch)
+    ids = torch.randint(int(model.config.vocab_size), (n, recipe.seq_len), generator=g)
+    return ids.to(next(model.parameters()).device)
+
+
+def measure_speeds(model, tokenizer, recipe: Recipe, *, spent_s: float, generate: bool,
+                   log=None) -> tuple[StageSpeeds, PassTimes]:
+    """StageSpeeds of ``recipe`` for ``model`` (a loaded, unprepared causal LM, left unchanged)
+    with ``ptq_init_s`` 0 (the PTQ path is timed by ``init_seconds`` only where the plan needs it),
+    and the PassTimes that timing uses. ``spent_s``: seconds the job spent before the probe (added
+    to the probe's own). ``generate``: time self-generation too."""
+    from .blockwise import block_inputs, head_kl_loss, train_block
+    from .liger_loss import resolve_backend
+    from .loop import trainable_groups
+    from .losses import Distill, TrainLoss
+
+    t_probe = time.perf_counter()
+    rng = torch.get_rng_state()
+    n_blocks = len(decoder_layers(model))
+    L, mb = recipe.seq_len, max(1, recipe.micro_batch)
+    ids = probe_ids(model, recipe)
+
+    full = copy.deepcopy(model)
+    prepare(full, recipe)
+    finish_init(full, recipe)
+    full.train()
+    distill = None
+    if recipe.distill_alpha > 0:
+        distill = Distill(model, recipe.distill_alpha, recipe.distill_temperature, recipe.distill_ce,
+                          recipe.distill_topk)
+    student = TrainLoss(full, None, recipe.loss_chunk, resolve_backend(recipe, full))
+    qat = TrainLoss(full, distill, recipe.loss_chunk, resolve_backend(recipe, full)) if distill else student
+    x = ids[:mb]
+    qat(x)[0].backward()  # warm-up
+    qat_mb = _timed(lambda: qat(x)[0].backward())
+    student_mb = _timed(lambda: student(x)[0].backward()) if distill else qat_mb
+    opt = torch.optim.AdamW(trainable_groups(full, recipe), lr=1e-12)
+    opt_s = _timed(opt.step)
+    with torch.no_grad():
+        fwd_mb = _timed(lambda: student(x))
+    micro = math.ceil(recipe.batch_tokens // L / mb)
+    qat_step_s = micro * qat_mb + opt_s
+    passes = PassTimes(student_mb, fwd_mb)
+    recipe_init = init_seconds(model, recipe, passes, ids)
+
+    m1 = one_block_copy(model)
+    prepare(m1, recipe)
+    finish_init(m1, recipe)
+    for p in m1.parameters():
+        p.requires_grad_(False)
+    block = decoder_layers(m1)[0]
+    bx, kwargs = block_inputs(m1, ids[: recipe.blockwise_batch], mb)
+    target = bx.detach().clone()
+    r3 = dataclasses.replace(recipe, blockwise_steps=PROBE_BLOCK_STEPS)
+    block_step_s = train_block(block, bx, target, kwargs, r3, 0)["wall_s"] / PROBE_BLOCK_STEPS
+    with torch.no_grad():
+        fwd_block = _timed(lambda: block(bx[:mb], **kwargs))
+    block_fixed_s = 4 * math.ceil(recipe.blockwise_sequences / mb) * fwd_block
+    last_extra = 0.0
+    if recipe.blockwise_last_loss == "kl" and recipe.blockwise_steps:
+        kl = head_kl_loss(m1, recipe)
+        r1 = dataclasses.replace(recipe, blockwise_steps=1)
+        last_extra = max(0.0, train_block(block, bx, target, kwargs, r1, 0, loss_fn=kl)["wall_s"] - block_step_s)
+
+    gen_token_s = 0.0
+    if generate:
+        from binarize.calibration.selfgen import SelfGenConfig, generate_sequences
+
+        cfg = SelfGenConfig(tokens=recipe.self_batch * GEN_PROBE_LEN, seq_len=GEN_PROBE_LEN,
+                            batch_size=recipe.self_batch, seed=recipe.seed)
+        t0 = time.perf_counter()
+        seqs = generate_sequences(model, tokenizer, cfg)
+        gen_token_s = (time.perf_counter() - t0) / max(1, sum(map(len, seqs)))
+
+    buf = io.BytesIO()
+    save_s = 3 * _timed(lambda: torch.save(model.state_dict(), buf)) + 5.0
+    torch.set_rng_state(rng)
+    speeds = StageSpeeds(n_blocks=n_blocks, batch_tokens=(recipe.batch_tokens // L) * L,
+                         spent_s=spent_s + time.perf_counter() - t_probe, init_s=recipe_init, ptq_init_s=0.0,
+                         block_fixed_s=block_fixed_s, block_step_s=block_step_s, last_block_extra_s=last_extra,
+                         qat_step_s=qat_step_s, gen_token_s=gen_token_s, save_s=save_s)
+    if log:
+        log(f"stage speeds measured in {time.perf_counter() - t_probe:.0f} s: end-to-end step {qat_step_s:.2f} s, "
+            f"block-wise step {block_step_s:.3f} s per block (+{last_extra:.3f} s on the last), initialisation "
+            f"{recipe_init:.0f} s, self-generation {gen_token_s * 1000:.1f} ms per token")
+    return speeds, passes

@@ -1,0 +1,82 @@
+"""``binarize convert --time``: measure the stages on the loaded model (``probe.py``), plan them
+(``timeplan.py``) and turn the plan into the recipe and token budget the run then follows.
+
+Runs after the model is loaded and before anything is written, so a plan that cannot fit is one
+line with nothing on disk. A resumed run does not come here: it keeps the recipe and budget its
+checkpoint recorded, and run.json keeps the plan (``plan``) with the time actually taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from ..errors import BinarizeError
+from ..recipe import Recipe, load_recipe
+from .data import resolve_auto, self_gen_config
+from .timeplan import QAT_FLOOR_STEPS, TimePlan, format_duration, plan_time
+
+PTQ_RECIPES = {"binary": "binary-ptq", "ternary": "ternary-ptq"}  # the short path of each method
+PTQ_KEYS = ("seq_len", "batch_tokens", "micro_batch", "calib_sequences", "seed", "bai_batch_tokens", "calib",
+            "self_tokens", "self_batch")  # the job's settings a PTQ path keeps
+
+
+def ptq_recipe(recipe: Recipe) -> Recipe | None:
+    """The method's PTQ-only recipe at the job's sizes (calibration on PTB train, as measured in
+    ``quality2``), or None where the method has none (its binarized layers train from the sign)."""
+    name = PTQ_RECIPES.get(recipe.method)
+    if name is None:
+        return None
+    keep = {k: getattr(recipe, k) for k in PTQ_KEYS if k not in ("calib", "self_tokens", "self_batch")}
+    return load_recipe(name, {**keep, "data": "auto", "calib": "auto"})
+
+
+def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, tokens: int | None, spent_s: float,
+                  log=None) -> tuple[Recipe, int, TimePlan]:
+    """(recipe, token budget, plan) for ``seconds`` of wall time on this machine. ``tokens``: the
+    end-to-end budget the user fixed beside the time, or None. BinarizeError (one line) when the
+    time cannot hold even the shortest conversion, or the fixed tokens with it."""
+    from binarize.calibration.datasets import DATASETS, local_file
+    from binarize.calibration.selfgen import is_cached
+
+    from .probe import init_seconds, measure_speeds, probe_ids
+
+    t0 = time.perf_counter()
+    data = resolve_auto(recipe.data)
+    held_out = recipe.calib_sequences * recipe.seq_len if recipe.calibrates and recipe.calib == recipe.data else 0
+    corpus = recipe.self_tokens or (held_out + QAT_FLOOR_STEPS * recipe.batch_tokens)
+    if data == "self":
+        recipe = dataclasses.replace(recipe, self_tokens=corpus)  # a fixed corpus the cache can share
+    cached = corpus if data == "self" and is_cached(src, self_gen_config(recipe, corpus)) else 0
+    ptq = ptq_recipe(recipe)
+    speeds, passes = measure_speeds(model, tokenizer, recipe, spent_s=spent_s,
+                                    generate=data == "self" and not cached, log=log)
+    ptb_local = local_file(DATASETS["ptb"].splits["train"]) is not None
+
+    def planned(sp):
+        return plan_time(seconds, sp, data=data, corpus_tokens=corpus, cached_tokens=cached, held_out=held_out,
+                         max_epochs=recipe.max_epochs, tokens=tokens, ptb_local=ptb_local,
+                         blockwise=recipe.blockwise_steps > 0)
+
+    try:
+        plan = planned(speeds)
+    except BinarizeError:  # the full path does not fit: time the PTQ path's initialisation, plan again
+        if ptq is None or tokens is not None:
+            raise
+        t_ptq = time.perf_counter()
+        ptq_s = init_seconds(model, ptq, passes, probe_ids(model, ptq))
+        speeds = dataclasses.replace(speeds, ptq_init_s=ptq_s, spent_s=speeds.spent_s + time.perf_counter() - t_ptq)
+        plan = planned(speeds)
+    if plan.path == "ptq":
+        if ptq is None:
+            raise BinarizeError(f"--time {format_duration(seconds)} is too short for recipe {recipe.name}")
+        out = ptq
+    else:
+        out = dataclasses.replace(recipe, blockwise_steps=plan.blockwise_steps) if plan.blockwise_steps else recipe
+        if plan.data != data:  # self-generation would not pay for itself: PTB train for both
+            out = dataclasses.replace(out, data=plan.data, calib=plan.data)
+        elif data == "self":
+            out = dataclasses.replace(out, self_tokens=plan.corpus_tokens)
+    if log:
+        log(f"planned in {time.perf_counter() - t0:.0f} s")
+    return out.validate(), plan.tokens, plan

@@ -1,0 +1,230 @@
+"""Plan a conversion by the time a user has (``binarize convert --time 1h``): pure arithmetic on
+the stage speeds that ``probe.measure_speeds`` measures on the actual model before any work.
+
+The allocation follows the ``quality`` measurements on the default model on a 2-core CPU
+(``benchmarks/results/quality_cpu.md``), per wall-clock second:
+
+* **Block-wise steps are the cheapest quality.** 60 -> 120 -> 200 steps per block took
+  WikiText-2 from 1,955 to 1,118 to 847 for ~650 s each step up, where 32k -> 200k end-to-end
+  tokens bought 1,118 -> 1,049 for ~1,900 s. So after a floor of end-to-end steps
+  (``QAT_SHARE`` of the time, at most ``QAT_FLOOR_STEPS`` steps) the block-wise stage gets
+  the time up to ``BW_MAX_STEPS`` per block (the most measured), and only then does the
+  end-to-end stage get the rest.
+* **Self-generated text is worth its time only when it is cheap.** The model's own text beat PTB
+  train on WikiText-2 (1,955 vs 2,950 at 32k tokens) but 41k tokens took 2,110 s to generate,
+  the time of 140 more block-wise steps per block. It is generated only when that costs at most
+  ``GEN_SHARE`` of the time (or is cached); otherwise PTB train is read instead, with a note.
+* **Too little time for a block-wise stage of ``BW_MIN_STEPS``**: the PTQ-only path (the
+  method's ``binary-ptq`` / ``ternary-ptq``: Hessian-aware initialisation, no training; 6-8 min
+  for the default model), and below that one line with the minimum.
+
+``MARGIN`` of the time is kept back for the estimates' error (the job must end within +10%).
+A resumed run keeps the plan it recorded (run.json ``plan``); nothing here runs again.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+from ..errors import BinarizeError
+
+MARGIN = 0.08  # of the time asked, kept back for estimate error
+QAT_SHARE = 0.25  # at most this share of the planned time for the end-to-end floor
+QAT_FLOOR_STEPS = 32  # the end-to-end floor: 32 steps of 1024 tokens = quality's 32k members
+QAT_MIN_STEPS = 4  # fewer end-to-end steps than this: none are planned beside a block-wise stage
+BW_MIN_STEPS = 20  # a block-wise stage shorter than this is not worth its fixed costs
+BW_MAX_STEPS = 200  # the most block-wise steps measured (60 -> 120 -> 200 each bought quality)
+GEN_SHARE = 0.25  # self-generated text only where generating it takes at most this share
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``20m``, ``1h``, ``1h30m``, ``90s``, ``2.5h`` or a number of seconds -> seconds (> 0).
+
+    Raises BinarizeError for anything else, zero or a negative time."""
+    s = str(text).strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        seconds = float(s)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", s)
+        if not parts or "".join(n + u for n, u in parts) != s:
+            raise BinarizeError(f"--time {text!r} is not a duration (examples: 20m, 1h, 1h30m, 90s)")
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise BinarizeError(f"--time {text!r} must be a positive duration (examples: 20m, 1h, 8h)")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+@dataclass(frozen=True)
+class StageSpeeds:
+    """Seconds of each stage's unit on this machine for this model and recipe (``probe.py``).
+
+    ``spent_s``: already spent before the plan (loading, fingerprinting, the probe itself);
+    ``init_s``: the recipe's initialisation (BaI, Hessian-aware initialisation, scale search);
+    ``ptq_init_s``: the PTQ path's initialisation (0: no PTQ path for this method);
+    ``block_fixed_s``: per block outside its steps (targets and inputs over the cached sequences);
+    ``block_step_s``: one block-wise step of one block; ``last_block_extra_s``: per step of the
+    last block on top (its head-KL loss); ``qat_step_s``: one end-to-end optimizer step of
+    ``batch_tokens`` tokens, teacher included; ``gen_token_s``: one self-generated token;
+    ``save_s``: writing the run and its export."""
+
+    n_blocks: int
+    batch_tokens: int
+    spent_s: float
+    init_s: float
+    ptq_init_s: float
+    block_fixed_s: float
+    block_step_s: float
+    last_block_extra_s: float
+    qat_step_s: float
+    gen_token_s: float
+    save_s: float
+
+    def blockwise_s(self, steps: int) -> float:
+        if steps <= 0:
+            return 0.0
+        return self.n_blocks * (self.block_fixed_s + steps * self.block_step_s) + steps * self.last_block_extra_s
+
+
+@dataclass
+class TimePlan:
+    """What the time buys: ``path`` ``full`` (the recipe's stages) or ``ptq`` (initialisation
+    alone), the block-wise steps per block, the end-to-end token budget, where the training text
+    comes from and how many tokens of it are generated, and each stage's expected seconds."""
+
+    seconds: float  # asked
+    path: str
+    blockwise_steps: int
+    tokens: int
+    data: str
+    generate_tokens: int
+    corpus_tokens: int = 0  # the self-generated corpus (0: the text is not self-generated)
+    stages: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def expected_s(self) -> float:
+        return sum(self.stages.values())
+
+    def lines(self) -> list[str]:
+        out = [f"plan for --time {format_duration(self.seconds)}: {self.path} path, expected "
+               f"{format_duration(self.expected_s)} in all"]
+        what = {"spent": "loading and measuring (done)",
+                "generate": f"self-generated text: {self.generate_tokens:,} tokens",
+                "init": "initialisation", "blockwise": f"block-wise: {self.blockwise_steps} steps per block",
+                "qat": f"end-to-end QAT: {self.tokens:,} tokens", "save": "writing the run and its export"}
+        out += [f"  {what[k]:<46} {format_duration(v):>10}" for k, v in self.stages.items() if v > 0 or k == "qat"]
+        out += [f"  note: {n}" for n in self.notes]
+        return out
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "expected_s": round(self.expected_s, 1),
+                "stages": {k: round(v, 1) for k, v in self.stages.items()}}
+
+
+def _gen_s(sp: StageSpeeds, tokens: int) -> float:
+    return max(0, tokens) * sp.gen_token_s
+
+
+def plan_time(seconds: float, sp: StageSpeeds, *, data: str, corpus_tokens: int, cached_tokens: int,
+              held_out: int, max_epochs: float, tokens: int | None = None, ptb_local: bool = True,
+              blockwise: bool = True) -> TimePlan:
+    """The plan for ``seconds`` of wall time (module docstring for the rules).
+
+    ``data``: the resolved training text (``self``, ``ptb``, a file ...); for ``self``,
+    ``corpus_tokens`` is the corpus the recipe would generate for a short run, ``cached_tokens``
+    what the cache already holds for these settings (generated for free), ``held_out`` the
+    calibration tokens taken from it, ``max_epochs`` how often a token may be read (0: no limit).
+    ``tokens``: end-to-end tokens the user fixed (``--tokens`` beside ``--time``); the rest is
+    planned around them, and a budget that cannot fit is a BinarizeError naming the time it needs.
+    ``blockwise``: the recipe has a block-wise stage (else all the time after the initialisation
+    goes to end-to-end tokens). Raises BinarizeError when even the shortest path does not fit, naming its minimum."""
+    usable = seconds * (1 - MARGIN) - sp.spent_s - sp.save_s
+    notes: list[str] = []
+    gen_tokens = 0
+    if data == "self":
+        gen_tokens = max(0, corpus_tokens - cached_tokens)
+        if gen_tokens and _gen_s(sp, gen_tokens) > GEN_SHARE * seconds:
+            if ptb_local:
+                notes.append(f"generating {gen_tokens:,} tokens of the model's own text would take "
+                             f"{format_duration(_gen_s(sp, gen_tokens))}, over {GEN_SHARE:.0%} of the time: "
+                             "training and calibrating on PTB train instead")
+                data, gen_tokens = "ptb", 0
+            else:
+                notes.append("the self-generated text takes a large share of the time (PTB train is not local)")
+    base = usable - _gen_s(sp, gen_tokens) - sp.init_s
+    per_step = sp.qat_step_s
+    bw_min = BW_MIN_STEPS if blockwise else 0
+    min_full = sp.blockwise_s(bw_min) + (QAT_MIN_STEPS * per_step if tokens is None else 0)
+    if tokens is not None:
+        need = math.ceil(tokens / sp.batch_tokens) * per_step
+        if need + sp.blockwise_s(bw_min) > base:
+            total = seconds * (1 - MARGIN) - base + need + sp.blockwise_s(bw_min)
+            raise BinarizeError(f"--tokens {tokens:,} beside --time {format_duration(seconds)}: the end-to-end stage "
+                                f"alone needs about {format_duration(need)} on this machine and the whole job about "
+                                f"{format_duration(total / (1 - MARGIN))}; give more time or fewer tokens")
+    if base < min_full:
+        return _ptq_plan(seconds, sp, notes, tokens, bw_min)
+    if tokens is None:  # the end-to-end floor, never so large that the shortest block-wise stage cannot fit
+        qat_steps = max(QAT_MIN_STEPS, min(QAT_FLOOR_STEPS, int(QAT_SHARE * base / per_step),
+                                           int((base - sp.blockwise_s(bw_min)) / per_step)))
+    else:
+        qat_steps = math.ceil(tokens / sp.batch_tokens)
+    left = base - qat_steps * per_step
+    bw = 0
+    if blockwise:
+        per_bw_step = sp.n_blocks * sp.block_step_s + sp.last_block_extra_s
+        bw = max(BW_MIN_STEPS, min(BW_MAX_STEPS, int((left - sp.n_blocks * sp.block_fixed_s) / per_bw_step)))
+        left -= sp.blockwise_s(bw)
+    corpus = max(corpus_tokens, cached_tokens) if data == "self" else 0
+    if tokens is None and left > per_step:  # block-wise is full: the rest goes to end-to-end tokens
+        extra = int(left / per_step)
+        if data == "self" and max_epochs > 0:  # beyond what the corpus allows, a larger one is generated
+            free = max(0, int(max_epochs * max(0, corpus - held_out)) // sp.batch_tokens - qat_steps)
+            if extra > free:
+                # the cache is keyed by the corpus size: a larger corpus is generated whole
+                regen = 0.0 if gen_tokens else _gen_s(sp, corpus)
+                cost = per_step + sp.batch_tokens * sp.gen_token_s / max_epochs
+                grow = int((left - free * per_step - regen) / cost)
+                if grow > 0:
+                    extra = free + grow
+                    corpus = math.ceil((qat_steps + extra) * sp.batch_tokens / max_epochs) + held_out
+                    gen_tokens = corpus
+                else:
+                    extra = free
+        qat_steps += extra
+    plan = TimePlan(seconds, "full", bw, tokens if tokens is not None else qat_steps * sp.batch_tokens, data,
+                    gen_tokens, corpus, notes=notes)
+    plan.stages = {"spent": sp.spent_s, "generate": _gen_s(sp, gen_tokens), "init": sp.init_s,
+                   "blockwise": sp.blockwise_s(bw), "qat": qat_steps * per_step, "save": sp.save_s}
+    if tokens is not None and plan.expected_s < seconds * (1 - 2 * MARGIN):
+        notes.append(f"--tokens {tokens:,} and {bw} block-wise steps per block (at most {BW_MAX_STEPS}, the most "
+                     f"measured) end in about {format_duration(plan.expected_s)}, before the time asked")
+    return plan
+
+
+def _ptq_plan(seconds: float, sp: StageSpeeds, notes: list[str], tokens: int | None, bw_min: int) -> TimePlan:
+    """The PTQ-only path: initialisation alone, or one line with the minimum the machine needs."""
+    full_min = sp.spent_s + sp.save_s + sp.init_s + sp.blockwise_s(bw_min) + QAT_MIN_STEPS * sp.qat_step_s
+    ptq_min = sp.spent_s + sp.save_s + sp.ptq_init_s
+    if tokens is None and sp.ptq_init_s > 0 and ptq_min <= seconds * (1 - MARGIN):
+        notes.append(f"the training stages need about {format_duration(full_min / (1 - MARGIN))}: post-training "
+                     "quantization alone (Hessian-aware initialisation, no training)")
+        plan = TimePlan(seconds, "ptq", 0, 0, "auto", 0, notes=notes)
+        plan.stages = {"spent": sp.spent_s, "init": sp.ptq_init_s, "save": sp.save_s}
+        return plan
+    shortest = min(x for x in (full_min, ptq_min if sp.ptq_init_s > 0 and tokens is None else math.inf))
+    raise BinarizeError(f"--time {format_duration(seconds)} is too short: the shortest conversion of this model "
+                        f"needs about {format_duration(shortest / (1 - MARGIN))} on this machine")

@@ -1,0 +1,224 @@
+"""binarize convert --time (train/timeplan.py, probe.py, timed.py) and the device profiles
+(profiles.py): the planner's arithmetic on fake stage speeds, the probe on a tiny model, a timed
+conversion that records its plan and keeps it on --resume, and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+
+import pytest
+import torch
+
+from binarize.cli import main
+from binarize.errors import BinarizeError
+from binarize.profiles import CPU_PROFILE, profile_overrides, resolve_profile
+from binarize.recipe import load_recipe
+from binarize.train import ConvertJob, Interrupted, convert_run
+from binarize.train.timeplan import (BW_MAX_STEPS, BW_MIN_STEPS, MARGIN, QAT_FLOOR_STEPS, StageSpeeds, parse_duration,
+                                     plan_time)
+from tests.test_cli_errors import assert_one_line_error, run_cli
+
+# the default model on 2 cores, as the probe measured it (rounded): 30 blocks
+CPU = StageSpeeds(n_blocks=30, batch_tokens=1024, spent_s=60.0, init_s=180.0, ptq_init_s=300.0, block_fixed_s=2.0,
+                  block_step_s=0.3, last_block_extra_s=5.0, qat_step_s=15.0, gen_token_s=0.05, save_s=10.0)
+PTB = dict(data="ptb", corpus_tokens=0, cached_tokens=0, held_out=0, max_epochs=2.0)
+
+
+@pytest.mark.parametrize("text, seconds", [("20m", 1200), ("1h", 3600), ("1h30m", 5400), ("90s", 90), ("2.5h", 9000),
+                                           ("45", 45), (" 8h ", 28800)])
+def test_durations_parse(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["0", "0m", "abc", "-5m", "1h30", "m", "1x", "nan", "inf", "", "1h 1h1"])
+def test_bad_durations_are_one_error(text):
+    with pytest.raises(BinarizeError, match="--time"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("seconds", [900, 1800, 3600, 4 * 3600, 8 * 3600])
+def test_a_plan_fits_the_time_and_says_so_per_stage(seconds):
+    plan = plan_time(seconds, CPU, **PTB)
+    assert plan.path == "full"
+    assert plan.expected_s <= seconds * (1 - MARGIN) + 1e-6
+    assert plan.expected_s >= seconds * (1 - MARGIN) - CPU.qat_step_s - CPU.n_blocks * CPU.block_step_s - 1
+    assert plan.stages["blockwise"] == pytest.approx(CPU.blockwise_s(plan.blockwise_steps))
+    assert plan.stages["qat"] == pytest.approx(plan.tokens / CPU.batch_tokens * CPU.qat_step_s)
+    text = "\n".join(plan.lines())
+    assert f"block-wise: {plan.blockwise_steps} steps per block" in text and f"{plan.tokens:,} tokens" in text
+
+
+def test_block_wise_steps_come_before_end_to_end_tokens_up_to_the_measured_most():
+    plans = [plan_time(s, CPU, **PTB) for s in (900, 1800, 3600, 4 * 3600, 8 * 3600)]
+    steps = [p.blockwise_steps for p in plans]
+    assert steps == sorted(steps) and BW_MIN_STEPS <= steps[0] < BW_MAX_STEPS and steps[-1] == BW_MAX_STEPS
+    for p in plans:  # until block-wise is full, end-to-end keeps its floor; then it takes the rest
+        qat_steps = p.tokens // CPU.batch_tokens
+        assert qat_steps <= QAT_FLOOR_STEPS if p.blockwise_steps < BW_MAX_STEPS else qat_steps > QAT_FLOOR_STEPS
+    assert plans[-1].tokens > 10 * plans[2].tokens
+
+
+def test_short_times_take_the_ptq_path_and_shorter_ones_are_refused_with_the_minimum():
+    full_min = CPU.spent_s + CPU.save_s + CPU.init_s + CPU.blockwise_s(BW_MIN_STEPS) + 4 * CPU.qat_step_s
+    plan = plan_time(full_min - 60, CPU, **PTB)
+    assert plan.path == "ptq" and plan.tokens == 0 and plan.blockwise_steps == 0
+    assert plan.expected_s == pytest.approx(CPU.spent_s + CPU.ptq_init_s + CPU.save_s)
+    shortest = (CPU.spent_s + CPU.ptq_init_s + CPU.save_s) / (1 - MARGIN) / 60
+    with pytest.raises(BinarizeError, match=rf"too short: the shortest conversion of this model needs about "
+                                            rf"{shortest:.1f} min"):
+        plan_time(300, CPU, **PTB)
+    with pytest.raises(BinarizeError, match="too short"):  # no PTQ path for the method: the full path's minimum
+        plan_time(full_min - 60, dataclasses.replace(CPU, ptq_init_s=0.0), **PTB)
+
+
+def test_tokens_beside_time_are_kept_or_refused_with_the_time_they_need():
+    plan = plan_time(3600, CPU, tokens=20_480, **PTB)
+    assert plan.tokens == 20_480 and plan.expected_s <= 3600 * (1 - MARGIN)
+    assert plan.blockwise_steps > plan_time(3600, CPU, tokens=40_960, **PTB).blockwise_steps
+    with pytest.raises(BinarizeError, match=r"--tokens 500,000 beside --time 30.0 min: .* whole job about [0-9.]+ h"):
+        plan_time(1800, CPU, tokens=500_000, **PTB)
+
+
+def test_self_text_is_generated_only_where_it_pays_and_never_read_more_than_max_epochs():
+    mine = dict(data="self", corpus_tokens=40_960, held_out=8_192, max_epochs=2.0)
+    costly = plan_time(3600, CPU, cached_tokens=0, **mine)  # 40,960 x 0.05 s = 34 min > 25 % of an hour
+    assert costly.data == "ptb" and costly.generate_tokens == 0 and "PTB train instead" in costly.notes[0]
+    cached = plan_time(3600, CPU, cached_tokens=40_960, **mine)
+    assert cached.data == "self" and cached.generate_tokens == 0 and cached.stages["generate"] == 0
+    long = plan_time(12 * 3600, CPU, cached_tokens=40_960, **mine)  # more tokens than the corpus allows twice
+    assert long.tokens > 2 * (40_960 - 8_192)
+    assert long.corpus_tokens >= long.tokens / 2 + 8_192 and long.generate_tokens == long.corpus_tokens
+    assert long.stages["generate"] == pytest.approx(long.generate_tokens * CPU.gen_token_s)
+    assert long.expected_s <= 12 * 3600 * (1 - MARGIN)
+    cheap = plan_time(3600, dataclasses.replace(CPU, gen_token_s=0.001), cached_tokens=0, **mine)
+    assert cheap.data == "self" and cheap.generate_tokens == 40_960
+
+
+def test_a_recipe_without_block_wise_gives_the_time_to_end_to_end_tokens():
+    plan = plan_time(3600, CPU, blockwise=False, **PTB)
+    assert plan.blockwise_steps == 0 and plan.stages["blockwise"] == 0
+    assert plan.tokens // CPU.batch_tokens == int((3600 * (1 - MARGIN) - 60 - 10 - 180) / 15)
+
+
+def test_profiles_fit_the_device_and_leave_what_the_command_line_sets():
+    assert resolve_profile("auto", cuda=False) == "cpu" and resolve_profile("auto", cuda=True) == "recipe"
+    used, sized = profile_overrides("auto", {"seq_len": 128}, cuda=False)
+    assert used == "cpu" and "seq_len" not in sized and sized["calib_sequences"] == CPU_PROFILE["calib_sequences"]
+    assert profile_overrides("auto", {}, cuda=True) == ("recipe", {})
+    with pytest.raises(BinarizeError, match="unknown --profile 'gpu'"):
+        resolve_profile("gpu")
+
+
+def test_the_probe_times_every_stage_and_leaves_the_model_and_rng_alone(trained_tiny_dir, small_text):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from binarize.train.probe import init_seconds, measure_speeds, probe_ids
+
+    model = AutoModelForCausalLM.from_pretrained(trained_tiny_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(trained_tiny_dir)
+    recipe = load_recipe("binaryllm-distill", dict(seq_len=64, batch_tokens=256, bai_batch_tokens=128, bai_steps=4,
+                                                   calib_sequences=8, blockwise_sequences=8, self_batch=4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    sp, passes = measure_speeds(model, tok, recipe, spent_s=1.0, generate=True)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert sp.n_blocks == 2 and sp.spent_s > 1.0 and sp.ptq_init_s == 0.0
+    for name in ("init_s", "block_fixed_s", "block_step_s", "last_block_extra_s", "qat_step_s", "gen_token_s"):
+        assert 0 < getattr(sp, name) < 60, name
+    assert sp.qat_step_s > passes.student_mb > passes.forward_mb > 0
+    ptq = load_recipe("binary-ptq", dict(seq_len=64, calib_sequences=8))
+    assert init_seconds(model, ptq, passes, probe_ids(model, ptq)) > 0
+
+
+def _fake_speeds(monkeypatch, calls):
+    """The probe replaced by fixed speeds of a 2-block model (the plan is then exact arithmetic)."""
+    import binarize.train.probe as probe
+
+    sp = StageSpeeds(n_blocks=2, batch_tokens=256, spent_s=1.0, init_s=2.0, ptq_init_s=0.0, block_fixed_s=0.1,
+                     block_step_s=0.05, last_block_extra_s=0.0, qat_step_s=0.5, gen_token_s=0.0, save_s=1.0)
+
+    def fake(model, tokenizer, recipe, **kw):
+        calls.append(recipe.name)
+        return sp, probe.PassTimes(0.1, 0.05)
+
+    monkeypatch.setattr(probe, "measure_speeds", fake)
+    return sp
+
+
+def test_a_timed_conversion_records_its_plan_and_a_resume_keeps_it(trained_tiny_dir, small_text, tmp_path,
+                                                                   monkeypatch):
+    calls = []
+    _fake_speeds(monkeypatch, calls)
+    recipe = load_recipe("binaryllm-distill", dict(seq_len=64, batch_tokens=256, bai_batch_tokens=128, bai_steps=2,
+                                                   calib_sequences=8, blockwise_sequences=8, data=str(small_text),
+                                                   calib=str(small_text), save_every=2))
+    expected = plan_time(60.0, _fake_speeds(monkeypatch, calls), data=str(small_text), corpus_tokens=0,
+                         cached_tokens=0, held_out=0, max_epochs=2.0)
+    out = tmp_path / "run"
+
+    def interrupt(step):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    job = ConvertJob(str(trained_tiny_dir), None, out, recipe, progress=False, time_s=60.0, on_step=interrupt)
+    with pytest.raises(Interrupted):
+        convert_run(job)
+    assert calls == ["binaryllm-distill"]
+    calls.clear()
+    import binarize.train.probe as probe
+
+    monkeypatch.setattr(probe, "measure_speeds", lambda *a, **k: pytest.fail("a resumed run measured again"))
+    with pytest.raises(BinarizeError, match="differs"):  # another time is another job
+        convert_run(dataclasses.replace(job, time_s=120.0, resume=True, on_step=None))
+    result = convert_run(dataclasses.replace(job, resume=True, on_step=None))
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["plan"]["tokens"] == expected.tokens == rec["tokens"]["requested"] > 0
+    assert rec["plan"]["blockwise_steps"] == expected.blockwise_steps == rec["recipe"]["blockwise_steps"]
+    assert rec["plan"]["expected_s"] == pytest.approx(expected.expected_s, abs=0.1)
+    assert rec["plan"]["actual_s"] > 0 and len(result.record.steps) == expected.tokens // 256
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--time", "0"], "must be a positive duration"),
+    (["--time", "abc"], "is not a duration"),
+    ([], "give --time"),
+    (["--time", "10m", "--from-scratch"], "--from-scratch takes --tokens"),
+])
+def test_bad_time_is_one_line_and_writes_nothing(capsys, tiny_model_dir, small_text, tmp_path, args, needle):
+    out = tmp_path / "o"
+    assert_one_line_error(*run_cli(capsys, "convert", str(tiny_model_dir), "--data", str(small_text), "--out",
+                                   str(out), *args), needle)
+    assert not out.exists() and not out.with_name("o.partial").exists()
+
+
+def test_time_too_short_or_contradicting_tokens_is_one_line_before_any_work(capsys, tiny_model_dir, small_text,
+                                                                            tmp_path, monkeypatch):
+    calls = []
+    _fake_speeds(monkeypatch, calls)
+    out = tmp_path / "o"
+    base = [str(tiny_model_dir), "--data", str(small_text), "--out", str(out), "--seq-len", "64", "--batch-tokens",
+            "256", "--set", "calib_sequences=8", "--set", "blockwise_sequences=8"]
+    assert_one_line_error(*run_cli(capsys, "convert", *base, "--time", "5s"), "is too short")
+    assert_one_line_error(*run_cli(capsys, "convert", *base, "--time", "30s", "--tokens", "1M"),
+                          "--tokens 1,000,000 beside --time 30 s")
+    assert not out.exists() and not out.with_name("o.partial").exists()
+
+
+def test_the_cpu_profile_sizes_a_conversion_and_the_command_line_wins(capsys, tiny_model_dir, small_text, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setenv("BINARIZE_PROFILE", "cpu")
+    out = tmp_path / "ptq"
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(tiny_model_dir), "--tokens", "0", "--recipe", "binary-ptq", "--data", str(small_text),
+              "--out", str(out), "--export", "none", "--no-progress", "--set", "hessian_scale_steps=1",
+              "--set", "calib_sequences=8"])
+    assert exc.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "cpu profile" in printed and "seq_len 256" in printed and "calib_sequences" not in printed.split("\n")[0]
+    rec = json.loads((out / "run.json").read_text())["recipe"]
+    assert rec["seq_len"] == CPU_PROFILE["seq_len"] and rec["batch_tokens"] == CPU_PROFILE["batch_tokens"]
+    assert rec["calib_sequences"] == 8  # --set wins over the profile
