@@ -1,6 +1,6 @@
 """Help that tells the truth (issue 23 item 4): every command's help fits 80 columns, every option
-says what it does and which default it gets, and every `binarize ...` example in README.md and in
-the help texts parses."""
+says what it does and which default it gets, and every `binarize ...` example in README.md, in
+docs/ and in the help texts parses."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import typer.main
 from binarize.cli import app, main
 
 COMMANDS = typer.main.get_command(app).commands
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # README and the reference pages it links
 
 
 def _help(name: str, monkeypatch, capsys) -> str:
@@ -60,7 +61,7 @@ def _parses(argv: list[str]) -> None:
 
 
 def test_every_readme_example_parses():
-    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", README.read_text(), re.S)
+    blocks = [b for doc in DOCS for b in re.findall(r"```(?:bash|sh)\n(.*?)```", doc.read_text(), re.S)]
     examples = [argv for block in blocks for argv in _examples(block)]
     assert len(examples) >= 10
     for argv in examples:
@@ -71,3 +72,17 @@ def test_every_readme_example_parses():
 def test_every_example_in_help_parses(name, monkeypatch, capsys):
     for argv in _examples(_help(name, monkeypatch, capsys)):
         _parses(argv)
+
+
+def test_readme_links_resolve_and_its_main_command_is_short():
+    """README is read in five minutes: its links point at files that exist, and the main job is
+    one line of at most three options after the install steps (issue 43 item 4)."""
+    readme = (ROOT / "README.md").read_text()
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)#]+)\)", doc.read_text()):
+            if not target.startswith(("http:", "https:")):
+                assert (doc.parent / target).exists(), f"{doc.name}: broken link {target}"
+    main_job = re.findall(r"```bash\n(.*?)```", readme, re.S)[0].strip()
+    converts = [c for c in main_job.split("&&") if c.strip().startswith("binarize convert")]
+    assert len(converts) == 1 and "\n" not in main_job
+    assert sum(1 for a in shlex.split(converts[0]) if a.startswith("--")) <= 3

@@ -13,8 +13,9 @@ What is timed and how it is scaled (``timeplan.StageSpeeds``):
   calibration size), times the number of blocks;
 * block-wise: ``train_block`` for 3 steps on the one-block copy, per step (the last block's
   head-KL loss timed the same way), plus four passes of the cached sequences per block;
-* self-generation: one batch of ``self_batch`` sequences of 24 tokens, per token (skipped when
-  the corpus is cached or the text is not self-generated);
+* self-generation: one batch of ``self_batch`` sequences at two lengths, extrapolated to
+  ``seq_len`` (``generation_token_s``; skipped when the corpus is cached or the text is not
+  self-generated);
 * writing: a ``torch.save`` of the model's weights, three times over (run, export, check), + 5 s.
 
 Random token ids stand in for the text: the time of these stages does not depend on it.
@@ -37,7 +38,7 @@ from ..recipe import Recipe
 from .timeplan import StageSpeeds
 
 PROBE_BLOCK_STEPS = 3
-GEN_PROBE_LEN = 24
+GEN_PROBE_LENS = (16, 48)  # self-generation is timed at two lengths (generation_token_s)
 
 
 def _timed(fn) -> float:
@@ -101,6 +102,27 @@ def probe_ids(model, recipe: Recipe) -> torch.Tensor:
     return ids.to(next(model.parameters()).device)
 
 
+def generation_token_s(model, tokenizer, recipe: Recipe) -> float:
+    """Seconds per self-generated token of ``recipe``'s corpus (sequences of ``seq_len`` in
+    batches of ``self_batch``). A decode step's cost grows with the position (the KV cache it
+    attends over), t(p) = a + b p: one batch is timed at two lengths n (``GEN_PROBE_LENS``), whose
+    total time is n a + b n^2 / 2 per sequence, and the mean over a whole sequence, a + b L / 2,
+    is returned. On the default model a single 24-token probe said 3.8 ms per token where the
+    256-token corpus took 6.4."""
+    from binarize.calibration.selfgen import SelfGenConfig, generate_sequences
+
+    per_seq = []
+    for n in GEN_PROBE_LENS:
+        cfg = SelfGenConfig(tokens=recipe.self_batch * n, seq_len=n, batch_size=recipe.self_batch, seed=recipe.seed)
+        t0 = time.perf_counter()
+        seqs = generate_sequences(model, tokenizer, cfg)
+        per_seq.append((time.perf_counter() - t0) / max(1, sum(map(len, seqs))) * n)  # seconds per n-token row
+    (n1, n2), (t1, t2) = GEN_PROBE_LENS, per_seq
+    b = max(0.0, 2 * (t2 / n2 - t1 / n1) / (n2 - n1))
+    a = max(1e-9, t1 / n1 - b * n1 / 2)
+    return a + b * recipe.seq_len / 2
+
+
 def measure_speeds(model, tokenizer, recipe: Recipe, *, spent_s: float, generate: bool,
                    log=None) -> tuple[StageSpeeds, PassTimes]:
     """StageSpeeds of ``recipe`` for ``model`` (a loaded, unprepared causal LM, left unchanged)
@@ -160,15 +182,7 @@ def measure_speeds(model, tokenizer, recipe: Recipe, *, spent_s: float, generate
         r1 = dataclasses.replace(recipe, blockwise_steps=1)
         last_extra = max(0.0, train_block(block, bx, target, kwargs, r1, 0, loss_fn=kl)["wall_s"] - block_step_s)
 
-    gen_token_s = 0.0
-    if generate:
-        from binarize.calibration.selfgen import SelfGenConfig, generate_sequences
-
-        cfg = SelfGenConfig(tokens=recipe.self_batch * GEN_PROBE_LEN, seq_len=GEN_PROBE_LEN,
-                            batch_size=recipe.self_batch, seed=recipe.seed)
-        t0 = time.perf_counter()
-        seqs = generate_sequences(model, tokenizer, cfg)
-        gen_token_s = (time.perf_counter() - t0) / max(1, sum(map(len, seqs)))
+    gen_token_s = generation_token_s(model, tokenizer, recipe) if generate else 0.0
 
     buf = io.BytesIO()
     save_s = 3 * _timed(lambda: torch.save(model.state_dict(), buf)) + 5.0

@@ -184,8 +184,10 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     model.to(accelerator.device)  # self-generation, if any, runs where training will
     self_text = SelfText(model, tokenizer, src, recipe, job.progress and main, None if job.progress or not main
                          else plain_log)
+    t_data = time.perf_counter()
     with accelerator.main_process_first():  # self-generated text is written once, then read by the others
         data = prepare_data(tokenizer, recipe, budget, self_text)
+    data.info["prepare_s"] = round(time.perf_counter() - t_data, 1)  # reading (and generating) the text
     if self_text.meta is not None:
         data.info["self_generation"] = {"file": str(self_text.path), **self_text.meta,
                                         **{f"{k}_read": v for k, v in self_text.read.items()}}
@@ -305,9 +307,9 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         with StopOnInterrupt() as stop:  # writing the run takes seconds: a Ctrl-C then waits for it
             t_save = time.perf_counter()
             save_converted(model.float().cpu(), tokenizer, recipe, work, names)
-            if record.plan is not None:  # loading and measuring, the stages, writing; the export follows
+            if record.plan is not None:  # loading and measuring, the text, the stages, writing; the export follows
                 record.plan["actual_s"] = round(record.plan["stages"].get("spent", 0.0) + record.wall_s
-                                                + time.perf_counter() - t_save, 1)
+                                                + record.data.get("prepare_s", 0.0) + time.perf_counter() - t_save, 1)
             record.write(work / "run.json")
             plot_loss(record, work / "loss.png")
             shutil.rmtree(work / CHECKPOINT, ignore_errors=True)
