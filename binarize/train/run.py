@@ -162,11 +162,17 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     main = accelerator.is_main_process
     plan = None
     if timed:  # measured where training runs, before anything is written
+        if accelerator.num_processes > 1:  # each process would measure, and plan, on its own
+            raise BinarizeError("--time plans a conversion in one process; under several processes give --tokens")
         model.to(accelerator.device)
         recipe, tokens, plan = plan_for_time(job.time_s, recipe, model, tokenizer, src, tokens=tokens,
                                              spent_s=time.perf_counter() - t_job, log=plain_log if main else None)
         recipe, notice = fit_recipe(recipe, tokens, resolve_auto(recipe.data), fsdp_opts)
         budget = check_job(recipe, tokens, from_scratch, export)
+        if export:  # the plan may have chosen another recipe (the PTQ path)
+            from ..formats import check_recipe
+
+            check_recipe(recipe, export)
     sharded = fsdp and accelerator.num_processes > 1
     if state and bool(state.get("fsdp")) != sharded:
         raise BinarizeError(f"{work} was checkpointed by {'an FSDP' if state.get('fsdp') else 'an unsharded'} run: "

@@ -17,8 +17,7 @@ from .data import resolve_auto, self_gen_config
 from .timeplan import QAT_FLOOR_STEPS, TimePlan, format_duration, plan_time
 
 PTQ_RECIPES = {"binary": "binary-ptq", "ternary": "ternary-ptq"}  # the short path of each method
-PTQ_KEYS = ("seq_len", "batch_tokens", "micro_batch", "calib_sequences", "seed", "bai_batch_tokens", "calib",
-            "self_tokens", "self_batch")  # the job's settings a PTQ path keeps
+PTQ_KEYS = ("seq_len", "batch_tokens", "micro_batch", "calib_sequences", "seed", "bai_batch_tokens")  # kept from the job
 
 
 def ptq_recipe(recipe: Recipe) -> Recipe | None:
@@ -27,8 +26,7 @@ def ptq_recipe(recipe: Recipe) -> Recipe | None:
     name = PTQ_RECIPES.get(recipe.method)
     if name is None:
         return None
-    keep = {k: getattr(recipe, k) for k in PTQ_KEYS if k not in ("calib", "self_tokens", "self_batch")}
-    return load_recipe(name, {**keep, "data": "auto", "calib": "auto"})
+    return load_recipe(name, {**{k: getattr(recipe, k) for k in PTQ_KEYS}, "data": "auto", "calib": "auto"})
 
 
 def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, tokens: int | None, spent_s: float,
@@ -49,8 +47,8 @@ def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, toke
         recipe = dataclasses.replace(recipe, self_tokens=corpus)  # a fixed corpus the cache can share
     cached = corpus if data == "self" and is_cached(src, self_gen_config(recipe, corpus)) else 0
     ptq = ptq_recipe(recipe)
-    speeds, passes = measure_speeds(model, tokenizer, recipe, spent_s=spent_s,
-                                    generate=data == "self" and not cached, log=log)
+    # generation is timed even where the corpus is cached: a long plan may need a larger one
+    speeds, passes = measure_speeds(model, tokenizer, recipe, spent_s=spent_s, generate=data == "self", log=log)
     ptb_local = local_file(DATASETS["ptb"].splits["train"]) is not None
 
     def planned(sp):

@@ -192,6 +192,8 @@ def plan_time(seconds: float, sp: StageSpeeds, *, data: str, corpus_tokens: int,
     if tokens is None and left > per_step:  # block-wise is full: the rest goes to end-to-end tokens
         extra = int(left / per_step)
         if data == "self" and max_epochs > 0:  # beyond what the corpus allows, a larger one is generated
+            if sp.gen_token_s <= 0:
+                raise BinarizeError("internal error: a plan on self-generated text needs the generation speed")
             free = max(0, int(max_epochs * max(0, corpus - held_out)) // sp.batch_tokens - qat_steps)
             if extra > free:
                 # the cache is keyed by the corpus size: a larger corpus is generated whole
