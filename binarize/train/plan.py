@@ -110,12 +110,17 @@ def fit_self_text(recipe: Recipe, tokens: int, data_spec: str, held_out: int = 0
         "(--set max_epochs=0 keeps the smaller corpus)")
 
 
+def held_out_tokens(recipe: Recipe) -> int:
+    """Calibration tokens taken from the head of the training source and held out of training
+    (an initialisation stage calibrates on the same source it trains on), else 0."""
+    return recipe.calib_sequences * recipe.seq_len if recipe.calibrates and recipe.calib == recipe.data else 0
+
+
 def fit_recipe(recipe: Recipe, tokens: int, data_spec: str, fsdp_opts: dict | None = None) -> tuple[Recipe, str | None]:
     """The recipe fitted to a budget (``fit_chunks``, ``fit_self_text`` with the resolved ``data``
     spec, an accelerate config's activation checkpointing) and the notices to print, or None."""
     recipe, notice = fit_chunks(recipe, tokens)
-    held_out = recipe.calib_sequences * recipe.seq_len if recipe.calibrates and recipe.calib == recipe.data else 0
-    recipe, text_notice = fit_self_text(recipe, tokens, data_spec, held_out)
+    recipe, text_notice = fit_self_text(recipe, tokens, data_spec, held_out_tokens(recipe))
     if (fsdp_opts or {}).get("activation_checkpointing"):  # the accelerate config's fsdp_activation_checkpointing
         recipe = dataclasses.replace(recipe, grad_checkpointing=True)
     return recipe, "; ".join(n for n in (notice, text_notice) if n) or None

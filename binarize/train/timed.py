@@ -14,6 +14,7 @@ import time
 from ..errors import BinarizeError
 from ..recipe import Recipe, load_recipe
 from .data import resolve_auto, self_gen_config
+from .plan import held_out_tokens
 from .timeplan import QAT_FLOOR_STEPS, TimePlan, format_duration, plan_time
 
 PTQ_RECIPES = {"binary": "binary-ptq", "ternary": "ternary-ptq"}  # the short path of each method
@@ -41,7 +42,7 @@ def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, toke
 
     t0 = time.perf_counter()
     data = resolve_auto(recipe.data)
-    held_out = recipe.calib_sequences * recipe.seq_len if recipe.calibrates and recipe.calib == recipe.data else 0
+    held_out = held_out_tokens(recipe)
     corpus = recipe.self_tokens or (held_out + QAT_FLOOR_STEPS * recipe.batch_tokens)
     if data == "self":
         recipe = dataclasses.replace(recipe, self_tokens=corpus)  # a fixed corpus the cache can share
