@@ -17,7 +17,7 @@ from binarize.profiles import CPU_PROFILE, profile_overrides, resolve_profile
 from binarize.recipe import load_recipe
 from binarize.train import ConvertJob, Interrupted, convert_run
 from binarize.train.timeplan import (BW_MAX_STEPS, BW_MIN_STEPS, MARGIN, QAT_FLOOR_STEPS, StageSpeeds, parse_duration,
-                                     plan_time)
+                                     plan_time, revise_qat_steps)
 from tests.test_cli_errors import assert_one_line_error, run_cli
 
 # the default model on 2 cores, as the probe measured it (rounded): 30 blocks
@@ -121,17 +121,46 @@ def test_the_probe_times_every_stage_and_leaves_the_model_and_rng_alone(trained_
     recipe = load_recipe("binaryllm-distill", dict(seq_len=64, batch_tokens=256, bai_batch_tokens=128, bai_steps=4,
                                                    calib_sequences=8, blockwise_sequences=8, self_batch=4))
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
     torch.manual_seed(123)
     rng = torch.get_rng_state()
     sp, passes = measure_speeds(model, tok, recipe, spent_s=1.0, generate=True)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [id(p) for p in model.parameters()] == params  # the one-block copies lent the model its blocks back
     assert sp.n_blocks == 2 and sp.spent_s > 1.0 and sp.ptq_init_s == 0.0
     for name in ("init_s", "block_fixed_s", "block_step_s", "last_block_extra_s", "qat_step_s", "gen_token_s"):
         assert 0 < getattr(sp, name) < 60, name
     assert sp.qat_step_s > passes.student_mb > passes.forward_mb > 0
     ptq = load_recipe("binary-ptq", dict(seq_len=64, calib_sequences=8))
     assert init_seconds(model, ptq, passes, probe_ids(model, ptq)) > 0
+
+
+def _elapsed_as_planned(plan) -> float:
+    return plan.expected_s - plan.stages["qat"] - plan.stages["save"]
+
+
+def test_the_end_to_end_stage_takes_up_the_earlier_stages_estimate_error():
+    plan = plan_time(3600, CPU, **PTB)
+    planned = plan.tokens // CPU.batch_tokens
+    on_time = revise_qat_steps(plan, _elapsed_as_planned(plan), 0)
+    assert planned <= on_time <= planned + 1  # the plan leaves less than a step unused
+    late = revise_qat_steps(plan, _elapsed_as_planned(plan) + 10 * CPU.qat_step_s, 0)
+    assert on_time - 11 <= late <= on_time - 9  # 10 steps' time lost to the text's generation: 10 steps fewer
+    ends = _elapsed_as_planned(plan) + late * CPU.qat_step_s + CPU.save_s
+    assert ends <= 3600 * (1 - MARGIN) + 1e-6
+    early = revise_qat_steps(plan, _elapsed_as_planned(plan) - 10 * CPU.qat_step_s, 0)
+    assert early == pytest.approx(on_time + 10, abs=1)
+    assert revise_qat_steps(plan, _elapsed_as_planned(plan) - 10 * CPU.qat_step_s, planned + 3) == planned + 3
+    assert revise_qat_steps(plan, 3600.0, 0) == 4  # past the time: the fewest steps a schedule holds
+
+
+def test_a_revision_leaves_fixed_tokens_and_the_ptq_path_alone():
+    fixed = plan_time(3600, CPU, tokens=20_480, **PTB)
+    assert revise_qat_steps(fixed, 0.0, 0) == 20 and revise_qat_steps(fixed, 3000.0, 0) == 20
+    full_min = CPU.spent_s + CPU.save_s + CPU.init_s + CPU.blockwise_s(BW_MIN_STEPS) + 4 * CPU.qat_step_s
+    ptq = plan_time(full_min - 60, CPU, **PTB)
+    assert ptq.path == "ptq" and revise_qat_steps(ptq, 0.0, 0) == 0
 
 
 def _fake_speeds(monkeypatch, calls):
@@ -176,10 +205,20 @@ def test_a_timed_conversion_records_its_plan_and_a_resume_keeps_it(trained_tiny_
         convert_run(dataclasses.replace(job, time_s=120.0, resume=True, on_step=None))
     result = convert_run(dataclasses.replace(job, resume=True, on_step=None))
     rec = json.loads((out / "run.json").read_text())
-    assert rec["plan"]["tokens"] == expected.tokens == rec["tokens"]["requested"] > 0
+    assert rec["plan"]["tokens"] == expected.tokens > 0
     assert rec["plan"]["blockwise_steps"] == expected.blockwise_steps == rec["recipe"]["blockwise_steps"]
     assert rec["plan"]["expected_s"] == pytest.approx(expected.expected_s, abs=0.1)
-    assert rec["plan"]["actual_s"] > 0 and len(result.record.steps) == expected.tokens // 256
+    # the end-to-end stage was re-planned for the time actually left when it started (before the
+    # interrupt; the tiny model runs at its own speed, not the fake one), within max_epochs of the
+    # training text, and the resume kept it
+    planned = expected.tokens // 256
+    cap = max(int(2.0 * rec["data"]["train_blocks_available"]) // 4, planned)
+    revised = rec["plan"]["revised"] or {"at_s": None, "steps": planned, "tokens": expected.tokens}
+    if rec["plan"]["revised"]:
+        assert revised["steps"] == revise_qat_steps(expected, revised["at_s"], cap) != planned
+    assert revised["tokens"] == rec["tokens"]["requested"] == revised["steps"] * 256
+    assert rec["data"]["epochs_over_train_data"] <= max(2.0, planned * 4 / rec["data"]["train_blocks_available"])
+    assert rec["plan"]["actual_s"] > 0 and len(result.record.steps) == revised["steps"]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -205,6 +244,28 @@ def test_time_too_short_or_contradicting_tokens_is_one_line_before_any_work(caps
     assert_one_line_error(*run_cli(capsys, "convert", *base, "--time", "5s"), "is too short")
     assert_one_line_error(*run_cli(capsys, "convert", *base, "--time", "30s", "--tokens", "1M"),
                           "--tokens 1,000,000 beside --time 30 s")
+    assert not out.exists() and not out.with_name("o.partial").exists()
+
+
+def test_a_model_whose_training_copy_does_not_fit_is_refused_before_the_probe(trained_tiny_dir, small_text,
+                                                                              tmp_path, monkeypatch):
+    import collections
+
+    import psutil
+
+    import binarize.train.probe as probe
+    from binarize.train.preflight import param_bytes
+    from transformers import AutoModelForCausalLM
+
+    size = param_bytes(AutoModelForCausalLM.from_pretrained(trained_tiny_dir))
+    fake = collections.namedtuple("mem", "available")(2 * size)  # a teacher fits, a training copy does not
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: fake)
+    monkeypatch.setattr(probe, "measure_speeds", lambda *a, **k: pytest.fail("measured what cannot fit"))
+    recipe = load_recipe("binaryllm-distill", dict(seq_len=64, batch_tokens=256, calib_sequences=8,
+                                                   blockwise_sequences=8, data=str(small_text), calib=str(small_text)))
+    out = tmp_path / "o"
+    with pytest.raises(BinarizeError, match=r"--time measures the stages on a training copy .* GiB of RAM is free"):
+        convert_run(ConvertJob(str(trained_tiny_dir), None, out, recipe, progress=False, time_s=600.0))
     assert not out.exists() and not out.with_name("o.partial").exists()
 
 

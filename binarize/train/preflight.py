@@ -64,17 +64,35 @@ def check_model_options(model, recipe: Recipe, export: str | None = None) -> Non
         final_norm(model)
 
 
+def free_memory() -> tuple[int, str]:
+    """(bytes free now, where): GPU memory when training runs on a GPU, else RAM."""
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0], "GPU memory"
+    import psutil
+
+    return psutil.virtual_memory().available, "RAM"
+
+
+def param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def check_teacher_fits(model) -> None:
     """Distillation keeps a frozen copy of the model: refuse, before any training, when that copy
     does not fit in the memory free now (GPU memory when training runs on a GPU, else RAM)."""
-    need = sum(p.numel() * p.element_size() for p in model.parameters())
-    if torch.cuda.is_available():
-        free, where = torch.cuda.mem_get_info()[0], "GPU memory"
-    else:
-        import psutil
-
-        free, where = psutil.virtual_memory().available, "RAM"
+    need, (free, where) = param_bytes(model), free_memory()
     if need > free:
         raise BinarizeError(f"distillation needs a frozen copy of the model ({need / 2**30:.2f} GiB) but only "
                             f"{free / 2**30:.2f} GiB of {where} is free: use a recipe without distill_alpha "
                             "(--distill 0) or a machine with more memory")
+
+
+def check_probe_fits(model) -> None:
+    """``--time`` measures the end-to-end step on a throw-away copy of the model with its
+    gradients and AdamW's two moments (4x its weights' bytes, beside the model): refuse, before
+    the measurement, when that does not fit in the memory free now."""
+    need, (free, where) = 4 * param_bytes(model), free_memory()
+    if need > free:
+        raise BinarizeError(f"--time measures the stages on a training copy of the model (weights, gradients and "
+                            f"AdamW's moments: {need / 2**30:.2f} GiB) but only {free / 2**30:.2f} GiB of {where} is "
+                            "free: give --tokens instead of --time, or use a machine with more memory")

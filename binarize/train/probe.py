@@ -14,8 +14,7 @@ What is timed and how it is scaled (``timeplan.StageSpeeds``):
 * block-wise: ``train_block`` for 3 steps on the one-block copy, per step (the last block's
   head-KL loss timed the same way), plus four passes of the cached sequences per block;
 * self-generation: one batch of ``self_batch`` sequences at two lengths, extrapolated to
-  ``seq_len`` (``generation_token_s``; skipped when the corpus is cached or the text is not
-  self-generated);
+  ``seq_len`` (``generation_token_s``; skipped when the text is not self-generated);
 * writing: a ``torch.save`` of the model's weights, three times over (run, export, check), + 5 s.
 
 Random token ids stand in for the text: the time of these stages does not depend on it.
@@ -38,7 +37,7 @@ from ..recipe import Recipe
 from .timeplan import StageSpeeds
 
 PROBE_BLOCK_STEPS = 3
-GEN_PROBE_LENS = (16, 48)  # self-generation is timed at two lengths (generation_token_s)
+GEN_PROBE_LENS = (32, 96)  # self-generation is timed at two lengths (generation_token_s)
 
 
 def _timed(fn) -> float:
@@ -48,10 +47,15 @@ def _timed(fn) -> float:
 
 
 def one_block_copy(model) -> torch.nn.Module:
-    """A deep copy of ``model`` with only its first decoder block (the probe's unit of a stage)."""
-    m = copy.deepcopy(model)
-    layers = decoder_layers(m)
+    """A deep copy of ``model`` with only its first decoder block (the probe's unit of a stage).
+    The other blocks are never copied (the model holds them again when this returns)."""
+    layers = decoder_layers(model)
+    rest = list(layers[1:])
     del layers[1:]
+    try:
+        m = copy.deepcopy(model)
+    finally:
+        layers.extend(rest)
     cfg = m.config
     if getattr(cfg, "num_hidden_layers", None):
         cfg.num_hidden_layers = 1
@@ -107,17 +111,20 @@ def generation_token_s(model, tokenizer, recipe: Recipe) -> float:
     batches of ``self_batch``). A decode step's cost grows with the position (the KV cache it
     attends over), t(p) = a + b p: one batch is timed at two lengths n (``GEN_PROBE_LENS``), whose
     total time is n a + b n^2 / 2 per sequence, and the mean over a whole sequence, a + b L / 2,
-    is returned. On the default model a single 24-token probe said 3.8 ms per token where the
-    256-token corpus took 6.4."""
+    is returned. The first steps do not follow the line: on the default model (2-core CPU, batch
+    64, 256-token sequences that took 6.54 ms per token) lengths (16, 48) said 11.5 ms, (16, 64)
+    11.7, (32, 96) 6.52 in 44 s, and a single 24-token probe 3.8."""
     from binarize.calibration.selfgen import SelfGenConfig, generate_sequences
 
     per_seq = []
-    for n in GEN_PROBE_LENS:
+    L = recipe.seq_len
+    lens = (max(2, min(GEN_PROBE_LENS[0], L // 2)), max(3, min(GEN_PROBE_LENS[1], L)))  # never past the corpus's own
+    for n in lens:
         cfg = SelfGenConfig(tokens=recipe.self_batch * n, seq_len=n, batch_size=recipe.self_batch, seed=recipe.seed)
         t0 = time.perf_counter()
         seqs = generate_sequences(model, tokenizer, cfg)
         per_seq.append((time.perf_counter() - t0) / max(1, sum(map(len, seqs))) * n)  # seconds per n-token row
-    (n1, n2), (t1, t2) = GEN_PROBE_LENS, per_seq
+    (n1, n2), (t1, t2) = lens, per_seq
     b = max(0.0, 2 * (t2 / n2 - t1 / n1) / (n2 - n1))
     a = max(1e-9, t1 / n1 - b * n1 / 2)
     return a + b * recipe.seq_len / 2
@@ -161,6 +168,7 @@ def measure_speeds(model, tokenizer, recipe: Recipe, *, spent_s: float, generate
     micro = math.ceil(recipe.batch_tokens // L / mb)
     qat_step_s = micro * qat_mb + opt_s
     passes = PassTimes(student_mb, fwd_mb)
+    del full, student, qat, opt, distill  # the training copy goes before the one-block copies come
     recipe_init = init_seconds(model, recipe, passes, ids)
 
     m1 = one_block_copy(model)

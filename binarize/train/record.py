@@ -93,6 +93,13 @@ class TokenRecord:
     optimizer_steps: int
     trained: int = 0
 
+    @classmethod
+    def of(cls, tokens: int, budget) -> "TokenRecord":
+        """The record of ``tokens`` requested as ``budget`` (``plan.Budget``) lays them out."""
+        return cls(requested=tokens, seq_len=budget.seq_len, sequences=budget.n_sequences,
+                   budget_used=budget.tokens_used, dropped_remainder=tokens % budget.seq_len,
+                   per_step=budget.seqs_per_step * budget.seq_len, optimizer_steps=budget.steps)
+
 
 @dataclass
 class RunRecord:

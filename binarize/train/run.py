@@ -45,7 +45,7 @@ from .liger_loss import resolve_backend
 from .preflight import check_launch, check_model_options, check_teacher_fits
 from .losses import Distill, TrainLoss
 from .plan import check_job, fit_recipe, stage_summary
-from .timed import plan_for_time
+from .timed import plan_for_time, revise_for_time
 from .timeplan import QAT_FLOOR_STEPS
 from .record import BaiRecord, BlockwiseRecord, RunRecord, TokenRecord, plot_loss
 from .resume_state import check_out, interrupted, read_checkpoint_state
@@ -229,10 +229,7 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     record = RunRecord.from_dict(state["record"]) if state else RunRecord(
         binarize_version=__version__, model=src.spec, from_scratch=from_scratch, recipe=recipe.to_dict(),
         quantized_layers=len(names), data=data.info,
-        tokens=TokenRecord(requested=tokens, seq_len=recipe.seq_len, sequences=budget.n_sequences,
-                           budget_used=budget.tokens_used, dropped_remainder=tokens % recipe.seq_len,
-                           per_step=budget.seqs_per_step * recipe.seq_len, optimizer_steps=budget.steps),
-        plan=plan.to_dict() if plan else None)
+        tokens=TokenRecord.of(tokens, budget), plan=plan.to_dict() if plan else None)
     record.processes, record.fsdp = accelerator.num_processes, sharded
     if distill is not None:
         distill.teacher.to(accelerator.device)
@@ -271,6 +268,17 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                 save_init(work, model, key, {"bai": saved["bai"], "blockwise": saved.get("blockwise"),
                                              "hessian": saved.get("hessian")},
                           record.wall_s + time.perf_counter() - t_start)
+            if timed and plan.path == "full" and not job.bai_only:  # the last stage takes up the estimates' error
+                recipe, tokens, revised, line = revise_for_time(plan, recipe, tokens, chunks=job.recipe.chunks,
+                                                                elapsed_s=time.perf_counter() - t_job,
+                                                                train_blocks=len(data.train.blocks))
+                if revised is not None:
+                    budget = revised
+                    record.recipe, record.plan = recipe.to_dict(), plan.to_dict()
+                    record.tokens = TokenRecord.of(tokens, budget)
+                    data.info["epochs_over_train_data"] = budget.n_sequences / len(data.train.blocks)
+                    if main:
+                        (log or print)(line)
             if not job.bai_only and tokens > 0:  # --tokens 0: the initialisation alone (PTQ)
                 groups = trainable_groups(model, recipe)  # FSDP: the optimizer is built on the shards below
                 optimizer = None if sharded else torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas))

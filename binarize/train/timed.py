@@ -14,8 +14,8 @@ import time
 from ..errors import BinarizeError
 from ..recipe import Recipe, load_recipe
 from .data import resolve_auto, self_gen_config
-from .plan import held_out_tokens
-from .timeplan import QAT_FLOOR_STEPS, TimePlan, format_duration, plan_time
+from .plan import Budget, check_job, fit_chunks, held_out_tokens
+from .timeplan import QAT_FLOOR_STEPS, TimePlan, format_duration, plan_time, revise_qat_steps
 
 PTQ_RECIPES = {"binary": "binary-ptq", "ternary": "ternary-ptq"}  # the short path of each method
 PTQ_KEYS = ("seq_len", "batch_tokens", "micro_batch", "calib_sequences", "seed", "bai_batch_tokens")  # kept from the job
@@ -38,6 +38,7 @@ def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, toke
     from binarize.calibration.datasets import DATASETS, local_file
     from binarize.calibration.selfgen import is_cached
 
+    from .preflight import check_probe_fits
     from .probe import init_seconds, measure_speeds, probe_ids
 
     t0 = time.perf_counter()
@@ -48,6 +49,7 @@ def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, toke
         recipe = dataclasses.replace(recipe, self_tokens=corpus)  # a fixed corpus the cache can share
     cached = corpus if data == "self" and is_cached(src, self_gen_config(recipe, corpus)) else 0
     ptq = ptq_recipe(recipe)
+    check_probe_fits(model)
     # generation is timed even where the corpus is cached: a long plan may need a larger one
     speeds, passes = measure_speeds(model, tokenizer, recipe, spent_s=spent_s, generate=data == "self", log=log)
     ptb_local = local_file(DATASETS["ptb"].splits["train"]) is not None
@@ -79,3 +81,29 @@ def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, toke
     if log:
         log(f"planned in {time.perf_counter() - t0:.0f} s")
     return out.validate(), plan.tokens, plan
+
+
+def revise_for_time(plan: TimePlan, recipe: Recipe, tokens: int, *, chunks: int, elapsed_s: float,
+                    train_blocks: int) -> tuple[Recipe, int, Budget | None, str | None]:
+    """The end-to-end stage re-planned as it starts (``timeplan.revise_qat_steps``), ``elapsed_s``
+    into the job: (recipe, tokens, its Budget, the line to print), or (recipe, tokens, None, None)
+    where nothing changes. ``chunks``: the recipe's progressive chunks before any fitting (a budget
+    that grows gets them back); ``train_blocks``: sequences the prepared training text holds (the
+    stage may grow to ``max_epochs`` over them, or to the planned steps where those read more).
+    Records the revision in ``plan.revised``."""
+    per_step = recipe.batch_tokens // recipe.seq_len
+    planned = tokens // recipe.batch_tokens
+    cap = int(recipe.max_epochs * train_blocks) // per_step if recipe.max_epochs > 0 else 0
+    steps = revise_qat_steps(plan, elapsed_s, max(cap, planned) if cap else 0)
+    new = steps * recipe.batch_tokens
+    if new == tokens:
+        return recipe, tokens, None, None
+    fitted, notice = fit_chunks(dataclasses.replace(recipe, chunks=chunks), new) if recipe.quantizer == "progressive" \
+        else (recipe, None)
+    plan.revised = {"at_s": round(elapsed_s, 1), "tokens": new, "steps": steps,
+                    "expected_s": round(steps * plan.qat_step_s, 1), "chunks": fitted.chunks}
+    line = (f"end-to-end QAT re-planned {format_duration(elapsed_s)} into the job: {new:,} tokens ({steps} steps, "
+            f"about {format_duration(steps * plan.qat_step_s)}) for the time left; planned {tokens:,}")
+    if cap and steps == cap and steps > planned:
+        line += f" (at most {recipe.max_epochs:g} epochs of the training text)"
+    return fitted, new, check_job(fitted, new), line + (f"; {notice}" if notice else "")

@@ -113,6 +113,10 @@ class TimePlan:
     corpus_tokens: int = 0  # the self-generated corpus (0: the text is not self-generated)
     stages: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    qat_step_s: float = 0.0  # one end-to-end step as measured (revise_qat_steps)
+    batch_tokens: int = 0
+    tokens_fixed: bool = False  # --tokens beside --time: the end-to-end budget is the user's, never revised
+    revised: dict | None = None  # the end-to-end stage as re-planned when it started (revise_qat_steps)
 
     @property
     def expected_s(self) -> float:
@@ -208,13 +212,34 @@ def plan_time(seconds: float, sp: StageSpeeds, *, data: str, corpus_tokens: int,
                     extra = free
         qat_steps += extra
     plan = TimePlan(seconds, "full", bw, tokens if tokens is not None else qat_steps * sp.batch_tokens, data,
-                    gen_tokens, corpus, notes=notes)
+                    gen_tokens, corpus, notes=notes, qat_step_s=per_step, batch_tokens=sp.batch_tokens,
+                    tokens_fixed=tokens is not None)
     plan.stages = {"spent": sp.spent_s, "generate": _gen_s(sp, gen_tokens), "init": sp.init_s,
                    "blockwise": sp.blockwise_s(bw), "qat": qat_steps * per_step, "save": sp.save_s}
     if tokens is not None and plan.expected_s < seconds * (1 - 2 * MARGIN):
         notes.append(f"--tokens {tokens:,} and {bw} block-wise steps per block (at most {BW_MAX_STEPS}, the most "
                      f"measured) end in about {format_duration(plan.expected_s)}, before the time asked")
     return plan
+
+
+def revise_qat_steps(plan: TimePlan, elapsed_s: float, max_steps: int) -> int:
+    """End-to-end optimizer steps that end the job within the time asked, re-planned when the
+    stage starts, ``elapsed_s`` seconds into the job: the last stage takes up what the earlier
+    stages' estimates got wrong (the self-generated text's most of all: a probe of seconds stands
+    for minutes of decoding), so the job ends within the time, and time the estimates kept back
+    goes to training. The stage's own speed is the probe's (``plan.qat_step_s``).
+
+    At least ``QAT_MIN_STEPS`` (or the planned steps, where fewer), at most ``max_steps`` (the
+    steps the prepared training text holds within ``max_epochs``; 0: no limit). The planned steps
+    where the plan is not a timed full path or the user fixed the tokens."""
+    planned = plan.tokens // plan.batch_tokens if plan.batch_tokens else 0
+    if plan.path != "full" or plan.tokens_fixed or planned == 0 or plan.qat_step_s <= 0:
+        return planned
+    left = plan.seconds * (1 - MARGIN) - elapsed_s - plan.stages.get("save", 0.0)
+    steps = int(left / plan.qat_step_s)
+    if max_steps > 0:
+        steps = min(steps, max_steps)
+    return max(min(QAT_MIN_STEPS, planned), steps)
 
 
 def _ptq_plan(seconds: float, sp: StageSpeeds, notes: list[str], tokens: int | None, bw_min: int) -> TimePlan:
