@@ -96,6 +96,23 @@ def test_self_text_is_generated_only_where_it_pays_and_never_read_more_than_max_
     assert cheap.data == "self" and cheap.generate_tokens == 40_960
 
 
+def test_a_mix_costs_its_self_generated_share_and_falls_back_to_its_own_source():
+    mix = dict(data="self+c4:0.5", self_frac=0.5, fallback="c4", corpus_tokens=40_960, held_out=8_192,
+               max_epochs=2.0)
+    costly = plan_time(3600, CPU, cached_tokens=0, **mix)  # the corpus alone: 34 min of generation
+    assert costly.data == "c4" and costly.generate_tokens == 0 and "on c4 instead" in costly.notes[0]
+    cheap_sp = dataclasses.replace(CPU, gen_token_s=0.001)
+    cheap = plan_time(3600, cheap_sp, cached_tokens=0, **mix)
+    assert cheap.data == "self+c4:0.5" and cheap.generate_tokens == 40_960
+    assert cheap.stages["generate"] == pytest.approx(40.96)
+    long = plan_time(12 * 3600, cheap_sp, cached_tokens=40_960, **mix)
+    pure = plan_time(12 * 3600, cheap_sp, cached_tokens=40_960, data="self", corpus_tokens=40_960, held_out=8_192,
+                     max_epochs=2.0)
+    # half of every step is self-generated: twice the tokens fit a corpus read twice
+    assert long.corpus_tokens >= long.tokens * 0.5 / 2 + 8_192 and long.generate_tokens == long.corpus_tokens
+    assert pure.corpus_tokens >= pure.tokens / 2 + 8_192 > long.corpus_tokens
+
+
 def test_a_recipe_without_block_wise_gives_the_time_to_end_to_end_tokens():
     plan = plan_time(3600, CPU, blockwise=False, **PTB)
     assert plan.blockwise_steps == 0 and plan.stages["blockwise"] == 0

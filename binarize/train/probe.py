@@ -11,8 +11,9 @@ What is timed and how it is scaled (``timeplan.StageSpeeds``):
 * BaI / the scale search: the same without the teacher, per step, plus the two evaluations;
 * Hessian-aware initialisation: the stage itself on a one-block copy of the model (the recipe's
   calibration size), times the number of blocks;
-* block-wise: ``train_block`` for 3 steps on the one-block copy, per step (the last block's
-  head-KL loss timed the same way), plus four passes of the cached sequences per block;
+* block-wise: ``train_block`` on the one-block copy, per step from two short runs' difference
+  (``PROBE_BLOCK_STEPS``; what is left is the block's setup), the last block's head-KL loss on
+  top the same way (1 and 3 steps), plus four passes of the cached sequences per block;
 * self-generation: one batch of ``self_batch`` sequences at two lengths, extrapolated to
   ``seq_len`` (``generation_token_s``; skipped when the text is not self-generated);
 * writing: a ``torch.save`` of the model's weights, three times over (run, export, check), + 5 s.
@@ -36,7 +37,7 @@ from ..qlinear import finish_init, prepare
 from ..recipe import Recipe
 from .timeplan import StageSpeeds
 
-PROBE_BLOCK_STEPS = 3
+PROBE_BLOCK_STEPS = (2, 6)  # block-wise steps are timed as the difference of two short runs (warm-up cancels)
 GEN_PROBE_LENS = (32, 96)  # self-generation is timed at two lengths (generation_token_s)
 
 
@@ -119,6 +120,9 @@ def generation_token_s(model, tokenizer, recipe: Recipe) -> float:
     per_seq = []
     L = recipe.seq_len
     lens = (max(2, min(GEN_PROBE_LENS[0], L // 2)), max(3, min(GEN_PROBE_LENS[1], L)))  # never past the corpus's own
+    warm = SelfGenConfig(tokens=recipe.self_batch * lens[0] // 4, seq_len=max(2, lens[0] // 4),
+                         batch_size=recipe.self_batch, seed=recipe.seed)
+    generate_sequences(model, tokenizer, warm)  # untimed: the first decode steps of a process run slower
     for n in lens:
         cfg = SelfGenConfig(tokens=recipe.self_batch * n, seq_len=n, batch_size=recipe.self_batch, seed=recipe.seed)
         t0 = time.perf_counter()
@@ -146,6 +150,9 @@ def measure_speeds(model, tokenizer, recipe: Recipe, *, spent_s: float, generate
     n_blocks = len(decoder_layers(model))
     L, mb = recipe.seq_len, max(1, recipe.micro_batch)
     ids = probe_ids(model, recipe)
+    # first, before any copy: timed after the training copy, decoding said 9.5 ms per token where
+    # the corpus then took 5.9 (and 6.5 timed alone)
+    gen_token_s = generation_token_s(model, tokenizer, recipe) if generate else 0.0
 
     full = copy.deepcopy(model)
     prepare(full, recipe)
@@ -179,18 +186,20 @@ def measure_speeds(model, tokenizer, recipe: Recipe, *, spent_s: float, generate
     block = decoder_layers(m1)[0]
     bx, kwargs = block_inputs(m1, ids[: recipe.blockwise_batch], mb)
     target = bx.detach().clone()
-    r3 = dataclasses.replace(recipe, blockwise_steps=PROBE_BLOCK_STEPS)
-    block_step_s = train_block(block, bx, target, kwargs, r3, 0)["wall_s"] / PROBE_BLOCK_STEPS
+    k1, k2 = PROBE_BLOCK_STEPS
+    w1, w2 = (train_block(block, bx, target, kwargs, dataclasses.replace(recipe, blockwise_steps=k), 0)["wall_s"]
+              for k in (k1, k2))
+    block_step_s = max(w2 - w1, 1e-6) / (k2 - k1)  # 3 steps with their warm-up said 0.31 s; the stage ran ~0.18
+    block_setup_s = max(0.0, w1 - k1 * block_step_s)  # once per block: the optimizer, the first step's allocations
     with torch.no_grad():
         fwd_block = _timed(lambda: block(bx[:mb], **kwargs))
-    block_fixed_s = 4 * math.ceil(recipe.blockwise_sequences / mb) * fwd_block
+    block_fixed_s = 4 * math.ceil(recipe.blockwise_sequences / mb) * fwd_block + block_setup_s
     last_extra = 0.0
     if recipe.blockwise_last_loss == "kl" and recipe.blockwise_steps:
         kl = head_kl_loss(m1, recipe)
-        r1 = dataclasses.replace(recipe, blockwise_steps=1)
-        last_extra = max(0.0, train_block(block, bx, target, kwargs, r1, 0, loss_fn=kl)["wall_s"] - block_step_s)
-
-    gen_token_s = generation_token_s(model, tokenizer, recipe) if generate else 0.0
+        w1, w3 = (train_block(block, bx, target, kwargs, dataclasses.replace(recipe, blockwise_steps=k), 0,
+                              loss_fn=kl)["wall_s"] for k in (1, 3))
+        last_extra = max(0.0, (w3 - w1) / 2 - block_step_s)  # one step with its warm-up said 3.8 s; it ran 2.0
 
     buf = io.BytesIO()
     save_s = 3 * _timed(lambda: torch.save(model.state_dict(), buf)) + 5.0

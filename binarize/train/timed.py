@@ -12,7 +12,7 @@ import dataclasses
 import time
 
 from ..errors import BinarizeError
-from ..recipe import Recipe, load_recipe
+from ..recipe import Recipe, load_recipe, parse_mix
 from .data import resolve_auto, self_gen_config
 from .plan import Budget, check_job, fit_chunks, held_out_tokens
 from .timeplan import QAT_FLOOR_STEPS, TimePlan, format_duration, plan_time, revise_qat_steps
@@ -43,21 +43,22 @@ def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, toke
 
     t0 = time.perf_counter()
     data = resolve_auto(recipe.data)
+    real, frac = parse_mix(data)  # self+SOURCE:F: F of the text self-generated, the rest (and the fallback) SOURCE
     held_out = held_out_tokens(recipe)
     corpus = recipe.self_tokens or (held_out + QAT_FLOOR_STEPS * recipe.batch_tokens)
-    if data == "self":
+    if frac > 0:
         recipe = dataclasses.replace(recipe, self_tokens=corpus)  # a fixed corpus the cache can share
-    cached = corpus if data == "self" and is_cached(src, self_gen_config(recipe, corpus)) else 0
+    cached = corpus if frac > 0 and is_cached(src, self_gen_config(recipe, corpus)) else 0
     ptq = ptq_recipe(recipe)
     check_probe_fits(model)
     # generation is timed even where the corpus is cached: a long plan may need a larger one
-    speeds, passes = measure_speeds(model, tokenizer, recipe, spent_s=spent_s, generate=data == "self", log=log)
+    speeds, passes = measure_speeds(model, tokenizer, recipe, spent_s=spent_s, generate=frac > 0, log=log)
     ptb_local = local_file(DATASETS["ptb"].splits["train"]) is not None
 
     def planned(sp):
         return plan_time(seconds, sp, data=data, corpus_tokens=corpus, cached_tokens=cached, held_out=held_out,
                          max_epochs=recipe.max_epochs, tokens=tokens, ptb_local=ptb_local,
-                         blockwise=recipe.blockwise_steps > 0)
+                         blockwise=recipe.blockwise_steps > 0, self_frac=frac, fallback=real or "ptb")
 
     try:
         plan = planned(speeds)
@@ -76,7 +77,7 @@ def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, toke
         out = dataclasses.replace(recipe, blockwise_steps=plan.blockwise_steps) if plan.blockwise_steps else recipe
         if plan.data != data:  # self-generation would not pay for itself: PTB train for both
             out = dataclasses.replace(out, data=plan.data, calib=plan.data)
-        elif data == "self":
+        elif frac > 0:
             out = dataclasses.replace(out, self_tokens=plan.corpus_tokens)
     if log:
         log(f"planned in {time.perf_counter() - t0:.0f} s")

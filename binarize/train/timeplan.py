@@ -144,13 +144,16 @@ def _gen_s(sp: StageSpeeds, tokens: int) -> float:
 
 def plan_time(seconds: float, sp: StageSpeeds, *, data: str, corpus_tokens: int, cached_tokens: int,
               held_out: int, max_epochs: float, tokens: int | None = None, ptb_local: bool = True,
-              blockwise: bool = True) -> TimePlan:
+              blockwise: bool = True, self_frac: float | None = None, fallback: str = "ptb") -> TimePlan:
     """The plan for ``seconds`` of wall time (module docstring for the rules).
 
-    ``data``: the resolved training text (``self``, ``ptb``, a file ...); for ``self``,
-    ``corpus_tokens`` is the corpus the recipe would generate for a short run, ``cached_tokens``
-    what the cache already holds for these settings (generated for free), ``held_out`` the
-    calibration tokens taken from it, ``max_epochs`` how often a token may be read (0: no limit).
+    ``data``: the resolved training text (``self``, ``ptb``, a file, a ``self+SOURCE:F`` mix);
+    ``self_frac``: the self-generated share of it (None: 1 for ``self``, else 0); where it is
+    above 0, ``corpus_tokens`` is the corpus the recipe would generate for a short run,
+    ``cached_tokens`` what the cache already holds for these settings (generated for free),
+    ``held_out`` the calibration tokens taken from it, ``max_epochs`` how often a token may be
+    read (0: no limit); ``fallback`` the text read instead where generating would not pay (a
+    mix's own SOURCE; PTB train for plain self text, where ``ptb_local``).
     ``tokens``: end-to-end tokens the user fixed (``--tokens`` beside ``--time``); the rest is
     planned around them, and a budget that cannot fit is a BinarizeError naming the time it needs.
     ``blockwise``: the recipe has a block-wise stage (else all the time after the initialisation
@@ -158,14 +161,15 @@ def plan_time(seconds: float, sp: StageSpeeds, *, data: str, corpus_tokens: int,
     usable = seconds * (1 - MARGIN) - sp.spent_s - sp.save_s
     notes: list[str] = []
     gen_tokens = 0
-    if data == "self":
+    frac = (1.0 if data == "self" else 0.0) if self_frac is None else self_frac
+    if frac > 0:
         gen_tokens = max(0, corpus_tokens - cached_tokens)
         if gen_tokens and _gen_s(sp, gen_tokens) > GEN_SHARE * seconds:
-            if ptb_local:
+            if ptb_local or frac < 1:
                 notes.append(f"generating {gen_tokens:,} tokens of the model's own text would take "
                              f"{format_duration(_gen_s(sp, gen_tokens))}, over {GEN_SHARE:.0%} of the time: "
-                             "training and calibrating on PTB train instead")
-                data, gen_tokens = "ptb", 0
+                             f"training and calibrating on {'PTB train' if fallback == 'ptb' else fallback} instead")
+                data, gen_tokens, frac = fallback, 0, 0.0
             else:
                 notes.append("the self-generated text takes a large share of the time (PTB train is not local)")
     base = usable - _gen_s(sp, gen_tokens) - sp.init_s
@@ -192,21 +196,22 @@ def plan_time(seconds: float, sp: StageSpeeds, *, data: str, corpus_tokens: int,
         per_bw_step = sp.n_blocks * sp.block_step_s + sp.last_block_extra_s
         bw = max(BW_MIN_STEPS, min(BW_MAX_STEPS, int((left - sp.n_blocks * sp.block_fixed_s) / per_bw_step)))
         left -= sp.blockwise_s(bw)
-    corpus = max(corpus_tokens, cached_tokens) if data == "self" else 0
+    corpus = max(corpus_tokens, cached_tokens) if frac > 0 else 0
     if tokens is None and left > per_step:  # block-wise is full: the rest goes to end-to-end tokens
         extra = int(left / per_step)
-        if data == "self" and max_epochs > 0:  # beyond what the corpus allows, a larger one is generated
+        if frac > 0 and max_epochs > 0:  # beyond what the corpus allows, a larger one is generated
             if sp.gen_token_s <= 0:
                 raise BinarizeError("internal error: a plan on self-generated text needs the generation speed")
-            free = max(0, int(max_epochs * max(0, corpus - held_out)) // sp.batch_tokens - qat_steps)
+            read = frac * sp.batch_tokens  # self-generated tokens an end-to-end step reads
+            free = max(0, int(max_epochs * max(0, corpus - held_out) / read) - qat_steps)
             if extra > free:
                 # the cache is keyed by the corpus size: a larger corpus is generated whole
                 regen = 0.0 if gen_tokens else _gen_s(sp, corpus)
-                cost = per_step + sp.batch_tokens * sp.gen_token_s / max_epochs
+                cost = per_step + read * sp.gen_token_s / max_epochs
                 grow = int((left - free * per_step - regen) / cost)
                 if grow > 0:
                     extra = free + grow
-                    corpus = math.ceil((qat_steps + extra) * sp.batch_tokens / max_epochs) + held_out
+                    corpus = math.ceil((qat_steps + extra) * read / max_epochs) + held_out
                     gen_tokens = corpus
                 else:
                     extra = free
