@@ -17,7 +17,7 @@ from binarize.profiles import CPU_PROFILE, profile_overrides, resolve_profile
 from binarize.recipe import load_recipe
 from binarize.train import ConvertJob, Interrupted, convert_run
 from binarize.train.timeplan import (BW_MAX_STEPS, BW_MIN_STEPS, MARGIN, QAT_FLOOR_STEPS, StageSpeeds, parse_duration,
-                                     plan_time, revise_qat_steps)
+                                     plan_time, revise_blockwise_steps, revise_qat_steps)
 from tests.test_cli_errors import assert_one_line_error, run_cli
 
 # the default model on 2 cores, as the probe measured it (rounded): 30 blocks
@@ -172,12 +172,42 @@ def test_the_end_to_end_stage_takes_up_the_earlier_stages_estimate_error():
     assert revise_qat_steps(plan, 3600.0, 0) == 4  # past the time: the fewest steps a schedule holds
 
 
+def test_block_wise_steps_are_re_planned_for_the_time_the_text_really_took():
+    sp = dataclasses.replace(CPU, gen_token_s=0.005)  # 40,960 tokens: 205 s, worth generating in an hour
+    plan = plan_time(3600, sp, data="self", corpus_tokens=40_960, cached_tokens=0, held_out=8_192, max_epochs=2.0)
+    assert plan.data == "self" and BW_MIN_STEPS < plan.blockwise_steps < BW_MAX_STEPS
+    ready = plan.stages["spent"] + plan.stages["generate"]  # when the text is ready, as planned
+    assert revise_blockwise_steps(plan, ready) == plan.blockwise_steps
+    per_bw_step = sp.n_blocks * sp.block_step_s + sp.last_block_extra_s
+    sooner = revise_blockwise_steps(plan, ready - 10 * per_bw_step)  # decoding took less than the probe said
+    assert sooner == min(BW_MAX_STEPS, plan.blockwise_steps + 10)
+    later = revise_blockwise_steps(plan, ready + 5 * per_bw_step)
+    assert plan.blockwise_steps - 6 <= later <= plan.blockwise_steps - 4
+    assert revise_blockwise_steps(plan, 3000.0) == BW_MIN_STEPS  # past what the stages need: the shortest
+    assert revise_blockwise_steps(plan_time(12 * 3600, sp, **PTB), 0.0) == BW_MAX_STEPS
+
+
 def test_a_revision_leaves_fixed_tokens_and_the_ptq_path_alone():
     fixed = plan_time(3600, CPU, tokens=20_480, **PTB)
     assert revise_qat_steps(fixed, 0.0, 0) == 20 and revise_qat_steps(fixed, 3000.0, 0) == 20
     full_min = CPU.spent_s + CPU.save_s + CPU.init_s + CPU.blockwise_s(BW_MIN_STEPS) + 4 * CPU.qat_step_s
     ptq = plan_time(full_min - 60, CPU, **PTB)
-    assert ptq.path == "ptq" and revise_qat_steps(ptq, 0.0, 0) == 0
+    assert ptq.path == "ptq" and revise_qat_steps(ptq, 0.0, 0) == 0 and revise_blockwise_steps(ptq, 0.0) == 0
+
+
+def test_a_revision_the_recipe_cannot_schedule_keeps_the_plan():
+    from binarize.train.timed import revise_for_time
+
+    plan = plan_time(3600, CPU, **PTB)
+    late = load_recipe("binaryllm", dict(seq_len=256, batch_tokens=1024, switch_at=20))  # quantized from step 20
+    assert revise_for_time(plan, late, plan.tokens, chunks=late.chunks, elapsed_s=3500.0,
+                           train_blocks=10_000) == (late, plan.tokens, None, None)  # 4 steps could not hold the switch
+    assert plan.revised is None
+    r = load_recipe("binaryllm", dict(seq_len=256, batch_tokens=1024))
+    fitted, tokens, budget, line = revise_for_time(plan, r, plan.tokens, chunks=r.chunks, elapsed_s=3500.0,
+                                                   train_blocks=10_000)
+    assert tokens == 4 * 1024 and budget.steps == 4 and fitted.chunks == 4 and "re-planned" in line
+    assert plan.revised["steps"] == 4
 
 
 def _fake_speeds(monkeypatch, calls):
@@ -223,16 +253,20 @@ def test_a_timed_conversion_records_its_plan_and_a_resume_keeps_it(trained_tiny_
     result = convert_run(dataclasses.replace(job, resume=True, on_step=None))
     rec = json.loads((out / "run.json").read_text())
     assert rec["plan"]["tokens"] == expected.tokens > 0
-    assert rec["plan"]["blockwise_steps"] == expected.blockwise_steps == rec["recipe"]["blockwise_steps"]
+    revised = rec["plan"]["revised"] or {}
+    assert rec["plan"]["blockwise_steps"] == expected.blockwise_steps
+    assert rec["recipe"]["blockwise_steps"] == revised.get("blockwise_steps", expected.blockwise_steps)
+    assert len(rec["blockwise"]["blocks"]) == 2 and rec["blockwise"]["steps"] == rec["recipe"]["blockwise_steps"]
     assert rec["plan"]["expected_s"] == pytest.approx(expected.expected_s, abs=0.1)
     # the end-to-end stage was re-planned for the time actually left when it started (before the
     # interrupt; the tiny model runs at its own speed, not the fake one), within max_epochs of the
     # training text, and the resume kept it
     planned = expected.tokens // 256
     cap = max(int(2.0 * rec["data"]["train_blocks_available"]) // 4, planned)
-    revised = rec["plan"]["revised"] or {"at_s": None, "steps": planned, "tokens": expected.tokens}
-    if rec["plan"]["revised"]:
+    if "steps" in revised:
         assert revised["steps"] == revise_qat_steps(expected, revised["at_s"], cap) != planned
+    else:
+        revised = {"steps": planned, "tokens": expected.tokens}
     assert revised["tokens"] == rec["tokens"]["requested"] == revised["steps"] * 256
     assert rec["data"]["epochs_over_train_data"] <= max(2.0, planned * 4 / rec["data"]["train_blocks_available"])
     assert rec["plan"]["actual_s"] > 0 and len(result.record.steps) == revised["steps"]

@@ -45,7 +45,7 @@ from .liger_loss import resolve_backend
 from .preflight import check_launch, check_model_options, check_teacher_fits
 from .losses import Distill, TrainLoss
 from .plan import check_job, fit_recipe, stage_summary
-from .timed import plan_for_time, revise_for_time
+from .timed import plan_for_time, revise_blockwise, revise_for_time
 from .timeplan import QAT_FLOOR_STEPS
 from .record import BaiRecord, BlockwiseRecord, RunRecord, TokenRecord, plot_loss
 from .resume_state import check_out, interrupted, read_checkpoint_state
@@ -197,6 +197,9 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     if self_text.meta is not None:
         data.info["self_generation"] = {"file": str(self_text.path), **self_text.meta,
                                         **{f"{k}_read": v for k, v in self_text.read.items()}}
+    if timed and plan.path == "full":  # the text is ready: the block-wise steps for the time actually left
+        recipe = revise_blockwise(plan, recipe, time.perf_counter() - t_job, (plain_log if not job.progress else print)
+                                  if main else None)
     identity.update(calib_sha256=tokens_sha256(data.calib), calib_source=data.info["calib_source"],
                     train_sha256=tokens_sha256(data.train.blocks.blocks), train_source=data.info["train_source"])
     check_resume(work, saved_identity, identity)

@@ -15,7 +15,8 @@ from ..errors import BinarizeError
 from ..recipe import Recipe, load_recipe, parse_mix
 from .data import resolve_auto, self_gen_config
 from .plan import Budget, check_job, fit_chunks, held_out_tokens
-from .timeplan import QAT_FLOOR_STEPS, TimePlan, format_duration, plan_time, revise_qat_steps
+from .timeplan import (QAT_FLOOR_STEPS, TimePlan, format_duration, plan_time, revise_blockwise_steps,
+                       revise_qat_steps)
 
 PTQ_RECIPES = {"binary": "binary-ptq", "ternary": "ternary-ptq"}  # the short path of each method
 PTQ_KEYS = ("seq_len", "batch_tokens", "micro_batch", "calib_sequences", "seed", "bai_batch_tokens")  # kept from the job
@@ -101,10 +102,27 @@ def revise_for_time(plan: TimePlan, recipe: Recipe, tokens: int, *, chunks: int,
         return recipe, tokens, None, None
     fitted, notice = fit_chunks(dataclasses.replace(recipe, chunks=chunks), new) if recipe.quantizer == "progressive" \
         else (recipe, None)
-    plan.revised = {"at_s": round(elapsed_s, 1), "tokens": new, "steps": steps,
+    try:
+        budget = check_job(fitted, new)
+    except BinarizeError:  # a budget the recipe cannot schedule (a continual switch, too few steps): keep the plan's
+        return recipe, tokens, None, None
+    plan.revised = {**(plan.revised or {}), "at_s": round(elapsed_s, 1), "tokens": new, "steps": steps,
                     "expected_s": round(steps * plan.qat_step_s, 1), "chunks": fitted.chunks}
     line = (f"end-to-end QAT re-planned {format_duration(elapsed_s)} into the job: {new:,} tokens ({steps} steps, "
             f"about {format_duration(steps * plan.qat_step_s)}) for the time left; planned {tokens:,}")
     if cap and steps == cap and steps > planned:
         line += f" (at most {recipe.max_epochs:g} epochs of the training text)"
-    return fitted, new, check_job(fitted, new), line + (f"; {notice}" if notice else "")
+    return fitted, new, budget, line + (f"; {notice}" if notice else "")
+
+
+def revise_blockwise(plan: TimePlan, recipe: Recipe, elapsed_s: float, log=None) -> Recipe:
+    """The recipe with its block-wise steps re-planned once the text is ready
+    (``timeplan.revise_blockwise_steps``), recorded in ``plan.revised`` and logged where they change."""
+    steps = revise_blockwise_steps(plan, elapsed_s)
+    if steps == recipe.blockwise_steps or not recipe.blockwise_steps:
+        return recipe
+    plan.revised = {**(plan.revised or {}), "blockwise_at_s": round(elapsed_s, 1), "blockwise_steps": steps}
+    if log:
+        log(f"block-wise re-planned {format_duration(elapsed_s)} into the job, the text ready: {steps} steps per "
+            f"block for the time left; planned {recipe.blockwise_steps}")
+    return dataclasses.replace(recipe, blockwise_steps=steps)

@@ -18,7 +18,10 @@ The allocation follows the ``quality`` measurements on the default model on a 2-
   method's ``binary-ptq`` / ``ternary-ptq``: Hessian-aware initialisation, no training; 6-8 min
   for the default model), and below that one line with the minimum.
 
-``MARGIN`` of the time is kept back for the estimates' error (the job must end within +10%).
+``MARGIN`` of the time is kept back for the estimates' error (the job must end within +10%), and
+the stages are re-planned as the job goes for the time actually left: the block-wise steps once
+the text is ready (``revise_blockwise_steps``), the end-to-end steps when that stage starts
+(``revise_qat_steps``).
 A resumed run keeps the plan it recorded (run.json ``plan``); nothing here runs again.
 """
 
@@ -116,7 +119,8 @@ class TimePlan:
     qat_step_s: float = 0.0  # one end-to-end step as measured (revise_qat_steps)
     batch_tokens: int = 0
     tokens_fixed: bool = False  # --tokens beside --time: the end-to-end budget is the user's, never revised
-    revised: dict | None = None  # the end-to-end stage as re-planned when it started (revise_qat_steps)
+    revised: dict | None = None  # the stages as re-planned when they started (revise_blockwise_steps, revise_qat_steps)
+    speeds: dict | None = None  # the StageSpeeds planned with (asdict)
 
     @property
     def expected_s(self) -> float:
@@ -218,13 +222,31 @@ def plan_time(seconds: float, sp: StageSpeeds, *, data: str, corpus_tokens: int,
         qat_steps += extra
     plan = TimePlan(seconds, "full", bw, tokens if tokens is not None else qat_steps * sp.batch_tokens, data,
                     gen_tokens, corpus, notes=notes, qat_step_s=per_step, batch_tokens=sp.batch_tokens,
-                    tokens_fixed=tokens is not None)
+                    tokens_fixed=tokens is not None, speeds=asdict(sp))
     plan.stages = {"spent": sp.spent_s, "generate": _gen_s(sp, gen_tokens), "init": sp.init_s,
                    "blockwise": sp.blockwise_s(bw), "qat": qat_steps * per_step, "save": sp.save_s}
     if tokens is not None and plan.expected_s < seconds * (1 - 2 * MARGIN):
         notes.append(f"--tokens {tokens:,} and {bw} block-wise steps per block (at most {BW_MAX_STEPS}, the most "
                      f"measured) end in about {format_duration(plan.expected_s)}, before the time asked")
     return plan
+
+
+def revise_blockwise_steps(plan: TimePlan, elapsed_s: float) -> int:
+    """Block-wise steps per block re-planned once the training text is ready, ``elapsed_s``
+    seconds into the job: the plan's own rules on its measured speeds (``plan.speeds``) for the
+    time actually left, the text now costing nothing (a probe of seconds stands for minutes of
+    decoding, which the block-wise steps, bought first, should not pay for or lose). The
+    planned steps where the plan is not a full path with a block-wise stage; ``BW_MIN_STEPS``
+    where even those no longer fit (the end-to-end stage then shrinks to its minimum)."""
+    if plan.path != "full" or not plan.blockwise_steps or not plan.speeds:
+        return plan.blockwise_steps
+    sp = StageSpeeds(**{**plan.speeds, "spent_s": elapsed_s})
+    try:
+        again = plan_time(plan.seconds, sp, data=plan.data, corpus_tokens=0, cached_tokens=0, held_out=0,
+                          max_epochs=0, tokens=plan.tokens if plan.tokens_fixed else None, self_frac=0.0)
+    except BinarizeError:  # fixed tokens that no longer fit beside the shortest block-wise stage
+        return BW_MIN_STEPS
+    return again.blockwise_steps if again.path == "full" else BW_MIN_STEPS
 
 
 def revise_qat_steps(plan: TimePlan, elapsed_s: float, max_steps: int) -> int:
