@@ -188,8 +188,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         if notice:
             print(f"  note: {notice}", flush=True)
     model.to(accelerator.device)  # self-generation, if any, runs where training will
-    self_text = SelfText(model, tokenizer, src, recipe, job.progress and main, None if job.progress or not main
-                         else plain_log)
+    log = None if job.progress or not main else plain_log  # --no-progress: timestamped lines instead of bars
+    self_text = SelfText(model, tokenizer, src, recipe, job.progress and main, log)
     t_data = time.perf_counter()
     with accelerator.main_process_first():  # self-generated text is written once, then read by the others
         data = prepare_data(tokenizer, recipe, budget, self_text)
@@ -198,8 +198,7 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         data.info["self_generation"] = {"file": str(self_text.path), **self_text.meta,
                                         **{f"{k}_read": v for k, v in self_text.read.items()}}
     if timed and plan.path == "full":  # the text is ready: the block-wise steps for the time actually left
-        recipe = revise_blockwise(plan, recipe, time.perf_counter() - t_job, (plain_log if not job.progress else print)
-                                  if main else None)
+        recipe = revise_blockwise(plan, recipe, time.perf_counter() - t_job, (log or print) if main else None)
     identity.update(calib_sha256=tokens_sha256(data.calib), calib_source=data.info["calib_source"],
                     train_sha256=tokens_sha256(data.train.blocks.blocks), train_source=data.info["train_source"])
     check_resume(work, saved_identity, identity)
@@ -243,7 +242,6 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         record.hessian = init.get("hessian")
         state = {"phase": "qat", "step": 0, "init": True}  # straight to end-to-end QAT
     t_start = time.perf_counter()
-    log = None if job.progress or not main else plain_log
     try:
         with _progress(job.progress and main) as progress:
             if state is None or state["phase"] == "bai":

@@ -107,9 +107,9 @@ def revise_for_time(plan: TimePlan, recipe: Recipe, tokens: int, *, chunks: int,
     except BinarizeError:  # a budget the recipe cannot schedule (a continual switch, too few steps): keep the plan's
         return recipe, tokens, None, None
     plan.revised = {**(plan.revised or {}), "at_s": round(elapsed_s, 1), "tokens": new, "steps": steps,
-                    "expected_s": round(steps * plan.qat_step_s, 1), "chunks": fitted.chunks}
+                    "expected_s": round(steps * plan.speeds.qat_step_s, 1), "chunks": fitted.chunks}
     line = (f"end-to-end QAT re-planned {format_duration(elapsed_s)} into the job: {new:,} tokens ({steps} steps, "
-            f"about {format_duration(steps * plan.qat_step_s)}) for the time left; planned {tokens:,}")
+            f"about {format_duration(steps * plan.speeds.qat_step_s)}) for the time left; planned {tokens:,}")
     if cap and steps == cap and steps > planned:
         line += f" (at most {recipe.max_epochs:g} epochs of the training text)"
     return fitted, new, budget, line + (f"; {notice}" if notice else "")

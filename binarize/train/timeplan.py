@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import BinarizeError
 
@@ -116,11 +116,9 @@ class TimePlan:
     corpus_tokens: int = 0  # the self-generated corpus (0: the text is not self-generated)
     stages: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    qat_step_s: float = 0.0  # one end-to-end step as measured (revise_qat_steps)
-    batch_tokens: int = 0
     tokens_fixed: bool = False  # --tokens beside --time: the end-to-end budget is the user's, never revised
     revised: dict | None = None  # the stages as re-planned when they started (revise_blockwise_steps, revise_qat_steps)
-    speeds: dict | None = None  # the StageSpeeds planned with (asdict)
+    speeds: StageSpeeds | None = None  # what the full path was planned with (the re-plans use it again)
 
     @property
     def expected_s(self) -> float:
@@ -221,8 +219,7 @@ def plan_time(seconds: float, sp: StageSpeeds, *, data: str, corpus_tokens: int,
                     extra = free
         qat_steps += extra
     plan = TimePlan(seconds, "full", bw, tokens if tokens is not None else qat_steps * sp.batch_tokens, data,
-                    gen_tokens, corpus, notes=notes, qat_step_s=per_step, batch_tokens=sp.batch_tokens,
-                    tokens_fixed=tokens is not None, speeds=asdict(sp))
+                    gen_tokens, corpus, notes=notes, tokens_fixed=tokens is not None, speeds=sp)
     plan.stages = {"spent": sp.spent_s, "generate": _gen_s(sp, gen_tokens), "init": sp.init_s,
                    "blockwise": sp.blockwise_s(bw), "qat": qat_steps * per_step, "save": sp.save_s}
     if tokens is not None and plan.expected_s < seconds * (1 - 2 * MARGIN):
@@ -240,7 +237,7 @@ def revise_blockwise_steps(plan: TimePlan, elapsed_s: float) -> int:
     where even those no longer fit (the end-to-end stage then shrinks to its minimum)."""
     if plan.path != "full" or not plan.blockwise_steps or not plan.speeds:
         return plan.blockwise_steps
-    sp = StageSpeeds(**{**plan.speeds, "spent_s": elapsed_s})
+    sp = replace(plan.speeds, spent_s=elapsed_s)
     try:
         again = plan_time(plan.seconds, sp, data=plan.data, corpus_tokens=0, cached_tokens=0, held_out=0,
                           max_epochs=0, tokens=plan.tokens if plan.tokens_fixed else None, self_frac=0.0)
@@ -254,16 +251,17 @@ def revise_qat_steps(plan: TimePlan, elapsed_s: float, max_steps: int) -> int:
     stage starts, ``elapsed_s`` seconds into the job: the last stage takes up what the earlier
     stages' estimates got wrong (the self-generated text's most of all: a probe of seconds stands
     for minutes of decoding), so the job ends within the time, and time the estimates kept back
-    goes to training. The stage's own speed is the probe's (``plan.qat_step_s``).
+    goes to training. The stage's own speed is the probe's (``plan.speeds.qat_step_s``).
 
     At least ``QAT_MIN_STEPS`` (or the planned steps, where fewer), at most ``max_steps`` (the
     steps the prepared training text holds within ``max_epochs``; 0: no limit). The planned steps
     where the plan is not a timed full path or the user fixed the tokens."""
-    planned = plan.tokens // plan.batch_tokens if plan.batch_tokens else 0
-    if plan.path != "full" or plan.tokens_fixed or planned == 0 or plan.qat_step_s <= 0:
+    sp = plan.speeds
+    planned = plan.tokens // sp.batch_tokens if sp else 0
+    if plan.path != "full" or plan.tokens_fixed or planned == 0 or sp.qat_step_s <= 0:
         return planned
-    left = plan.seconds * (1 - MARGIN) - elapsed_s - plan.stages.get("save", 0.0)
-    steps = int(left / plan.qat_step_s)
+    left = plan.seconds * (1 - MARGIN) - elapsed_s - sp.save_s
+    steps = int(left / sp.qat_step_s)
     if max_steps > 0:
         steps = min(steps, max_steps)
     return max(min(QAT_MIN_STEPS, planned), steps)
