@@ -19,11 +19,12 @@ crash or an out-of-memory kill loses that member only; its error goes in the tab
 others go on. Re-running the same command resumes: finished members are skipped, an
 interrupted conversion continues from its checkpoint, failed ones are retried.
 
-Members that differ only in ``tokens`` (same recipe and keys) share binary-aware initialization
-and the block-wise stage, which do not depend on the budget: the first of them to convert keeps
-its initialisation (``--save-init``), the others start from it (``--init-from``; the result is the
-model they would have trained themselves, ``train/init_state.py``). Their wall time in the table
-and plot still counts the shared stages' time (``wall_s`` = own + the initialisation's).
+Members that differ only in ``tokens`` and end-to-end keys (same recipe and other keys) share
+binary-aware initialization and the block-wise stage, which do not depend on either: the first of
+them to convert keeps its initialisation (``--save-init``), the others start from it
+(``--init-from``; the result is the model they would have trained themselves,
+``train/init_state.py``). Their wall time in the table and plot still counts the shared
+stages' time (``wall_s`` = own + the initialisation's).
 
 "Final loss" is the mean training loss over the last tenth of the steps (at least one): single
 small-batch losses are too noisy to rank recipes by.
@@ -46,7 +47,7 @@ from .ablate_report import markdown_table, plot, plot_quality
 from .checkpoint import write_json
 from .errors import BinarizeError
 from .recipe import load_recipe, parse_tokens, recipe_dir
-from .train.init_state import INIT
+from .train.init_state import INIT, QAT_ONLY
 from .train.record import RunRecord
 
 PLAN_KEYS = {"name", "description", "model", "from_scratch", "tokens", "recipe", "set", "eval", "runs"}
@@ -161,12 +162,14 @@ def _cli_value(v: Any) -> str:
 
 def init_peers(plan: Plan, m: Member) -> list[Member]:
     """The members (``m`` among them, plan order) that share m's initialisation: same recipe and
-    keys, any budget, where the recipe has BaI or a block-wise stage; [] when m shares with none."""
+    keys but those only end-to-end QAT reads (``init_state.QAT_ONLY``: lr, distillation, ...), any
+    budget, where the recipe has BaI or a block-wise stage; [] when m shares with none."""
     def key(x: Member):
         r = load_recipe(x.recipe, plan.overrides(x))
         if plan.from_scratch or not (r.bai or r.blockwise_steps):
             return None
-        return x.recipe, json.dumps(plan.overrides(x), sort_keys=True)
+        init_keys = {k: v for k, v in plan.overrides(x).items() if k not in QAT_ONLY}
+        return x.recipe, json.dumps(init_keys, sort_keys=True)
 
     k = key(m)
     peers = [x for x in plan.members if k is not None and key(x) == k]
@@ -255,6 +258,20 @@ def check_only(plan: Plan, only: list[str] | None) -> None:
         raise BinarizeError(f"--only names unknown run(s): {', '.join(sorted(unknown))}")
 
 
+def merged_fingerprint(old: dict, new: dict, out: Path) -> dict:
+    """A plan may gain members between calls (their results are new); anything else that changed (the
+    budget, the model, the evaluation, a member's settings under the same name) makes ``out``'s
+    results another plan's: BinarizeError. Returns ``new`` remembering the members it dropped."""
+    head = lambda fp: {k: v for k, v in fp.items() if k != "members"}  # noqa: E731
+    before = {m["name"]: m for m in old.get("members", [])}
+    changed = [m["name"] for m in new["members"] if m["name"] in before and before[m["name"]] != m]
+    if head(old) != head(new) or changed:
+        what = f"member(s) {', '.join(changed)} changed" if changed else "a different plan or budget"
+        raise BinarizeError(f"{out} holds results of {what}: use another --out")
+    names = {m["name"] for m in new["members"]}
+    return {**new, "members": new["members"] + [m for m in old.get("members", []) if m["name"] not in names]}
+
+
 def run_plan(plan: Plan, out: Path, echo: Callable[[str], None] = print, only: list[str] | None = None) -> list[dict]:
     """Run (or resume) every member, then write results.json, table.md and plot.png into ``out``."""
     check_only(plan, only)
@@ -263,8 +280,9 @@ def run_plan(plan: Plan, out: Path, echo: Callable[[str], None] = print, only: l
     fingerprint = {"name": plan.name, "tokens": plan.tokens, "model": plan.model, "from_scratch": plan.from_scratch,
                    "eval": plan.eval, "members": [asdict(m) | {"overrides": plan.overrides(m)} for m in plan.members]}
     fp_path = out / "plan.json"
-    if fp_path.is_file() and json.loads(fp_path.read_text()) != json.loads(json.dumps(fingerprint)):
-        raise BinarizeError(f"{out} holds results of a different plan or budget: use another --out")
+    fingerprint = json.loads(json.dumps(fingerprint))
+    if fp_path.is_file():
+        fingerprint = merged_fingerprint(json.loads(fp_path.read_text()), fingerprint, out)
     write_json(fp_path, fingerprint)
     results = []
     for m in plan.members:

@@ -109,6 +109,8 @@ class Recipe:
     distill_temperature: float = 1.0
     distill_ce: float = 1.0  # weight of the next-token CE beside the KL: 1 = CE + KL, 0 = pure logit distillation
     distill_topk: int = 0  # > 0: KL to the teacher's top-k logits, cached per sequence (train/losses.Distill); 0: full
+    distill_hidden: float = 0.0  # > 0: + this x per-layer relative hidden-state error to the teacher (losses.Distill)
+    qat_latent: bool = True  # False: end-to-end trains scales, biases, norms; latents frozen (EfficientQAT E2E-QP)
 
     def validate(self) -> "Recipe":
         choices = {
@@ -161,11 +163,17 @@ class Recipe:
                 raise BinarizeError(f"recipe {self.name}: {key} is a whole step (>= 1) or a fraction in [0, 1), got {v}")
         for key in ("bai_steps", "warmup_steps", "save_every", "min_lr", "weight_decay", "grad_clip", "schedule_span",
                     "switch_at", "distill_alpha", "blockwise_steps", "distill_ce", "loss_chunk", "distill_topk",
-                    "hessian_scale_steps", "hessian_scale_lr", "max_epochs"):
+                    "hessian_scale_steps", "hessian_scale_lr", "max_epochs", "distill_hidden"):
             if getattr(self, key) < 0:
                 raise BinarizeError(f"recipe {self.name}: {key} must be >= 0, got {getattr(self, key)}")
         if self.distill_ce == 0 and self.distill_alpha == 0:
             raise BinarizeError(f"recipe {self.name}: distill_ce=0 with distill_alpha=0 leaves no loss to train on")
+        if self.distill_hidden and not self.distill_alpha:
+            raise BinarizeError(f"recipe {self.name}: distill_hidden distils from the teacher that distill_alpha > 0 "
+                                "loads (set distill_alpha, e.g. 1.0)")
+        if not self.qat_latent and self.scaling == "analytic" and not self.train_st and self.train_fp == "none":
+            raise BinarizeError(f"recipe {self.name}: qat_latent=false with scaling=analytic, train_st=false and "
+                                "train_fp=none leaves end-to-end QAT nothing to train")
         if self.bai_path and self.quantizer != "progressive":
             raise BinarizeError(f"recipe {self.name}: bai_path fits St along the progressive schedule; "
                                 f"quantizer={self.quantizer!r} has none (use bai_path: false)")

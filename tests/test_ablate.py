@@ -90,18 +90,21 @@ def test_members_that_differ_only_in_tokens_share_the_initialisation(tmp_path):
     from binarize.ablate import convert_command
 
     path = write_plan(tmp_path, **{**BASE, "runs": [
-        {"name": "a", "tokens": 1024}, {"name": "b", "tokens": 4096}, {"name": "c", "set": {"lr": 2e-3}},
+        {"name": "a", "tokens": 1024}, {"name": "b", "tokens": 4096}, {"name": "c", "set": {"bai_lr": 2e-3}},
+        {"name": "e2e", "set": {"lr": 2e-3, "distill_alpha": 1.0}},
         {"name": "s", "recipe": "bitnet-b158-absmean", "set": {"bai": False}},
         {"name": "s2", "recipe": "bitnet-b158-absmean", "tokens": 4096, "set": {"bai": False}}]})
     plan = load_plan(str(path))
     runs = tmp_path / "runs"
     tail = {m.name: convert_command(plan, m, runs / m.name, resume=False)[-2:] for m in plan.members}
-    # nothing kept yet: a and b both keep theirs; c (another lr) and the BaI-free ternary pair share nothing
-    assert tail["a"][-1] == "--save-init" and tail["b"][-1] == "--save-init"
+    # nothing kept yet: a, b and e2e (other end-to-end keys only) keep theirs; c (another BaI lr) and
+    # the BaI-free ternary pair share nothing
+    assert tail["a"][-1] == "--save-init" and tail["b"][-1] == "--save-init" and tail["e2e"][-1] == "--save-init"
     assert "--save-init" not in tail["c"] and "--init-from" not in tail["c"] + tail["s"] + tail["s2"]
     (runs / "b" / "init").mkdir(parents=True)
     (runs / "b" / "init" / "init.json").write_text("{}")
     assert convert_command(plan, plan.members[0], runs / "a", resume=False)[-2:] == ["--init-from", str(runs / "b")]
+    assert convert_command(plan, plan.members[3], runs / "e2e", resume=False)[-2:] == ["--init-from", str(runs / "b")]
     planned = convert_command(plan, plan.members[1], runs / "b", resume=False, planned=True)
     assert planned[-2:] == ["--init-from", str(runs / "a")]
 
@@ -129,3 +132,19 @@ def test_only_names_are_checked_before_anything_and_dry_run_keeps_to_them(tmp_pa
         main(["ablate", str(path), "--out", str(out), "--only", "b", "--dry-run"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert exc.value.code in (0, None) and len(lines) == 1 and str(out / "runs" / "b") in lines[0]
+
+
+def test_a_plan_may_gain_members_but_not_change_them(tmp_path):
+    from binarize.ablate import merged_fingerprint
+
+    a, b = {"name": "a", "tokens": 1}, {"name": "b", "tokens": 2}
+    old = {"name": "p", "tokens": 1024, "members": [a, b]}
+    grown = merged_fingerprint(old, {"name": "p", "tokens": 1024, "members": [a, b, {"name": "c", "tokens": 3}]},
+                               tmp_path)
+    assert [m["name"] for m in grown["members"]] == ["a", "b", "c"]
+    dropped = merged_fingerprint(grown, {"name": "p", "tokens": 1024, "members": [a]}, tmp_path)
+    assert [m["name"] for m in dropped["members"]] == ["a", "b", "c"]  # b and c stay remembered
+    with pytest.raises(BinarizeError, match="member.s. b changed"):
+        merged_fingerprint(dropped, {"name": "p", "tokens": 1024, "members": [a, {"name": "b", "tokens": 5}]}, tmp_path)
+    with pytest.raises(BinarizeError, match="different plan or budget"):
+        merged_fingerprint(old, {"name": "p", "tokens": 2048, "members": [a, b]}, tmp_path)

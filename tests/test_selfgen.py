@@ -259,3 +259,31 @@ def test_self_text_records_without_ids_are_tokenized_and_bad_ids_refused(tok, tm
         with pytest.raises(BinarizeError, match="old.jsonl.gz:3: ") as exc:
             st._ids(bad, 3)
         assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("spec", ["self", "self+ptb:0.5"])
+def test_a_timed_run_reads_all_of_its_self_generated_corpus(tok, tmp_path, spec):
+    """``SelfText.whole`` (the --time path) trains on every generated block, not only the budget's
+    share, so a later re-plan of the end-to-end stage has all of the text; the calibration set (the
+    corpus's head) is the same either way; a mix keeps its own share of self text."""
+    from binarize.recipe import load_recipe
+    from binarize.train.data import SelfText, prepare_data
+    from binarize.train.plan import plan_budget
+
+    recipe = load_recipe("binaryllm", dict(seq_len=16, batch_tokens=32, calib_sequences=2, data=spec, calib="self"))
+    g = torch.Generator().manual_seed(0)
+    docs = [{"ids": torch.randint(5, 200, (40,), generator=g).tolist()} for _ in range(30)]  # ~1,230 tokens
+    budget = plan_budget(recipe, 64)  # 4 sequences of 16: a small share of the corpus
+    got = {}
+    for whole in (False, True):
+        st = SelfText(None, tok, None, recipe, whole=whole)
+        st.docs, st.path = list(docs), tmp_path / "corpus.jsonl.gz"
+        got[whole] = prepare_data(tok, recipe, budget, st)
+    part, full = got[False], got[True]
+    assert torch.equal(part.calib, full.calib)
+    if spec == "self":
+        assert part.info["train_blocks_available"] < 10 < full.info["train_blocks_available"]
+        assert full.info["train_blocks_available"] + 2 == (30 * 41) // 16  # every whole block of the corpus
+        assert torch.equal(full.train.blocks.blocks[: len(part.train.blocks)], part.train.blocks.blocks)
+    else:
+        assert torch.equal(full.train.blocks.blocks, part.train.blocks.blocks)

@@ -58,7 +58,7 @@ from ..models import decoder_layers, final_norm
 from ..qlinear import quant_layers, set_t
 from ..recipe import Recipe
 from ..schedules import chunk_t
-from .losses import IGNORE, ChunkedLinearLoss, logit_softcap
+from .losses import IGNORE, ChunkedLinearLoss, logit_softcap, reconstruction_loss
 from .loop import Interrupted, StopOnInterrupt, trainable_groups
 from .record import BlockwiseRecord
 
@@ -105,15 +105,6 @@ def block_inputs(model, ids: torch.Tensor, micro_batch: int = 1) -> tuple[torch.
     finally:
         handle.remove()
     return torch.cat(xs), kw
-
-
-def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "relative") -> torch.Tensor:
-    """Mean over tokens of ||out - target||^2 / ||target||^2 (``relative``) or the plain MSE.
-    Shapes (batch, seq, hidden); a scalar."""
-    err = (out.float() - target.float()).pow(2)
-    if kind == "mse":
-        return err.mean()
-    return (err.sum(-1) / target.float().pow(2).sum(-1).clamp_min(1e-12)).mean()
 
 
 def head_kl_loss(model, recipe: Recipe):

@@ -62,9 +62,10 @@ def _blocks_from(spec: str, n_tokens: int, L: int, tokenizer, self_text,
     if frac > 0:
         if self_text is None:
             raise BinarizeError("self-generated data needs the model (convert builds it)")
-        seqs, where = self_text.take(_self_tokens(spec, n_tokens, L))  # the sampled ids, not their text again
+        whole = self_text.whole and not real  # all of a corpus already paid for (SelfText.whole)
+        seqs, where = self_text.take(_self_tokens(spec, n_tokens, L), rest=whole)  # the sampled ids themselves
         blocks = TokenBlocks.from_stream(join_sequences(seqs, tokenizer.eos_token_id), L)
-        parts.append(blocks.blocks[:n_self])
+        parts.append(blocks.blocks if whole else blocks.blocks[:n_self])
         wheres.append(f"{where} ({parts[-1].shape[0]} blocks)")
     if real:
         n_real = math.ceil(n_tokens / L) - n_self if frac > 0 else None
@@ -144,21 +145,27 @@ class SelfText:
     The recipe's ``self_tokens`` fixes the corpus size instead: runs that need more repeat it in
     epochs (calibration still held out), runs that need less read its start, and runs with the
     same settings share one cached file (generation costs about as much per token as a QAT step
-    on a CPU, so a small corpus buys more steps for the same time)."""
+    on a CPU, so a small corpus buys more steps for the same time).
 
-    def __init__(self, model, tokenizer, src, recipe: Recipe, progress: bool = False, log=None):
+    ``whole``: a pure ``self`` training text is all of the corpus, not only the budget's share of
+    it (the ``--time`` path, whose end-to-end stage is re-planned later within ``max_epochs`` of
+    the text it holds: the 30-minute run read 88 of 128 blocks generated and re-planned over them)."""
+
+    def __init__(self, model, tokenizer, src, recipe: Recipe, progress: bool = False, log=None,
+                 whole: bool = False):
         self.model, self.tokenizer, self.src, self.recipe = model, tokenizer, src, recipe
-        self.progress, self.log = progress, log
+        self.progress, self.log, self.whole = progress, log, whole
         self.reserved, self.docs, self.cursor, self.path, self.meta = 0, None, 0, None, None
         self.read = {"sequences": 0, "tokens": 0}  # handed out so far: the generated ids themselves
 
     def reserve(self, n_tokens: int) -> None:
         self.reserved += n_tokens
 
-    def take(self, n_tokens: int) -> tuple[list[list[int]], str]:
-        """The next documents (token ids, as sampled) holding ``n_tokens`` with an EOS after each,
-        and where they came from. A record's ``ids`` are used as they are; a record of an older
-        cache file without them is tokenized from its ``text``."""
+    def take(self, n_tokens: int, rest: bool = False) -> tuple[list[list[int]], str]:
+        """The next documents (token ids, as sampled) holding ``n_tokens`` with an EOS after each
+        (``rest``: every document left, at least as many), and where they came from. A record's
+        ``ids`` are used as they are; a record of an older cache file without them is tokenized
+        from its ``text``."""
         import gzip
         import json
 
@@ -170,7 +177,7 @@ class SelfText:
             with gzip.open(self.path, "rt", encoding="utf-8") as f:
                 self.docs = [json.loads(line) for line in f]
         out, got, first = [], 0, self.cursor
-        while got < n_tokens and self.cursor < len(self.docs):
+        while (rest or got < n_tokens) and self.cursor < len(self.docs):
             ids = self._ids(self.docs[self.cursor], self.cursor + 1)
             out.append(ids)
             got += len(ids) + 1  # + the EOS the loader puts between documents

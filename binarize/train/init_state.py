@@ -41,7 +41,7 @@ QAT_ONLY = frozenset({
     "name", "description", "lr", "min_lr", "weight_decay", "warmup_steps", "betas", "grad_clip",
     "batch_tokens", "micro_batch", "loss_chunk", "loss_backend", "grad_checkpointing", "save_every", "data",
     "switch_at", "retain_optimizer", "phase_in", "phase_in_len", "phase_in_steepness",
-    "distill_alpha", "distill_temperature", "distill_ce", "distill_topk",
+    "distill_alpha", "distill_temperature", "distill_ce", "distill_topk", "distill_hidden", "qat_latent",
 })
 
 

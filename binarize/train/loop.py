@@ -202,13 +202,16 @@ def batch_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def trainable_groups(model, recipe: Recipe) -> list[dict]:
-    """AdamW parameter groups: latent weights (with weight decay), scales and the chosen FP params (without)."""
+def trainable_groups(model, recipe: Recipe, latent: bool = True) -> list[dict]:
+    """AdamW parameter groups: latent weights (with weight decay), scales and the chosen FP params
+    (without). ``latent=False`` (end-to-end with recipe ``qat_latent: false``, EfficientQAT's
+    E2E-QP, arXiv 2407.11062) freezes the latent weights: the first group is then empty."""
     for p in model.parameters():
         p.requires_grad_(False)
     decay, no_decay = [], []
     for q in quant_layers(model).values():
-        decay.append(q.weight)
+        if latent:
+            decay.append(q.weight)
         if recipe.scaling != "analytic":
             no_decay.append(q.sl)
         if recipe.train_st:

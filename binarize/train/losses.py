@@ -35,6 +35,14 @@ class Distill:
     Memory cost: a second full-precision copy of the model, plus, on the full-logits path, the
     teacher's logits and two log-softmaxes per micro-batch (3 x micro_batch x seq_len x vocab floats).
 
+    ``hidden`` (recipe ``distill_hidden``) > 0 adds hidden-state distillation to the end-to-end loss:
+    + hidden * mean over the model's hidden states l = 1..L of the per-token relative squared error
+    ||h_S,l - h_T,l||^2 / ||h_T,l||^2 (``reconstruction_loss``, the block-wise stage's metric; the
+    per-layer feature terms of BinaryMoS, arXiv 2406.12311, and LittleBit, arXiv 2506.13771). The
+    states are transformers' ``hidden_states[1:]``: the outputs of blocks 0..L-2 and the final
+    normed state (transformers 5 records the last block's output after the final norm). The teacher
+    then runs every step, also beside a top-k cache.
+
     ``topk`` (recipe ``distill_topk``) > 0 distils from the teacher's k largest logits per position
     instead (the sparse target q = softmax(top-k logits / tau), zero elsewhere; KL(q || p_S)), and
     caches them per training sequence the first time the sequence is seen, so later epochs over the
@@ -49,12 +57,21 @@ class Distill:
     temperature: float
     ce_weight: float = 1.0
     topk: int = 0
+    hidden: float = 0.0
     cache: dict = field(default_factory=dict, repr=False)
     hits: int = 0
     misses: int = 0
 
-    def kl(self, x: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-        """x: (batch, seq) token ids; student_logits: (batch, seq, vocab). Returns tau^2 * KL, a scalar."""
+    @classmethod
+    def from_recipe(cls, teacher: torch.nn.Module, recipe) -> "Distill":
+        """The recipe's distillation (``distill_alpha``, ``_temperature``, ``_ce``, ``_topk``, ``_hidden``)."""
+        return cls(teacher, recipe.distill_alpha, recipe.distill_temperature, recipe.distill_ce, recipe.distill_topk,
+                   recipe.distill_hidden)
+
+    def kl(self, x: torch.Tensor, student_logits: torch.Tensor,
+           teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (batch, seq) token ids; student_logits: (batch, seq, vocab); teacher_logits: the same
+        shape when already computed (else the teacher runs here). Returns tau^2 * KL, a scalar."""
         tau = self.temperature
         s_logp = torch.log_softmax(student_logits.float() / tau, dim=-1)
         if self.topk:
@@ -63,7 +80,9 @@ class Distill:
             picked = s_logp.flatten(0, -2).gather(1, idx)
             return (q_logp.exp() * (q_logp - picked)).sum() / idx.shape[0] * tau * tau
         with torch.no_grad():
-            t_logp = torch.log_softmax(self.teacher(input_ids=x).logits.float() / tau, dim=-1)
+            if teacher_logits is None:
+                teacher_logits = self.teacher(input_ids=x).logits
+            t_logp = torch.log_softmax(teacher_logits.float() / tau, dim=-1)
         kl = F.kl_div(s_logp.flatten(0, -2), t_logp.flatten(0, -2), log_target=True, reduction="batchmean")
         return kl * tau * tau
 
@@ -109,6 +128,26 @@ class Distill:
                 "MiB": round(nbytes / 2**20, 2)}
 
 
+def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "relative") -> torch.Tensor:
+    """Mean over tokens of ||out - target||^2 / ||target||^2 (``relative``) or the plain MSE.
+    Shapes (batch, seq, hidden); a scalar. The block-wise stage's loss (blockwise.py) and the
+    end-to-end hidden-state distillation (``Distill.hidden``)."""
+    err = (out.float() - target.float()).pow(2)
+    if kind == "mse":
+        return err.mean()
+    return (err.sum(-1) / target.float().pow(2).sum(-1).clamp_min(1e-12)).mean()
+
+
+def hidden_distill_loss(student: tuple, teacher: tuple) -> torch.Tensor:
+    """Mean over l = 1..L of ``reconstruction_loss(student[l], teacher[l])``: transformers'
+    ``hidden_states`` tuples (L + 1 tensors (batch, seq, hidden), index 0 the embeddings, which
+    stay full precision and are skipped). A scalar."""
+    if len(student) != len(teacher) or len(student) < 2:
+        raise BinarizeError(f"hidden-state distillation needs the student's and the teacher's hidden states "
+                            f"(got {len(student)} and {len(teacher)})")
+    return torch.stack([reconstruction_loss(s, t) for s, t in zip(student[1:], teacher[1:])]).mean()
+
+
 def logit_softcap(model) -> float | None:
     """Gemma 2's final soft-capping: logits = cap * tanh(z / cap) (None: plain logits)."""
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -138,7 +177,9 @@ class TrainLoss(torch.nn.Module):
     ``loss_chunk``) is the number of positions whose logits exist at once; 0: the model's own
     full-logits forward. ``backend`` (recipe ``loss_backend``, resolved by
     ``liger_loss.resolve_backend``): ``chunked`` (``ChunkedLinearLoss``) or ``liger`` (liger-kernel;
-    its kd is the mean over the positions with a target). The teacher is held outside the module's
+    its kd is the mean over the positions with a target). With ``Distill.hidden`` > 0 the loss
+    (not ce or kd) also holds hidden * ``hidden_distill_loss`` of both models' hidden states, on
+    every path. The teacher is held outside the module's
     parameters, so DDP / FSDP never synchronise or shard it."""
 
     def __init__(self, model: torch.nn.Module, distill: Distill | None = None, chunk: int = 0,
@@ -153,22 +194,33 @@ class TrainLoss(torch.nn.Module):
 
     def forward(self, x: torch.Tensor):
         d = self.distill
+        states = d is not None and d.hidden > 0  # hidden-state distillation: both models return every state
         if not self.chunk:
-            out = self.model(input_ids=x, labels=x)
+            out = self.model(input_ids=x, labels=x, output_hidden_states=states)
             ce = out.loss
             if d is None:
                 return ce, ce, None
-            kd = d.kl(x, out.logits)
-            return d.ce_weight * ce + d.alpha * kd, ce, kd
-        h = self.model.get_decoder()(input_ids=x).last_hidden_state.flatten(0, 1)  # (batch * seq, hidden)
+            t_out = None
+            if states:
+                with torch.no_grad():
+                    t_out = d.teacher(input_ids=x, output_hidden_states=True)
+            kd = d.kl(x, out.logits, None if t_out is None or d.topk else t_out.logits)
+            loss = d.ce_weight * ce + d.alpha * kd
+            if states:
+                loss = loss + d.hidden * hidden_distill_loss(out.hidden_states, t_out.hidden_states)
+            return loss, ce, kd
+        out = self.model.get_decoder()(input_ids=x, output_hidden_states=states)
+        h = out.last_hidden_state.flatten(0, 1)  # (batch * seq, hidden)
         head = self.model.get_output_embeddings()
         targets = torch.cat([x[:, 1:], torch.full_like(x[:, :1], IGNORE)], dim=1).flatten()
-        teacher_h = t_head = sparse = None
+        teacher_h = t_head = sparse = t_out = None
+        if states or (d is not None and not d.topk):
+            with torch.no_grad():
+                t_out = d.teacher.get_decoder()(input_ids=x, output_hidden_states=states)
         if d is not None and d.topk:
             sparse = d.sparse_targets(x, self.chunk)
         elif d is not None:
-            with torch.no_grad():
-                teacher_h = d.teacher.get_decoder()(input_ids=x).last_hidden_state.flatten(0, 1)
+            teacher_h = t_out.last_hidden_state.flatten(0, 1)
             t_head = d.teacher.get_output_embeddings()
         weights = (d.ce_weight, d.alpha, d.temperature) if d is not None else (1.0, 0.0, 1.0)
         weights = (*weights, logit_softcap(self.model) or 0.0, (logit_softcap(d.teacher) or 0.0) if d else 0.0)
@@ -177,10 +229,13 @@ class TrainLoss(torch.nn.Module):
 
             if sparse is not None:  # resolve_backend keeps distill_topk on the chunked path
                 raise BinarizeError("loss_backend=liger has no form for the teacher's top-k logits (distill_topk)")
-            return liger_loss(h, head, targets, teacher_h, t_head, weights, self.chunk, IGNORE)
-        loss, ce, kd = ChunkedLinearLoss.apply(h, head.weight, head.bias, targets, teacher_h,
-                                               None if t_head is None else t_head.weight,
-                                               None if t_head is None else t_head.bias, sparse, weights, self.chunk)
+            loss, ce, kd = liger_loss(h, head, targets, teacher_h, t_head, weights, self.chunk, IGNORE)
+        else:
+            loss, ce, kd = ChunkedLinearLoss.apply(h, head.weight, head.bias, targets, teacher_h,
+                                                   None if t_head is None else t_head.weight,
+                                                   None if t_head is None else t_head.bias, sparse, weights, self.chunk)
+        if states:
+            loss = loss + d.hidden * hidden_distill_loss(out.hidden_states, t_out.hidden_states)
         return loss, ce, (kd if d is not None else None)
 
 

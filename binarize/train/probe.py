@@ -160,15 +160,14 @@ def measure_speeds(model, tokenizer, recipe: Recipe, *, spent_s: float, generate
     full.train()
     distill = None
     if recipe.distill_alpha > 0:
-        distill = Distill(model, recipe.distill_alpha, recipe.distill_temperature, recipe.distill_ce,
-                          recipe.distill_topk)
+        distill = Distill.from_recipe(model, recipe)
     student = TrainLoss(full, None, recipe.loss_chunk, resolve_backend(recipe, full))
     qat = TrainLoss(full, distill, recipe.loss_chunk, resolve_backend(recipe, full)) if distill else student
     x = ids[:mb]
     qat(x)[0].backward()  # warm-up
     qat_mb = _timed(lambda: qat(x)[0].backward())
     student_mb = _timed(lambda: student(x)[0].backward()) if distill else qat_mb
-    opt = torch.optim.AdamW(trainable_groups(full, recipe), lr=1e-12)
+    opt = torch.optim.AdamW(trainable_groups(full, recipe, recipe.qat_latent), lr=1e-12)
     opt_s = _timed(opt.step)
     with torch.no_grad():
         fwd_mb = _timed(lambda: student(x))

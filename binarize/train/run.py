@@ -189,7 +189,9 @@ def convert_run(job: ConvertJob) -> ConvertResult:
             print(f"  note: {notice}", flush=True)
     model.to(accelerator.device)  # self-generation, if any, runs where training will
     log = None if job.progress or not main else plain_log  # --no-progress: timestamped lines instead of bars
-    self_text = SelfText(model, tokenizer, src, recipe, job.progress and main, log)
+    planned_path = plan.path if plan else ((state["record"].get("plan") or {}).get("path") if state else None)
+    self_text = SelfText(model, tokenizer, src, recipe, job.progress and main, log,
+                         whole=planned_path == "full")  # a timed run's re-plan may use all of it (also resumed)
     t_data = time.perf_counter()
     with accelerator.main_process_first():  # self-generated text is written once, then read by the others
         data = prepare_data(tokenizer, recipe, budget, self_text)
@@ -221,8 +223,7 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     distill = None
     if recipe.distill_alpha > 0:
         teacher = copy.deepcopy(model).requires_grad_(False).eval()
-        distill = Distill(teacher, recipe.distill_alpha, recipe.distill_temperature, recipe.distill_ce,
-                          recipe.distill_topk)
+        distill = Distill.from_recipe(teacher, recipe)
     fp_layers = None  # the Hessian stage writes its codes into the latent weights: block-wise targets need the original
     if recipe.init == "hessian" and recipe.blockwise_steps and not job.bai_only:
         fp_layers = (decoder_layers(distill.teacher) if distill is not None
@@ -281,7 +282,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                     if main:
                         (log or print)(line)
             if not job.bai_only and tokens > 0:  # --tokens 0: the initialisation alone (PTQ)
-                groups = trainable_groups(model, recipe)  # FSDP: the optimizer is built on the shards below
+                # FSDP: the optimizer is built on the shards below
+                groups = trainable_groups(model, recipe, recipe.qat_latent)
                 optimizer = None if sharded else torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas))
                 start_step, saved_optimizer = 0, None
                 if state is not None and state["phase"] == "qat" and not state.get("init"):
@@ -294,7 +296,7 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                 loss_fn = TrainLoss(model, distill, recipe.loss_chunk, record.loss_backend)
                 if sharded:
                     shard(loss_fn, decoder_layers(model), fsdp_opts["reshard_after_forward"])
-                    optimizer = torch.optim.AdamW(trainable_groups(model, recipe), lr=recipe.lr,
+                    optimizer = torch.optim.AdamW(trainable_groups(model, recipe, recipe.qat_latent), lr=recipe.lr,
                                                   betas=tuple(recipe.betas))
                     if saved_optimizer is not None:
                         load_optimizer_state(loss_fn, optimizer, saved_optimizer)
