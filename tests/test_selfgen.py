@@ -270,7 +270,8 @@ def test_a_timed_run_reads_all_of_its_self_generated_corpus(tok, tmp_path, spec)
     from binarize.train.data import SelfText, prepare_data
     from binarize.train.plan import plan_budget
 
-    recipe = load_recipe("binaryllm", dict(seq_len=16, batch_tokens=32, calib_sequences=2, data=spec, calib="self"))
+    recipe = load_recipe("binaryllm", dict(seq_len=16, batch_tokens=32, calib_sequences=2, chunks=2, data=spec,
+                                           calib="self"))
     g = torch.Generator().manual_seed(0)
     docs = [{"ids": torch.randint(5, 200, (40,), generator=g).tolist()} for _ in range(30)]  # ~1,230 tokens
     budget = plan_budget(recipe, 64)  # 4 sequences of 16: a small share of the corpus

@@ -52,17 +52,17 @@ def _self_tokens(spec: str, n_tokens: int, L: int) -> int:
 
 
 def _blocks_from(spec: str, n_tokens: int, L: int, tokenizer, self_text,
-                 skipped: dict | None = None) -> tuple[TokenBlocks, str]:
+                 skipped: dict | None = None, whole: bool = False) -> tuple[TokenBlocks, str]:
     """Blocks of L tokens for a data spec; ``self+SPEC:F`` mixes F self-generated tokens with SPEC.
     Records of the source skipped for a null, empty or non-string text are counted in ``skipped``
-    under the source's description."""
+    under the source's description. ``whole``: a pure ``self`` spec reads every document left."""
     real, frac = parse_mix(spec)
     parts, wheres = [], []
     n_self = _n_self_blocks(spec, n_tokens, L)
     if frac > 0:
         if self_text is None:
             raise BinarizeError("self-generated data needs the model (convert builds it)")
-        whole = self_text.whole and not real  # all of a corpus already paid for (SelfText.whole)
+        whole = whole and not real  # all of a corpus already paid for (SelfText.whole)
         seqs, where = self_text.take(_self_tokens(spec, n_tokens, L), rest=whole)  # the sampled ids themselves
         blocks = TokenBlocks.from_stream(join_sequences(seqs, tokenizer.eos_token_id), L)
         parts.append(blocks.blocks if whole else blocks.blocks[:n_self])
@@ -102,7 +102,7 @@ def prepare_data(tokenizer, recipe: Recipe, budget: Budget, self_text: "SelfText
         train_blocks, where = TokenBlocks(torch.zeros(0, L, dtype=torch.long)), "none (--tokens 0)"
     else:
         train_blocks, where = _blocks_from(data_spec, n_seq * L + (n_calib * L if same else 0), L, tokenizer,
-                                           self_text, skipped)
+                                           self_text, skipped, whole=self_text is not None and self_text.whole)
     if same:
         # Same source: hold its first n_calib blocks out of training, so calibration text is never
         # trained on and is the same at every budget (the head of a source does not depend on how
