@@ -75,7 +75,7 @@ class Distill:
         tau = self.temperature
         s_logp = torch.log_softmax(student_logits.float() / tau, dim=-1)
         if self.topk:
-            idx, vals = self.sparse_targets(x, 0)
+            idx, vals = self.sparse_targets(x, 0, teacher_logits)
             q_logp = torch.log_softmax(vals / tau, dim=-1)
             picked = s_logp.flatten(0, -2).gather(1, idx)
             return (q_logp.exp() * (q_logp - picked)).sum() / idx.shape[0] * tau * tau
@@ -87,11 +87,14 @@ class Distill:
         return kl * tau * tau
 
     @torch.no_grad()
-    def sparse_targets(self, x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sparse_targets(self, x: torch.Tensor, chunk: int,
+                       teacher_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's top-k for every position of x (batch, seq): (ids (batch * seq, k) int64,
         logits (batch * seq, k) float32, shifted so each row's largest is 0), from the cache where the
         sequence was seen before. ``chunk`` > 0 computes missing logits that many positions at a time
-        (lm_head of the final hidden states, soft-capped as the model does); 0: the model's own logits."""
+        (lm_head of the final hidden states, soft-capped as the model does); 0: the model's own logits.
+        ``teacher_out``: the teacher's final hidden states (chunk > 0) or logits (chunk 0) for all of
+        x, where the step already ran it (hidden-state distillation), so a miss does not run it again."""
         keys = [row.cpu().numpy().tobytes() for row in x]
         missing = [i for i, key in enumerate(keys) if key not in self.cache]
         self.hits += len(keys) - len(missing)
@@ -100,10 +103,11 @@ class Distill:
             xm = x[missing]
             k = min(self.topk, self.teacher.config.vocab_size)
             if chunk:
-                h = self.teacher.get_decoder()(input_ids=xm).last_hidden_state
+                h = (teacher_out[missing] if teacher_out is not None
+                     else self.teacher.get_decoder()(input_ids=xm).last_hidden_state)
                 head, cap = self.teacher.get_output_embeddings(), logit_softcap(self.teacher)
             else:
-                logits = self.teacher(input_ids=xm).logits
+                logits = teacher_out[missing] if teacher_out is not None else self.teacher(input_ids=xm).logits
             step = chunk or x.shape[1]
             for j, i in enumerate(missing):
                 parts = []
@@ -204,7 +208,7 @@ class TrainLoss(torch.nn.Module):
             if states:
                 with torch.no_grad():
                     t_out = d.teacher(input_ids=x, output_hidden_states=True)
-            kd = d.kl(x, out.logits, None if t_out is None or d.topk else t_out.logits)
+            kd = d.kl(x, out.logits, None if t_out is None else t_out.logits)
             loss = d.ce_weight * ce + d.alpha * kd
             if states:
                 loss = loss + d.hidden * hidden_distill_loss(out.hidden_states, t_out.hidden_states)
@@ -218,7 +222,7 @@ class TrainLoss(torch.nn.Module):
             with torch.no_grad():
                 t_out = d.teacher.get_decoder()(input_ids=x, output_hidden_states=states)
         if d is not None and d.topk:
-            sparse = d.sparse_targets(x, self.chunk)
+            sparse = d.sparse_targets(x, self.chunk, None if t_out is None else t_out.last_hidden_state)
         elif d is not None:
             teacher_h = t_out.last_hidden_state.flatten(0, 1)
             t_head = d.teacher.get_output_embeddings()
