@@ -259,12 +259,15 @@ def check_only(plan: Plan, only: list[str] | None) -> None:
 
 
 def merged_fingerprint(old: dict, new: dict, out: Path) -> dict:
-    """A plan may gain members between calls (their results are new); anything else that changed (the
-    budget, the model, the evaluation, a member's settings under the same name) makes ``out``'s
-    results another plan's: BinarizeError. Returns ``new`` remembering the members it dropped."""
+    """A plan may gain members between calls, and a member with no result in ``out/results`` yet may
+    change (nothing of it was measured); anything else that changed (the budget, the model, the
+    evaluation, the settings of a member with a result) makes ``out``'s results another plan's:
+    BinarizeError naming them. Returns ``new`` remembering the members it dropped."""
     head = lambda fp: {k: v for k, v in fp.items() if k != "members"}  # noqa: E731
     before = {m["name"]: m for m in old.get("members", [])}
-    changed = [m["name"] for m in new["members"] if m["name"] in before and before[m["name"]] != m]
+    measured = lambda name: (out / "results" / f"{name}.json").is_file()  # noqa: E731
+    changed = [m["name"] for m in new["members"]
+               if m["name"] in before and before[m["name"]] != m and measured(m["name"])]
     if head(old) != head(new) or changed:
         what = f"member(s) {', '.join(changed)} changed" if changed else "a different plan or budget"
         raise BinarizeError(f"{out} holds results of {what}: use another --out")

@@ -134,9 +134,11 @@ def test_only_names_are_checked_before_anything_and_dry_run_keeps_to_them(tmp_pa
     assert exc.value.code in (0, None) and len(lines) == 1 and str(out / "runs" / "b") in lines[0]
 
 
-def test_a_plan_may_gain_members_but_not_change_them(tmp_path):
+def test_a_plan_may_gain_members_but_not_change_measured_ones(tmp_path):
     from binarize.ablate import merged_fingerprint
 
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "b.json").write_text('{"status": "ok"}')  # b was measured, a and c were not
     a, b = {"name": "a", "tokens": 1}, {"name": "b", "tokens": 2}
     old = {"name": "p", "tokens": 1024, "members": [a, b]}
     grown = merged_fingerprint(old, {"name": "p", "tokens": 1024, "members": [a, b, {"name": "c", "tokens": 3}]},
@@ -148,3 +150,7 @@ def test_a_plan_may_gain_members_but_not_change_them(tmp_path):
         merged_fingerprint(dropped, {"name": "p", "tokens": 1024, "members": [a, {"name": "b", "tokens": 5}]}, tmp_path)
     with pytest.raises(BinarizeError, match="different plan or budget"):
         merged_fingerprint(old, {"name": "p", "tokens": 2048, "members": [a, b]}, tmp_path)
+    # a member with no result yet may change; the changed settings are the ones remembered
+    moved = merged_fingerprint(grown, {"name": "p", "tokens": 1024, "members": [a, b, {"name": "c", "tokens": 9}]},
+                               tmp_path)
+    assert {m["name"]: m["tokens"] for m in moved["members"]} == {"a": 1, "b": 2, "c": 9}
