@@ -25,7 +25,13 @@ Variants (each adds one element to the one before unless said):
 * ``bai``: BaI's St (16 Adam steps on next-token loss under the plain sign), no Hessian;
 * ``bai+full``: BaI, then ``full`` starting from BaI's St;
 * ``full+scales`` / ``bai+full+scales``: then 16 Adam steps on St and Sl by next-token loss with the
-  codes fixed (``hessian_scale_steps``).
+  codes fixed (``hessian_scale_steps``);
+* ``full+salient`` / ``full+salient+scales``: ``full``, then BiLLM's residual bit-plane on the
+  ``--salient`` fraction of each layer's input columns that carry most of its remaining output
+  error (``binarize.gptq.salient_residual``; a second sequential pass, each layer's Hessian on the
+  inputs the earlier residuals already corrected), then (``+scales``) the scale search with the
+  residuals in place. Not a recipe option yet (no format stores the second bit-plane): this
+  measures what the element is worth and its bits per weight.
 
 Prints one row per variant: WikiText-2 perplexity, mean relative layer-output error (plain ->
 result), seconds of the initialisation.
@@ -66,7 +72,39 @@ VARIANTS = {
     "bai+full": dict(bai=True, init="hessian"),  # BaI's St as the column scale's start
     "full+scales": dict(init="hessian", hessian_scale_steps=16),
     "bai+full+scales": dict(bai=True, init="hessian", hessian_scale_steps=16),
+    "full+salient": dict(init="hessian", salient=True),
+    "full+salient+scales": dict(init="hessian", hessian_scale_steps=16, salient=True),
 }
+
+
+@torch.no_grad()
+def salient_pass(model, base, calib: torch.Tensor, recipe: Recipe, frac: float) -> dict:
+    """Add each converted linear a residual bit-plane on its salient columns (forward hooks adding
+    ``x[..., cols] @ (scale * codes)^T``), block by block in call order; returns the mean layer error
+    after it and the bits per weight over every converted linear."""
+    from binarize.gptq import salient_residual
+    from binarize.models import decoder_layers
+    from binarize.qlinear import quant_layers
+    from binarize.train.blockwise import _block_call, block_inputs
+    from binarize.train.hessian_init import _call_groups, _statistics
+
+    names = {id(q): n for n, q in quant_layers(model).items()}
+    x, kwargs = block_inputs(model, calib, recipe.micro_batch)
+    errs, bits, weights = [], 0.0, 0
+    for block in decoder_layers(model):
+        for group in _call_groups(block, x, kwargs):
+            stats = _statistics(block, group, x, kwargs, recipe.micro_batch, recipe.hessian_weight)
+            for q in group:
+                w = base.get_submodule(names[id(q)]).weight.float()
+                res = salient_residual(w, q.effective_weight().float(), stats[id(q)]["h"], frac)
+                plane = (res.scale.view(-1, 1) * res.codes).T.contiguous()  # (k, out)
+                q.register_forward_hook(lambda m, a, out, c=res.cols, p=plane: out + a[0][..., c] @ p.to(out.dtype))
+                errs.append(res.error)
+                bits += (1.0 + res.extra_bits) * w.numel()
+                weights += w.numel()
+        x = torch.cat([_block_call(block, x[i : i + recipe.micro_batch], kwargs).float()
+                       for i in range(0, x.shape[0], recipe.micro_batch)])
+    return {"error": sum(errs) / len(errs), "bits": bits / weights}
 
 
 def calibration(tokenizer, n: int, length: int, path: str | None) -> torch.Tensor:
@@ -90,6 +128,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE recipe override for every variant")
+    ap.add_argument("--salient", type=float, default=0.05, help="column fraction of the +salient variants")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -106,7 +145,8 @@ def main() -> None:
           f"full precision {fp:.2f}", flush=True)
     rows = []
     for name in args.variants.split(","):
-        opts = VARIANTS[name]
+        opts = dict(VARIANTS[name]) if VARIANTS[name] is not None else None
+        salient = bool(opts and opts.pop("salient", False))
         opts = {"init": "hessian", **opts} if opts is not None and "init" not in opts and "bai" not in opts else opts
         settings = {"bai": False, "per_row": True, "micro_batch": 4, "seq_len": args.calib_len,
                     "bai_steps": 16, "bai_batch_tokens": 4 * args.calib_len, **(opts or {}), **extra}
@@ -118,6 +158,7 @@ def main() -> None:
             binary_aware_init(model, calib, recipe)
         finish_init(model, recipe)
         rec = hessian_init(model, calib, recipe) if recipe.init == "hessian" else None
+        sal = salient_pass(model, base, calib, recipe, args.salient) if salient else None
         if recipe.hessian_scale_steps:
             binary_aware_init(model, calib, recipe, scales=("st", "sl"), steps=recipe.hessian_scale_steps,
                               lr=recipe.hessian_scale_lr, label="scale search")
@@ -127,8 +168,10 @@ def main() -> None:
         e = rec.layers if rec else {}
         e0 = sum(v["plain"] for v in e.values()) / max(1, len(e))
         e1 = sum(v["error"] for v in e.values()) / max(1, len(e))
-        rows.append({"variant": name, "ppl": ppl, "err_plain": e0, "err": e1, "seconds": sec})
-        print(f"{name:12s} WikiText-2 {ppl:14,.1f}   layer error {e0:.4f} -> {e1:.4f}   {sec:6.0f} s", flush=True)
+        rows.append({"variant": name, "ppl": ppl, "err_plain": e0, "err": e1, "seconds": sec,
+                     **({"salient": args.salient, "err_salient": sal["error"], "bits": sal["bits"]} if sal else {})})
+        more = f"   -> {sal['error']:.4f} at {sal['bits']:.3f} bits per weight" if sal else ""
+        print(f"{name:12s} WikiText-2 {ppl:14,.1f}   layer error {e0:.4f} -> {e1:.4f}{more}   {sec:6.0f} s", flush=True)
         del model
     if args.json:
         with open(args.json, "w") as f:

@@ -26,6 +26,7 @@ this search agree on what a code is.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -181,3 +182,49 @@ def quantize_layer(w: torch.Tensor, h: torch.Tensor, s0: torch.Tensor, cfg: Hess
             s = fit_col_scale(w, a.view(-1, 1) * codes, h, s_min)
             a = fit_row_scale(w / s, codes, h * s.view(-1, 1) * s.view(1, -1))
     return best
+
+
+@dataclass
+class SalientResidual:
+    """A second binary bit-plane on the ``cols`` (k,) most salient input columns of a layer: the
+    effective weight becomes ``W_eff + scale[:, None] * codes`` on those columns (codes (out, k) in
+    {-1, +1}, scale (out,)); ``error`` is the relative layer-output error after it. Costs k / in bits
+    per weight plus one 16-bit scale per row (``extra_bits``)."""
+
+    cols: torch.Tensor
+    codes: torch.Tensor
+    scale: torch.Tensor
+    error: float
+    extra_bits: float
+
+
+@torch.no_grad()
+def salient_residual(w: torch.Tensor, w_eff: torch.Tensor, h: torch.Tensor, frac: float) -> SalientResidual:
+    """BiLLM's residual binarization of salient columns (arXiv 2402.04291, section 3.2), applied to
+    what the layer's quantization left over, R = W - W_eff (out, in), in the H metric:
+
+    * the salient columns are the ``ceil(frac * in)`` whose own best correction removes the most
+      output error, ``sum_i (R H)_ij^2 / H_jj`` (OBS's saliency of a single column; BiLLM ranks the
+      weights themselves by ``w^2 / [H^-1]_jj^2``, here the ranking follows the error that is left);
+    * on those columns S the best real-valued correction is ``D = (R H)[:, S] H_SS^-1`` (least squares
+      with the other columns fixed); its signs are the codes, and each row's scale is the least-squares
+      fit of ``scale * codes`` to R in the H metric, clamped at 0 (a row the plane cannot help keeps
+      no plane), so the error never rises above ``tr(R H R^T)``.
+
+    W, W_eff (out, in), H (in, in); float32, no gradient."""
+    w, w_eff, h = w.float(), w_eff.float(), h.float()
+    in_f = w.shape[1]
+    k = max(1, math.ceil(frac * in_f))
+    r = w - w_eff
+    rh = r @ h
+    score = rh.pow(2).sum(0) / torch.diagonal(h).clamp_min(1e-30)
+    cols = torch.topk(score, k).indices.sort().values
+    h_ss = h[cols][:, cols]
+    ridge = 1e-6 * torch.diagonal(h_ss).mean().clamp_min(1e-30) * torch.eye(k, dtype=h.dtype, device=h.device)
+    d = torch.linalg.solve(h_ss + ridge, rh[:, cols].T).T
+    c = torch.zeros_like(r)
+    c[:, cols] = hard_sign(d)
+    ch = c @ h
+    scale = ((ch * r).sum(1) / (ch * c).sum(1).clamp_min(1e-30)).clamp_min(0.0)
+    err = output_error(w, w_eff + scale.view(-1, 1) * c, h)
+    return SalientResidual(cols, c[:, cols], scale, err, k / in_f + 16.0 / in_f)

@@ -43,6 +43,35 @@ def test_each_element_lowers_the_output_error_and_never_loses_to_rounding(method
     assert errs["full"] < 0.9 * res.error_plain
 
 
+def test_salient_residual_plane_lowers_the_error_on_the_columns_that_carry_it():
+    from binarize.gptq import salient_residual
+
+    w, h = _layer_problem()
+    res = quantize_layer(w, h, torch.ones(w.shape[1]), HessianQuantConfig("binary"))
+    w_eff = res.row_scale.view(-1, 1) * res.codes * res.col_scale.view(1, -1)
+    errs = []
+    for frac in (0.05, 0.25, 1.0):
+        sal = salient_residual(w, w_eff, h, frac)
+        k = math.ceil(frac * w.shape[1])
+        assert sal.cols.numel() == k and sal.codes.shape == (w.shape[0], k)
+        assert set(sal.codes.unique().tolist()) <= {-1.0, 1.0} and (sal.scale >= 0).all() and (sal.scale > 0).any()
+        assert sal.extra_bits == pytest.approx((k + 16) / w.shape[1])
+        plane = torch.zeros_like(w)
+        plane[:, sal.cols] = sal.scale.view(-1, 1) * sal.codes
+        assert sal.error == pytest.approx(output_error(w, w_eff + plane, h), rel=1e-5)
+        errs.append(sal.error)
+        # the chosen columns are those whose own best correction removes the most error
+        score = ((w - w_eff) @ h).pow(2).sum(0) / torch.diagonal(h)
+        rest = torch.ones(w.shape[1], dtype=torch.bool)
+        rest[sal.cols] = False
+        if rest.any():
+            assert score[sal.cols].min() >= score[rest].max()
+    assert errs[0] < res.error and errs[1] < errs[0] and errs[2] < errs[1]
+    # a plane that cannot help is left out (scale 0): the error never rises, whatever W_eff is
+    far = w_eff + 5 * torch.randn_like(w)
+    assert salient_residual(w, far, h, 0.05).error <= output_error(w, far, h) + 1e-9
+
+
 def test_gptq_latent_rounds_to_its_codes_and_feedback_moves_later_columns():
     w, h = _layer_problem(out=8, inp=32)
     a = w.abs().mean(1)
