@@ -211,8 +211,13 @@ def salient_residual(w: torch.Tensor, w_eff: torch.Tensor, h: torch.Tensor, frac
       fit of ``scale * codes`` to R in the H metric, clamped at 0 (a row the plane cannot help keeps
       no plane), so the error never rises above ``tr(R H R^T)``.
 
-    W, W_eff (out, in), H (in, in); float32, no gradient."""
+    W, W_eff (out, in), H (in, in); float32, no gradient. ``frac`` outside (0, 1] or non-finite
+    inputs: BinarizeError."""
+    if not 0 < frac <= 1:
+        raise BinarizeError(f"the salient column fraction must be in (0, 1], got {frac}")
     w, w_eff, h = w.float(), w_eff.float(), h.float()
+    if not (torch.isfinite(w).all() and torch.isfinite(w_eff).all() and torch.isfinite(h).all()):
+        raise BinarizeError("non-finite values in the weight, its quantized weight or its input Hessian")
     in_f = w.shape[1]
     k = max(1, math.ceil(frac * in_f))
     r = w - w_eff

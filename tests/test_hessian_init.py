@@ -70,6 +70,11 @@ def test_salient_residual_plane_lowers_the_error_on_the_columns_that_carry_it():
     # a plane that cannot help is left out (scale 0): the error never rises, whatever W_eff is
     far = w_eff + 5 * torch.randn_like(w)
     assert salient_residual(w, far, h, 0.05).error <= output_error(w, far, h) + 1e-9
+    for bad in (0.0, 1.5):
+        with pytest.raises(BinarizeError, match="salient column fraction"):
+            salient_residual(w, w_eff, h, bad)
+    with pytest.raises(BinarizeError, match="non-finite"):
+        salient_residual(w, w_eff * float("nan"), h, 0.05)
 
 
 def test_gptq_latent_rounds_to_its_codes_and_feedback_moves_later_columns():
