@@ -85,7 +85,7 @@ def salient_pass(model, base, calib: torch.Tensor, recipe: Recipe, frac: float) 
     from binarize.gptq import salient_residual
     from binarize.models import decoder_layers
     from binarize.qlinear import quant_layers
-    from binarize.train.blockwise import _block_call, block_inputs
+    from binarize.train.blockwise import _run, block_inputs
     from binarize.train.hessian_init import _call_groups, _statistics
 
     names = {id(q): n for n, q in quant_layers(model).items()}
@@ -102,8 +102,7 @@ def salient_pass(model, base, calib: torch.Tensor, recipe: Recipe, frac: float) 
                 errs.append(res.error)
                 bits += (1.0 + res.extra_bits) * w.numel()
                 weights += w.numel()
-        x = torch.cat([_block_call(block, x[i : i + recipe.micro_batch], kwargs).float()
-                       for i in range(0, x.shape[0], recipe.micro_batch)])
+        x = _run(block, x, kwargs, recipe.micro_batch)
     return {"error": sum(errs) / len(errs), "bits": bits / weights}
 
 

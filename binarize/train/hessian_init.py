@@ -40,7 +40,7 @@ from ..gptq import HessianQuantConfig, quantize_layer
 from ..models import decoder_layers
 from ..qlinear import QuantLinear, quant_layers, set_t
 from ..recipe import Recipe
-from .blockwise import _block_call, block_inputs
+from .blockwise import _block_call, _run, block_inputs
 
 
 @dataclass
@@ -219,9 +219,7 @@ def hessian_init(model, calib: torch.Tensor, recipe: Recipe, progress=None, log=
         set_t(block, math.inf, 0.0)  # every layer at its full-precision weight until its group is done
         fp_block = copy.deepcopy(block) if mode == "corrected" else None  # the original weights, kept
         if fp_x is not None:  # the next block's FP inputs, before this block's latents are replaced
-            with torch.no_grad():
-                fp_next = torch.cat([_block_call(block, fp_x[i : i + batch], kwargs).float()
-                                     for i in range(0, fp_x.shape[0], batch)])
+            fp_next = _run(block, fp_x, kwargs, batch)
         inputs = fp_x if mode == "fp" else x
         for group in _call_groups(block, inputs, kwargs):
             stats = _statistics(block, group, inputs, kwargs, batch, recipe.hessian_weight, fp_block,
@@ -240,12 +238,11 @@ def hessian_init(model, calib: torch.Tensor, recipe: Recipe, progress=None, log=
                 q.lam = 1.0
                 rec.layers[name] = {"plain": round(res.error_plain, 6), "error": round(res.error, 6),
                                     "round": res.rounds}
-        with torch.no_grad():
-            set_t(block, math.inf, 1.0)
-            if mode != "fp":
-                x = torch.cat([_block_call(block, x[i : i + batch], kwargs).float() for i in range(0, x.shape[0], batch)])
-            if fp_x is not None:
-                fp_x = fp_next
+        set_t(block, math.inf, 1.0)
+        if mode != "fp":
+            x = _run(block, x, kwargs, batch)
+        if fp_x is not None:
+            fp_x = fp_next
         del fp_block
         if not torch.isfinite(fp_x if mode == "fp" else x).all():
             raise BinarizeError(f"Hessian-aware initialisation: block {b} gives non-finite outputs")
