@@ -258,18 +258,49 @@ def check_only(plan: Plan, only: list[str] | None) -> None:
         raise BinarizeError(f"--only names unknown run(s): {', '.join(sorted(unknown))}")
 
 
+def resolved_values(plan: Plan, m: Member) -> dict:
+    """Every value of member m's recipe as its conversion reads it (the recipe file, then the plan's
+    and the member's overrides), JSON-safe: the fingerprint that sees a recipe file's or a default's
+    change, which the overrides alone do not."""
+    return json.loads(json.dumps(asdict(load_recipe(m.recipe, plan.overrides(m))), default=str))
+
+
+def plan_fingerprint(plan: Plan) -> dict:
+    """What ``out/plan.json`` records of a plan (JSON-safe): budget, model, evaluation, and per
+    member its settings, overrides and resolved recipe values (``merged_fingerprint`` compares them)."""
+    members = [asdict(m) | {"overrides": plan.overrides(m), "resolved": resolved_values(plan, m)} for m in plan.members]
+    return json.loads(json.dumps({"name": plan.name, "tokens": plan.tokens, "model": plan.model,
+                                  "from_scratch": plan.from_scratch, "eval": plan.eval, "members": members}))
+
+
+def _changed_values(old: dict, new: dict) -> list[str]:
+    """``key old -> new`` for the recipe values that differ between two members' fingerprints, over
+    the keys both recorded (a key added to the recipes since keeps its default's behaviour; a
+    fingerprint written before values were recorded has none to compare)."""
+    a, b = old.get("resolved") or {}, new.get("resolved") or {}
+    return [f"{k} {a[k]!r} -> {b[k]!r}" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+
+
 def merged_fingerprint(old: dict, new: dict, out: Path) -> dict:
     """A plan may gain members between calls, and a member with no result in ``out/results`` yet may
     change (nothing of it was measured); anything else that changed (the budget, the model, the
-    evaluation, the settings of a member with a result) makes ``out``'s results another plan's:
-    BinarizeError naming them. Returns ``new`` remembering the members it dropped."""
+    evaluation, the settings of a member with a result, its recipe's values) makes ``out``'s
+    results another plan's: BinarizeError naming them. Returns ``new`` remembering the members it dropped."""
     head = lambda fp: {k: v for k, v in fp.items() if k != "members"}  # noqa: E731
+    own = lambda m: {k: v for k, v in m.items() if k != "resolved"}  # noqa: E731
     before = {m["name"]: m for m in old.get("members", [])}
     measured = lambda name: (out / "results" / f"{name}.json").is_file()  # noqa: E731
-    changed = [m["name"] for m in new["members"]
-               if m["name"] in before and before[m["name"]] != m and measured(m["name"])]
+    changed, why = [], []
+    for m in new["members"]:
+        if m["name"] in before and measured(m["name"]):
+            values = _changed_values(before[m["name"]], m)
+            if own(before[m["name"]]) != own(m) or values:
+                changed.append(m["name"])
+                why += values
     if head(old) != head(new) or changed:
         what = f"member(s) {', '.join(changed)} changed" if changed else "a different plan or budget"
+        if why:
+            what += f" (recipe values {', '.join(why[:4])}{', ...' if len(why) > 4 else ''})"
         raise BinarizeError(f"{out} holds results of {what}: use another --out")
     names = {m["name"] for m in new["members"]}
     return {**new, "members": new["members"] + [m for m in old.get("members", []) if m["name"] not in names]}
@@ -280,10 +311,8 @@ def run_plan(plan: Plan, out: Path, echo: Callable[[str], None] = print, only: l
     check_only(plan, only)
     for sub in ("runs", "logs", "results"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    fingerprint = {"name": plan.name, "tokens": plan.tokens, "model": plan.model, "from_scratch": plan.from_scratch,
-                   "eval": plan.eval, "members": [asdict(m) | {"overrides": plan.overrides(m)} for m in plan.members]}
+    fingerprint = plan_fingerprint(plan)
     fp_path = out / "plan.json"
-    fingerprint = json.loads(json.dumps(fingerprint))
     if fp_path.is_file():
         fingerprint = merged_fingerprint(json.loads(fp_path.read_text()), fingerprint, out)
     write_json(fp_path, fingerprint)

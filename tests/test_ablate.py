@@ -134,6 +134,33 @@ def test_only_names_are_checked_before_anything_and_dry_run_keeps_to_them(tmp_pa
     assert exc.value.code in (0, None) and len(lines) == 1 and str(out / "runs" / "b") in lines[0]
 
 
+def test_a_changed_recipe_file_is_another_plan_for_measured_members(tmp_path):
+    """The members' overrides stay the same while the recipe file under them changes: a measured
+    member's results are then another recipe's, named by the values that changed."""
+    from binarize.ablate import merged_fingerprint, plan_fingerprint
+    from binarize.recipe import recipe_dir
+
+    recipe = tmp_path / "mine.yaml"
+    text = (recipe_dir() / "binaryllm.yaml").read_text()
+    recipe.write_text(text + "\nlr: 1.0e-4\n")
+    path = write_plan(tmp_path, **{**BASE, "set": {k: v for k, v in BASE["set"].items() if k != "lr"},
+                                   "runs": [{"name": "a", "recipe": str(recipe)}, {"name": "b"}]})
+    before = plan_fingerprint(load_plan(str(path)))
+    assert before["members"][0]["resolved"]["lr"] == pytest.approx(1e-4)
+    recipe.write_text(text + "\nlr: 3.0e-4\n")
+    after = plan_fingerprint(load_plan(str(path)))
+    assert merged_fingerprint(before, after, tmp_path) == after  # nothing measured yet: the change is taken
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "a.json").write_text('{"status": "ok"}')
+    with pytest.raises(BinarizeError, match=r"member.s. a changed \(recipe values lr 0.0001 -> 0.0003\)"):
+        merged_fingerprint(before, after, tmp_path)
+    # a fingerprint written before values were recorded, or a key added since, compares what both hold
+    legacy = {**before, "members": [{k: v for k, v in m.items() if k != "resolved"} for m in before["members"]]}
+    assert merged_fingerprint(legacy, after, tmp_path) == after
+    grown = {**after, "members": [m | {"resolved": m["resolved"] | {"new_key": 1}} for m in after["members"]]}
+    assert merged_fingerprint(after, grown, tmp_path) == grown
+
+
 def test_a_plan_may_gain_members_but_not_change_measured_ones(tmp_path):
     from binarize.ablate import merged_fingerprint
 

@@ -59,7 +59,7 @@ from ..qlinear import quant_layers, set_t
 from ..recipe import Recipe
 from ..schedules import chunk_t
 from .losses import IGNORE, ChunkedLinearLoss, logit_softcap, reconstruction_loss
-from .loop import Interrupted, StopOnInterrupt, trainable_groups
+from .loop import Interrupted, StopOnInterrupt, trainable_groups, train_autocast
 from .record import BlockwiseRecord
 
 ACTIVATIONS = "blockwise_activations.pt"
@@ -178,6 +178,7 @@ def train_block(block, x: torch.Tensor, target: torch.Tensor, kwargs: dict, reci
         q.ste = recipe.blockwise_quantizer == "ste"
     block.train()
     losses = []
+    autocast = train_autocast(x.device, recipe)
     for step in range(steps):
         t = block_t(step, steps, recipe)
         set_t(block, t)
@@ -185,7 +186,8 @@ def train_block(block, x: torch.Tensor, target: torch.Tensor, kwargs: dict, reci
         for grp in opt.param_groups:
             grp["lr"] = grp["base_lr"] * decay
         idx = order[step * batch : (step + 1) * batch]
-        loss = loss_fn(_block_call(block, x[idx], kwargs), target[idx])
+        with autocast:
+            loss = loss_fn(_block_call(block, x[idx], kwargs), target[idx])
         if not torch.isfinite(loss):  # one scalar per step; the block's weights are not yet touched
             raise BinarizeError(f"block-wise stage, block {index + 1}, step {step + 1}: the reconstruction loss is "
                                 f"{float(loss)} (not finite); the blocks before it are checkpointed (--resume), "

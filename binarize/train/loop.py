@@ -202,6 +202,16 @@ def batch_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def train_autocast(device: torch.device, recipe: Recipe):
+    """The autocast context of the block-wise stage's training forward: bfloat16 on a CPU where the
+    recipe says ``cpu_bf16`` (the end-to-end stage then runs under accelerate's
+    ``mixed_precision="bf16"``, as it always does on CUDA); else none (float32). The latent
+    weights, scales and optimizer state stay float32 either way; autocast rounds the matmuls'
+    inputs to bf16 and accumulates in float32."""
+    on = device.type == "cpu" and recipe.cpu_bf16
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
 def trainable_groups(model, recipe: Recipe, latent: bool = True) -> list[dict]:
     """AdamW parameter groups: latent weights (with weight decay), scales and the chosen FP params
     (without). ``latent=False`` (end-to-end with recipe ``qat_latent: false``, EfficientQAT's
