@@ -6,16 +6,30 @@ step takes longer than a whole conversion should, and at equal time the paper's 
 WikiText-2 6,218 where the CPU-sized distillation recipe scored 979
 (``benchmarks/results/ablations/quality/``). So on a machine without CUDA, ``auto`` puts the CPU
 profile below over the recipe, key by key, except where the command line sets a key itself
-(``--seq-len``, ``--set calib_sequences=...``). ``recipe`` keeps the recipe's own values
-everywhere. The values are the ``quality`` plan's, where every CPU figure the README quotes was
-measured. The chosen values are printed at the start and recorded in run.json's recipe.
+(``--seq-len``, ``--set calib_sequences=...``; fewer calibration sequences given cap the
+profile's block-wise sequences). ``recipe`` keeps the recipe's own values
+everywhere. The values are those the ``quality`` and ``quality2`` plans measured best on a 2-core CPU. The chosen values are printed at the start and recorded in run.json's recipe.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .errors import BinarizeError
+
+def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (x86 ``avx512_bf16`` or ``amx_bf16``, from
+    Linux's ``/proc/cpuinfo``). Elsewhere bf16 matmuls are emulated and may be slower than float32,
+    so the CPU profile keeps float32 (False where the file cannot be read)."""
+    try:
+        flags = next((ln for ln in Path(cpuinfo).read_text(errors="replace").splitlines()
+                      if ln.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
 
 CPU_PROFILE: dict[str, object] = {
     "seq_len": 256,  # tokens per sequence
@@ -23,9 +37,18 @@ CPU_PROFILE: dict[str, object] = {
     "micro_batch": 4,  # sequences per forward pass
     "bai_steps": 16,
     "bai_batch_tokens": 1024,
-    "calib_sequences": 32,  # calibration sequences (BaI, Hessian-aware initialisation, block-wise)
-    "blockwise_sequences": 32,
-    "self_tokens": 40960,  # the self-generated corpus, generated once and shared through the cache
+    # calibration sequences (BaI, Hessian-aware initialisation, block-wise): at 300 block-wise steps
+    # per block 128 gave WikiText-2 567 where 32 gave 817 (quality2's bw300-seq128 / bw300-seq32)
+    "calib_sequences": 128,
+    "blockwise_sequences": 128,
+    # the self-generated corpus, generated once and shared through the cache: the 128 x 256
+    # calibration tokens held out of it, and 16,384 for the end-to-end stage (the 32 steps of 1,024
+    # tokens of a short run, read twice; a longer run generates more). ~5 min to generate here,
+    # under the quarter of a 30-minute run past which --time would train on PTB train instead
+    "self_tokens": 49152,
+    # bf16 autocast matmuls where the CPU has bf16 instructions: 1.49x per block-wise step on the
+    # default model (benchmarks/blockwise_step_speed.py; quality2's bw300-seq128-bf16)
+    "cpu_bf16": native_bf16(),
 }
 PROFILES = ("auto", "cpu", "recipe")
 
@@ -45,4 +68,8 @@ def profile_overrides(name: str, given: dict, cuda: bool | None = None) -> tuple
     resolved = resolve_profile(name, cuda)
     if resolved != "cpu":
         return resolved, {}
-    return resolved, {k: v for k, v in CPU_PROFILE.items() if k not in given}
+    sized = {k: v for k, v in CPU_PROFILE.items() if k not in given}
+    if "blockwise_sequences" in sized and isinstance(given.get("calib_sequences"), int):
+        # fewer calibration sequences given: the block-wise stage caches what there is
+        sized["blockwise_sequences"] = min(sized["blockwise_sequences"], given["calib_sequences"])
+    return resolved, sized

@@ -87,7 +87,7 @@ class Recipe:
     loss_chunk: int = 1024  # positions whose logits exist at once (train/losses.py); 0: the model's full logits
     loss_backend: str = "auto"  # chunked | liger (liger-kernel) | auto: liger on CUDA where it can (train/liger_loss.py)
     grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory, ~1.3x time)
-    cpu_bf16: bool = False  # on a CPU, block-wise and end-to-end matmuls under bfloat16 autocast (a GPU always is)
+    cpu_bf16: bool = False  # on a CPU, the block-wise stage's training matmuls under bfloat16 autocast
     # --- data ---
     data: str = "auto"  # auto: PTB train when its local file is found, else self-generated text
     calib: str = "auto"

@@ -83,6 +83,26 @@ def test_reconstruction_lowers_every_blocks_hard_sign_error(trained_tiny_dir, sm
             assert model(input_ids=ids, labels=ids).loss < ref
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cpu_bf16_trains_blocks_in_bf16_matmuls_as_well_as_float32(trained_tiny_dir, small_text, tmp_path, bf16):
+    """``cpu_bf16``: the training forward's linears run in bfloat16 (their outputs are bf16), the
+    evaluation passes and every parameter stay float32, and the error falls as it does in float32."""
+    recipe = bw_recipe(small_text, blockwise_steps=30, cpu_bf16=bf16)
+    model = _model(trained_tiny_dir)
+    prepare(model, recipe)
+    finish_init(model, recipe)
+    seen = set()
+    layer = next(iter(quant_layers(model).values()))
+    layer.register_forward_hook(lambda mod, args, out: seen.add((torch.is_grad_enabled(), out.dtype)))
+    rec = blockwise_reconstruct(model, _calib(trained_tiny_dir, small_text), recipe, tmp_path, None)
+    train = {dtype for grad, dtype in seen if grad}
+    assert train == ({torch.bfloat16} if bf16 else {torch.float32})
+    assert {dtype for grad, dtype in seen if not grad} == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for b in rec.blocks:
+        assert b["loss_hard_after"] < 0.8 * b["loss_hard_before"], b
+
+
 def test_convert_with_blockwise_resumes_at_a_block(trained_tiny_dir, small_text, tmp_path):
     recipe = bw_recipe(small_text)
     full = tmp_path / "full"

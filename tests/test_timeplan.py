@@ -126,6 +126,22 @@ def test_profiles_fit_the_device_and_leave_what_the_command_line_sets():
     assert profile_overrides("auto", {}, cuda=True) == ("recipe", {})
     with pytest.raises(BinarizeError, match="unknown --profile 'gpu'"):
         resolve_profile("gpu")
+    # fewer calibration sequences than the profile caches for the block-wise stage: it caches those
+    _, fewer = profile_overrides("cpu", {"calib_sequences": 16})
+    assert fewer["blockwise_sequences"] == min(16, CPU_PROFILE["blockwise_sequences"]) and "calib_sequences" not in fewer
+    _, both = profile_overrides("cpu", {"calib_sequences": 16, "blockwise_sequences": 8})
+    assert "blockwise_sequences" not in both
+
+
+def test_bf16_matmuls_only_where_the_cpu_has_them(tmp_path):
+    from binarize.profiles import native_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512bw\n")
+    assert native_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n")
+    assert not native_bf16(str(info))
+    assert not native_bf16(str(tmp_path / "missing"))
 
 
 def test_the_probe_times_every_stage_and_leaves_the_model_and_rng_alone(trained_tiny_dir, small_text):

@@ -158,7 +158,7 @@ def convert_run(job: ConvertJob) -> ConvertResult:
     # MoE: a step in which no token routes to some expert leaves that expert without a gradient
     ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if has_moe_experts(model) else None
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if torch.cuda.is_available() or recipe.cpu_bf16 else "no", kwargs_handlers=ddp)
+                              mixed_precision="bf16" if torch.cuda.is_available() else "no", kwargs_handlers=ddp)
     main = accelerator.is_main_process
     plan = None
     if timed:  # measured where training runs, before anything is written
