@@ -44,7 +44,7 @@ def convert(
                                "measured 1-bit recipe; binaryllm is the paper's, ternary-distill the 1.58-bit one."),
     profile: str = typer.Option("auto", "--profile", envvar="BINARIZE_PROFILE",
                                 help="Sizes that fit the device: auto (cpu without CUDA, else the recipe's), cpu "
-                                "(sequences of 256, 1024 tokens per step, 32 calibration sequences ...: "
+                                "(sequences of 256, 1024 tokens per step, 128 calibration sequences ...: "
                                 "binarize/profiles.py) or recipe (the recipe's own, the papers' settings). Flags "
                                 "and --set always win."),
     data: Optional[str] = typer.Option(None, "--data", help="Training text: ptb, wikitext2:test, FILE, hf:ID[:CONFIG[:SPLIT]], "

@@ -7,8 +7,9 @@ WikiText-2 6,218 where the CPU-sized distillation recipe scored 979
 (``benchmarks/results/ablations/quality/``). So on a machine without CUDA, ``auto`` puts the CPU
 profile below over the recipe, key by key, except where the command line sets a key itself
 (``--seq-len``, ``--set calib_sequences=...``; fewer calibration sequences given cap the
-profile's block-wise sequences). ``recipe`` keeps the recipe's own values
-everywhere. The values are those the ``quality`` and ``quality2`` plans measured best on a 2-core CPU. The chosen values are printed at the start and recorded in run.json's recipe.
+profile's block-wise sequences). ``recipe`` keeps the recipe's own values everywhere. The
+values are those the ``quality`` and ``quality2`` plans measured best on a 2-core CPU. The chosen
+values are printed at the start and recorded in run.json's recipe.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import BinarizeError
+
 
 def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (x86 ``avx512_bf16`` or ``amx_bf16``, from

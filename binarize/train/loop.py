@@ -202,17 +202,6 @@ def batch_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def train_autocast(device: torch.device, recipe: Recipe):
-    """The autocast context of the block-wise stage's training forward: bfloat16 on a CPU where the
-    recipe says ``cpu_bf16``, else none (float32; on CUDA the block-wise stage runs float32 too).
-    The latent weights, scales and optimizer state stay float32; autocast rounds the matmuls'
-    inputs to bf16 and accumulates in float32. 1.49x per block-wise step of the default model on a
-    2-core AVX-512-BF16 CPU (``benchmarks/blockwise_step_speed.py``). The end-to-end stage stays
-    float32 on a CPU (its bf16 logits and KL were not measured)."""
-    on = device.type == "cpu" and recipe.cpu_bf16
-    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
-
-
 def trainable_groups(model, recipe: Recipe, latent: bool = True) -> list[dict]:
     """AdamW parameter groups: latent weights (with weight decay), scales and the chosen FP params
     (without). ``latent=False`` (end-to-end with recipe ``qat_latent: false``, EfficientQAT's
