@@ -8,7 +8,8 @@ The allocation follows the ``quality`` measurements on the default model on a 2-
   WikiText-2 from 1,955 to 1,118 to 847 for ~650 s each step up, where 32k -> 200k end-to-end
   tokens bought 1,118 -> 1,049 for ~1,900 s; 100 -> 300 steps (no end-to-end stage, 128
   calibration sequences) 1,017 -> 567 for 1,460 s more (``quality2``'s ``bw300-seq128``; on
-  32 sequences 300 steps gave 817). So after a floor of end-to-end steps
+  32 sequences 300 steps gave 817); the ternary recipe 300 -> 600 steps 213 -> 156 for 1,170 s
+  more (``tern300-seq128-bf16``, ``tern600-seq128-bf16``, bf16 block-wise matmuls). So after a floor of end-to-end steps
   (``QAT_SHARE`` of the time, at most ``QAT_FLOOR_STEPS`` steps) the block-wise stage gets
   the time up to ``BW_MAX_STEPS`` per block (the most measured), and only then does the
   end-to-end stage get the rest.
@@ -40,7 +41,7 @@ QAT_SHARE = 0.25  # at most this share of the planned time for the end-to-end fl
 QAT_FLOOR_STEPS = 32  # the end-to-end floor: 32 steps of 1024 tokens = quality's 32k members
 QAT_MIN_STEPS = 4  # fewer end-to-end steps than this: none are planned beside a block-wise stage
 BW_MIN_STEPS = 20  # a block-wise stage shorter than this is not worth its fixed costs
-BW_MAX_STEPS = 300  # the most block-wise steps measured (60 -> 120 -> 200 -> 300 each bought quality)
+BW_MAX_STEPS = 600  # the most block-wise steps measured (60 -> 120 -> 200 -> 300 -> 600 each bought quality)
 GEN_SHARE = 0.25  # self-generated text only where generating it takes at most this share
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
