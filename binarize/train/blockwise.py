@@ -297,7 +297,8 @@ def blockwise_reconstruct(model, calib: torch.Tensor, recipe: Recipe, workdir: P
             x_fp = target
             record.blocks.append({**res, "loss_hard_before": before, "loss_hard_after": after})
             if log:
-                log(f"block {i + 1}/{len(layers)}: hard-sign loss {before:.4f} -> {after:.4f} "
+                hard = "hard-ternary" if recipe.method == "ternary" else "hard-sign"
+                log(f"block {i + 1}/{len(layers)}: {hard} loss {before:.4f} -> {after:.4f} "
                     f"({res['wall_s']:.1f} s)")
             if stop.requested:  # after the last block too: a resume then goes straight to QAT
                 record.wall_s += time.perf_counter() - t0
