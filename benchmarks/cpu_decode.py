@@ -20,14 +20,7 @@ import time
 
 import torch
 
-
-def native_bf16() -> bool:
-    """x86 flags avx512_bf16 / amx_bf16 in /proc/cpuinfo (False where there is no such file)."""
-    try:
-        flags = open("/proc/cpuinfo").read().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+from binarize.profiles import native_bf16
 
 
 def decode_tps(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
