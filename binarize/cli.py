@@ -130,7 +130,8 @@ def convert(
         export_format = "ternary2" if rec.method == "ternary" else "binary"
     job = ConvertJob(model=model, tokens=n_tokens, out=out, recipe=rec, resume=resume, overwrite=overwrite,
                      bai_only=bai_only, progress=live_progress(progress), from_scratch=config if from_scratch else None,
-                     export=export_format, save_init=save_init, init_from=init_from, fsdp=fsdp, time_s=time_s)
+                     export=export_format, save_init=save_init, init_from=init_from, fsdp=fsdp, time_s=time_s,
+                     fixed=frozenset(overrides))
     try:
         result = convert_run(job)
     except Interrupted as exc:

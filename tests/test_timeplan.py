@@ -16,8 +16,9 @@ from binarize.errors import BinarizeError
 from binarize.profiles import CPU_PROFILE, profile_overrides, resolve_profile
 from binarize.recipe import load_recipe
 from binarize.train import ConvertJob, Interrupted, convert_run
-from binarize.train.timeplan import (BW_MAX_STEPS, BW_MIN_STEPS, MARGIN, QAT_FLOOR_STEPS, StageSpeeds, parse_duration,
-                                     plan_time, revise_blockwise_steps, revise_qat_steps)
+from binarize.train.timeplan import (BW_MAX_READS, BW_MAX_STEPS, BW_MIN_STEPS, CALIB_MAX_SEQUENCES, MARGIN,
+                                     QAT_FLOOR_STEPS, StageSpeeds, parse_duration, plan_time, revise_blockwise_steps,
+                                     revise_qat_steps, sequences_for_steps)
 from tests.test_cli_errors import assert_one_line_error, run_cli
 
 # the default model on 2 cores, as the probe measured it (rounded): 30 blocks
@@ -94,6 +95,49 @@ def test_self_text_is_generated_only_where_it_pays_and_never_read_more_than_max_
     assert long.expected_s <= 12 * 3600 * (1 - MARGIN)
     cheap = plan_time(3600, dataclasses.replace(CPU, gen_token_s=0.001), cached_tokens=0, **mine)
     assert cheap.data == "self" and cheap.generate_tokens == 40_960
+
+
+@pytest.mark.parametrize("steps, batch, have", [(600, 4, 128), (300, 4, 128), (320, 4, 128), (2000, 4, 128),
+                                                (600, 4, 32), (600, 4, 512), (0, 4, 8), (25, 4, 8)])
+def test_calibration_sequences_grow_with_the_block_wise_steps_up_to_the_measured_most(steps, batch, have):
+    n = sequences_for_steps(steps, batch, have)
+    assert n >= have
+    if steps * batch <= BW_MAX_READS * have:  # each sequence already read at most BW_MAX_READS times
+        assert n == have
+    else:
+        assert n > have and (n == CALIB_MAX_SEQUENCES or n * BW_MAX_READS >= steps * batch) and n % 64 == 0
+        assert n <= max(have, CALIB_MAX_SEQUENCES) and n - 64 < max(have, steps * batch / BW_MAX_READS)
+
+
+@pytest.mark.parametrize("hours, grows", [(1.0, True), (0.5, False)])
+def test_a_long_plan_on_own_text_calibrates_on_more_sequences_unless_the_command_line_fixed_them(
+        trained_tiny_dir, monkeypatch, hours, grows):
+    import binarize.train.probe as probe
+    from binarize.models import load_model
+    from binarize.train.timed import plan_for_time
+
+    model, tok, src = load_model(str(trained_tiny_dir))
+    # the default model's speeds on 2 cores, as measured on the 1-hour ternary run (rounded)
+    sp = dataclasses.replace(CPU, init_s=0.0, block_fixed_s=3.0, block_step_s=0.11, last_block_extra_s=0.0,
+                             qat_step_s=10.0, gen_token_s=0.006, save_s=10.0, spent_s=100.0)
+    monkeypatch.setattr(probe, "measure_speeds", lambda *a, **k: (sp, probe.PassTimes(0.1, 0.05)))
+    recipe = load_recipe("ternary-distill", dict(seq_len=256, batch_tokens=1024, calib_sequences=128,
+                                                 blockwise_sequences=128, self_tokens=49_152, data="self", calib="self"))
+    out, tokens, plan = plan_for_time(hours * 3600, recipe, model, tok, src, tokens=None, spent_s=1.0)
+    assert plan.path == "full" and plan.data == "self" and plan.expected_s <= hours * 3600 * (1 - MARGIN)
+    if grows:  # 600 steps of 4 would read 128 sequences ~19 times each
+        assert plan.blockwise_steps * 4 > BW_MAX_READS * 128
+        assert out.calib_sequences == out.blockwise_sequences == sequences_for_steps(plan.blockwise_steps, 4, 128) > 128
+        assert out.self_tokens == plan.corpus_tokens >= 49_152 + (out.calib_sequences - 128) * 256
+        assert plan.generate_tokens == plan.corpus_tokens and "calibration sequences 128 ->" in plan.notes[-1]
+        assert plan.stages["blockwise"] == pytest.approx(
+            dataclasses.replace(sp, block_fixed_s=3.0 * out.blockwise_sequences / 128).blockwise_s(plan.blockwise_steps))
+    else:
+        assert (out.calib_sequences, out.blockwise_sequences) == (128, 128)
+    kept, _, plan2 = plan_for_time(hours * 3600, recipe, model, tok, src, tokens=None, spent_s=1.0,
+                                   fixed=frozenset({"calib_sequences"}))
+    assert (kept.calib_sequences, kept.blockwise_sequences) == (128, 128)
+    assert not any("calibration sequences" in n for n in plan2.notes)
 
 
 def test_a_mix_costs_its_self_generated_share_and_falls_back_to_its_own_source():

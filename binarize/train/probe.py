@@ -37,7 +37,8 @@ from ..qlinear import finish_init, prepare
 from ..recipe import Recipe
 from .timeplan import StageSpeeds
 
-PROBE_BLOCK_STEPS = (2, 6)  # block-wise steps are timed as the difference of two short runs (warm-up cancels)
+PROBE_BLOCK_STEPS = (3, 15)  # block-wise steps are timed as the difference of two short runs (warm-up cancels;
+# 4 steps apart, the default model's 0.13 s step once read as 0.203 s and planned 211 steps where 600 fit)
 GEN_PROBE_LENS = (32, 96)  # self-generation is timed at two lengths (generation_token_s)
 
 

@@ -75,6 +75,7 @@ class ConvertJob:
     fsdp: bool = False  # shard end-to-end QAT over the processes (also: an accelerate FSDP launch)
     time_s: float | None = None  # --time: plan the stages for this many seconds (train/timed.py); tokens fixed
     # beside it (``tokens`` >= 0) or planned (``tokens`` None)
+    fixed: frozenset[str] = frozenset()  # recipe keys the command line set: a --time plan leaves them as they are
     on_step: Callable[[int], None] | None = field(default=None, repr=False)  # test hook
 
 
@@ -166,7 +167,8 @@ def convert_run(job: ConvertJob) -> ConvertResult:
             raise BinarizeError("--time plans a conversion in one process; under several processes give --tokens")
         model.to(accelerator.device)
         recipe, tokens, plan = plan_for_time(job.time_s, recipe, model, tokenizer, src, tokens=tokens,
-                                             spent_s=time.perf_counter() - t_job, log=plain_log if main else None)
+                                             spent_s=time.perf_counter() - t_job, log=plain_log if main else None,
+                                             fixed=job.fixed)
         recipe, notice = fit_recipe(recipe, tokens, resolve_auto(recipe.data), fsdp_opts)
         budget = check_job(recipe, tokens, from_scratch, export)
         if export:  # the plan may have chosen another recipe (the PTQ path)

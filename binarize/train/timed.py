@@ -15,8 +15,8 @@ from ..errors import BinarizeError
 from ..recipe import Recipe, load_recipe, parse_mix
 from .data import resolve_auto, self_gen_config
 from .plan import Budget, check_job, fit_chunks, held_out_tokens
-from .timeplan import (QAT_FLOOR_STEPS, TimePlan, format_duration, plan_time, revise_blockwise_steps,
-                       revise_qat_steps)
+from .timeplan import (BW_MAX_READS, QAT_FLOOR_STEPS, TimePlan, format_duration, plan_time, revise_blockwise_steps,
+                       revise_qat_steps, sequences_for_steps)
 
 PTQ_RECIPES = {"binary": "binary-ptq", "ternary": "ternary-ptq"}  # the short path of each method
 PTQ_KEYS = ("seq_len", "batch_tokens", "micro_batch", "calib_sequences", "seed", "bai_batch_tokens")  # kept from the job
@@ -32,10 +32,12 @@ def ptq_recipe(recipe: Recipe) -> Recipe | None:
 
 
 def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, tokens: int | None, spent_s: float,
-                  log=None) -> tuple[Recipe, int, TimePlan]:
+                  log=None, fixed: frozenset[str] = frozenset()) -> tuple[Recipe, int, TimePlan]:
     """(recipe, token budget, plan) for ``seconds`` of wall time on this machine. ``tokens``: the
-    end-to-end budget the user fixed beside the time, or None. BinarizeError (one line) when the
-    time cannot hold even the shortest conversion, or the fixed tokens with it."""
+    end-to-end budget the user fixed beside the time, or None. ``fixed``: recipe keys the command
+    line set (the plan does not change them; today only the calibration sequences,
+    ``timeplan.sequences_for_steps``, are planned). BinarizeError (one line) when the time cannot
+    hold even the shortest conversion, or the fixed tokens with it."""
     from binarize.calibration.datasets import DATASETS, local_file
     from binarize.calibration.selfgen import is_cached
 
@@ -56,7 +58,7 @@ def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, toke
     speeds, passes = measure_speeds(model, tokenizer, recipe, spent_s=spent_s, generate=frac > 0, log=log)
     ptb_local = local_file(DATASETS["ptb"].splits["train"]) is not None
 
-    def planned(sp):
+    def planned(sp, corpus=corpus, cached=cached, held_out=held_out):
         return plan_time(seconds, sp, data=data, corpus_tokens=corpus, cached_tokens=cached, held_out=held_out,
                          max_epochs=recipe.max_epochs, tokens=tokens, ptb_local=ptb_local,
                          blockwise=recipe.blockwise_steps > 0, self_frac=frac, fallback=real or "ptb")
@@ -70,6 +72,8 @@ def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, toke
         ptq_s = init_seconds(model, ptq, passes, probe_ids(model, ptq))
         speeds = dataclasses.replace(speeds, ptq_init_s=ptq_s, spent_s=speeds.spent_s + time.perf_counter() - t_ptq)
         plan = planned(speeds)
+    if plan.path == "full" and held_out and data == "self" and not fixed & {"calib_sequences", "blockwise_sequences"}:
+        recipe, plan = _more_sequences(plan, recipe, src, speeds, planned)
     if plan.path == "ptq":
         if ptq is None:
             raise BinarizeError(f"--time {format_duration(seconds)} is too short for recipe {recipe.name}")
@@ -83,6 +87,33 @@ def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, toke
     if log:
         log(f"planned in {time.perf_counter() - t0:.0f} s")
     return out.validate(), plan.tokens, plan
+
+
+def _more_sequences(plan: TimePlan, recipe: Recipe, src, speeds, planned) -> tuple[Recipe, TimePlan]:
+    """(recipe, plan) with more calibration sequences where the plan's block-wise steps would read
+    each more than ``BW_MAX_READS`` times (``sequences_for_steps``): the corpus grows by the extra
+    sequences' tokens (their generation counted), the per-block passes over the cached sequences
+    scale with their number, and the larger plan is kept only where it is still a full path on the
+    model's own text whose steps still need the sequences; else the plan as it was."""
+    from binarize.calibration.selfgen import is_cached
+
+    have = recipe.blockwise_sequences
+    n = sequences_for_steps(plan.blockwise_steps, recipe.blockwise_batch, have)
+    if n <= have:
+        return recipe, plan
+    n_calib = max(n, recipe.calib_sequences)
+    grown = dataclasses.replace(recipe, calib_sequences=n_calib, blockwise_sequences=n,
+                                self_tokens=recipe.self_tokens + (n_calib - recipe.calib_sequences) * recipe.seq_len)
+    held = held_out_tokens(grown)
+    cached = grown.self_tokens if is_cached(src, self_gen_config(grown, grown.self_tokens)) else 0
+    sp = dataclasses.replace(speeds, block_fixed_s=speeds.block_fixed_s * n / have)
+    trial = planned(sp, corpus=grown.self_tokens, cached=cached, held_out=held)
+    if trial.path != "full" or trial.data != plan.data or \
+            sequences_for_steps(trial.blockwise_steps, recipe.blockwise_batch, have) <= have:
+        return recipe, plan
+    trial.notes.append(f"calibration sequences {have} -> {n}: {trial.blockwise_steps} block-wise steps of "
+                       f"{recipe.blockwise_batch} read each at most {BW_MAX_READS} times")
+    return grown, trial
 
 
 def revise_for_time(plan: TimePlan, recipe: Recipe, tokens: int, *, chunks: int, elapsed_s: float,

@@ -13,6 +13,12 @@ The allocation follows the ``quality`` measurements on the default model on a 2-
   (``QAT_SHARE`` of the time, at most ``QAT_FLOOR_STEPS`` steps) the block-wise stage gets
   the time up to ``BW_MAX_STEPS`` per block (the most measured), and only then does the
   end-to-end stage get the rest.
+* **A long block-wise stage reads more calibration text.** At 600 steps of 4 sequences, 128
+  calibration sequences are each read ~19 times and 256 (WikiText-2 155.9 -> 134.4, ternary,
+  ``tern600-seq256-bf16``) ~9 times; where the planned steps would read a sequence more than
+  ``BW_MAX_READS`` times and the command line did not fix the sequences, ``timed.py`` plans again
+  with more (``sequences_for_steps``), the larger corpus's generation counted, and keeps that plan
+  where it still reads the model's own text and still needs them.
 * **Self-generated text is worth its time only when it is cheap.** The model's own text beat PTB
   train on WikiText-2 (1,955 vs 2,950 at 32k tokens) but 41k tokens took 2,110 s to generate,
   the time of 140 more block-wise steps per block. It is generated only when that costs at most
@@ -43,6 +49,8 @@ QAT_MIN_STEPS = 4  # fewer end-to-end steps than this: none are planned beside a
 BW_MIN_STEPS = 20  # a block-wise stage shorter than this is not worth its fixed costs
 BW_MAX_STEPS = 600  # the most block-wise steps measured (60 -> 120 -> 200 -> 300 -> 600 each bought quality)
 GEN_SHARE = 0.25  # self-generated text only where generating it takes at most this share
+BW_MAX_READS = 10  # block-wise reads of one calibration sequence beyond which a plan adds sequences
+CALIB_MAX_SEQUENCES = 256  # the most calibration sequences measured (quality2's tern600-seq256-bf16)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -141,6 +149,19 @@ class TimePlan:
     def to_dict(self) -> dict:
         return {**asdict(self), "expected_s": round(self.expected_s, 1),
                 "stages": {k: round(v, 1) for k, v in self.stages.items()}}
+
+
+def sequences_for_steps(steps: int, batch: int, have: int) -> int:
+    """Calibration sequences for ``steps`` block-wise steps of ``batch`` sequences each (per block)
+    such that no sequence is read more than ``BW_MAX_READS`` times: ``have`` where that already
+    holds, else the need rounded up to a multiple of 64, at most ``CALIB_MAX_SEQUENCES`` and never
+    fewer than ``have``. Measured on the default model (ternary-distill, 600 steps of 4): 128
+    sequences, each read ~19 times, WikiText-2 155.9; 256, ~9 times, 134.4; at 300 steps 32
+    sequences read 37 times gave 817 where 128 read 9 times gave 567 (binary)."""
+    need = math.ceil(max(0, steps) * max(1, batch) / BW_MAX_READS)
+    if need <= have:
+        return have
+    return max(have, min(CALIB_MAX_SEQUENCES, 64 * math.ceil(need / 64)))
 
 
 def _gen_s(sp: StageSpeeds, tokens: int) -> float:
