@@ -109,7 +109,7 @@ def test_calibration_sequences_grow_with_the_block_wise_steps_up_to_the_measured
         assert n <= max(have, CALIB_MAX_SEQUENCES) and n - 64 < max(have, steps * batch / BW_MAX_READS)
 
 
-@pytest.mark.parametrize("hours, grows", [(1.0, True), (0.5, False)])
+@pytest.mark.parametrize("hours, grows", [(2.0, True), (1.0, False), (0.5, False)])
 def test_a_long_plan_on_own_text_calibrates_on_more_sequences_unless_the_command_line_fixed_them(
         trained_tiny_dir, monkeypatch, hours, grows):
     import binarize.train.probe as probe
@@ -117,23 +117,24 @@ def test_a_long_plan_on_own_text_calibrates_on_more_sequences_unless_the_command
     from binarize.train.timed import plan_for_time
 
     model, tok, src = load_model(str(trained_tiny_dir))
-    # the default model's speeds on 2 cores, as measured on the 1-hour ternary run (rounded)
-    sp = dataclasses.replace(CPU, init_s=0.0, block_fixed_s=3.0, block_step_s=0.11, last_block_extra_s=0.0,
-                             qat_step_s=10.0, gen_token_s=0.006, save_s=10.0, spent_s=100.0)
+    # the default model's speeds on 2 cores, as the probe of a 1-hour ternary run measured them (rounded)
+    sp = dataclasses.replace(CPU, init_s=0.0, block_fixed_s=3.0, block_step_s=0.14, last_block_extra_s=0.0,
+                             qat_step_s=13.0, gen_token_s=0.009, save_s=10.0, spent_s=100.0)
     monkeypatch.setattr(probe, "measure_speeds", lambda *a, **k: (sp, probe.PassTimes(0.1, 0.05)))
     recipe = load_recipe("ternary-distill", dict(seq_len=256, batch_tokens=1024, calib_sequences=128,
                                                  blockwise_sequences=128, self_tokens=49_152, data="self", calib="self"))
     out, tokens, plan = plan_for_time(hours * 3600, recipe, model, tok, src, tokens=None, spent_s=1.0)
     assert plan.path == "full" and plan.data == "self" and plan.expected_s <= hours * 3600 * (1 - MARGIN)
-    if grows:  # 600 steps of 4 would read 128 sequences ~19 times each
-        assert plan.blockwise_steps * 4 > BW_MAX_READS * 128
+    if grows:  # 600 steps of 4 would read 128 sequences ~19 times each, and the time holds them with 256
+        assert plan.blockwise_steps == BW_MAX_STEPS and plan.blockwise_steps * 4 > BW_MAX_READS * 128
         assert out.calib_sequences == out.blockwise_sequences == sequences_for_steps(plan.blockwise_steps, 4, 128) > 128
         assert out.self_tokens == plan.corpus_tokens >= 49_152 + (out.calib_sequences - 128) * 256
         assert plan.generate_tokens == plan.corpus_tokens and "calibration sequences 128 ->" in plan.notes[-1]
         assert plan.stages["blockwise"] == pytest.approx(
             dataclasses.replace(sp, block_fixed_s=3.0 * out.blockwise_sequences / 128).blockwise_s(plan.blockwise_steps))
-    else:
+    else:  # the generation of more text would cost block-wise steps (1 hour) or they are few (30 min)
         assert (out.calib_sequences, out.blockwise_sequences) == (128, 128)
+        assert not any("calibration sequences" in n for n in plan.notes)
     kept, _, plan2 = plan_for_time(hours * 3600, recipe, model, tok, src, tokens=None, spent_s=1.0,
                                    fixed=frozenset({"calib_sequences"}))
     assert (kept.calib_sequences, kept.blockwise_sequences) == (128, 128)

@@ -94,7 +94,9 @@ def _more_sequences(plan: TimePlan, recipe: Recipe, src, speeds, planned) -> tup
     each more than ``BW_MAX_READS`` times (``sequences_for_steps``): the corpus grows by the extra
     sequences' tokens (their generation counted), the per-block passes over the cached sequences
     scale with their number, and the larger plan is kept only where it is still a full path on the
-    model's own text whose steps still need the sequences; else the plan as it was."""
+    model's own text with as many block-wise steps: the text is bought with end-to-end time, never
+    with block-wise steps (on the default model, one hour: 256 sequences at 427 steps WikiText-2
+    171 against 128 at 600 steps 161, ``benchmarks/results/quality_cpu.md``); else the plan as it was."""
     from binarize.calibration.selfgen import is_cached
 
     have = recipe.blockwise_sequences
@@ -108,8 +110,7 @@ def _more_sequences(plan: TimePlan, recipe: Recipe, src, speeds, planned) -> tup
     cached = grown.self_tokens if is_cached(src, self_gen_config(grown, grown.self_tokens)) else 0
     sp = dataclasses.replace(speeds, block_fixed_s=speeds.block_fixed_s * n / have)
     trial = planned(sp, corpus=grown.self_tokens, cached=cached, held_out=held)
-    if trial.path != "full" or trial.data != plan.data or \
-            sequences_for_steps(trial.blockwise_steps, recipe.blockwise_batch, have) <= have:
+    if trial.path != "full" or trial.data != plan.data or trial.blockwise_steps < plan.blockwise_steps:
         return recipe, plan
     trial.notes.append(f"calibration sequences {have} -> {n}: {trial.blockwise_steps} block-wise steps of "
                        f"{recipe.blockwise_batch} read each at most {BW_MAX_READS} times")
