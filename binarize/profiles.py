@@ -48,6 +48,9 @@ CPU_PROFILE: dict[str, object] = {
     # tokens of a short run, read twice; a longer run generates more). ~5 min to generate here,
     # under the quarter of a 30-minute run past which --time would train on PTB train instead
     "self_tokens": 49152,
+    # sequences generated at once: 128 wrote 1.24-1.25x the tokens/s of 64 (5.05 vs 6.27 and 4.56
+    # vs 5.68 ms per token, 96-token batches, default model, 2-core CPU); 256 no more than 128 (4.64)
+    "self_batch": 128,
     # bf16 autocast matmuls where the CPU has bf16 instructions: 1.49x per block-wise step on the
     # default model (benchmarks/blockwise_step_speed.py; quality2's bw300-seq128-bf16)
     "cpu_bf16": native_bf16(),

@@ -97,6 +97,9 @@ class Recipe:
     self_greedy_prefix: int = 4  # top-1 tokens after the random first token (LLM-QAT: 3-5)
     self_tokens: int = 0  # size of the self-generated corpus (more steps repeat it in epochs); 0: what the run needs
     max_epochs: float = 2.0  # a fixed self_tokens corpus is enlarged so no token is trained on more often; 0: off
+    # --time: end-to-end steps planned before the block-wise stage takes the time (at most a quarter of
+    # it, train/timeplan.py); 0: the end-to-end stage gets only what is left once block-wise is at its most
+    qat_floor_steps: int = 32
     seed: int = 0
     save_every: int = 0  # steps between checkpoints; 0: only on Ctrl-C and at the end
     # --- continual switch (seed 000): full precision first, quantized from switch_at ---
@@ -164,7 +167,7 @@ class Recipe:
                 raise BinarizeError(f"recipe {self.name}: {key} is a whole step (>= 1) or a fraction in [0, 1), got {v}")
         for key in ("bai_steps", "warmup_steps", "save_every", "min_lr", "weight_decay", "grad_clip", "schedule_span",
                     "switch_at", "distill_alpha", "blockwise_steps", "distill_ce", "loss_chunk", "distill_topk",
-                    "hessian_scale_steps", "hessian_scale_lr", "max_epochs", "distill_hidden"):
+                    "hessian_scale_steps", "hessian_scale_lr", "max_epochs", "distill_hidden", "qat_floor_steps"):
             if getattr(self, key) < 0:
                 raise BinarizeError(f"recipe {self.name}: {key} must be >= 0, got {getattr(self, key)}")
         if self.distill_ce == 0 and self.distill_alpha == 0:

@@ -17,7 +17,7 @@ from binarize.profiles import CPU_PROFILE, profile_overrides, resolve_profile
 from binarize.recipe import load_recipe
 from binarize.train import ConvertJob, Interrupted, convert_run
 from binarize.train.timeplan import (BW_MAX_READS, BW_MAX_STEPS, BW_MIN_STEPS, CALIB_MAX_SEQUENCES, MARGIN,
-                                     QAT_FLOOR_STEPS, StageSpeeds, parse_duration, plan_time, revise_blockwise_steps,
+                                     QAT_FLOOR_STEPS, QAT_MIN_STEPS, SEQUENCES_KEEP_STEPS, StageSpeeds, parse_duration, plan_time, revise_blockwise_steps,
                                      revise_qat_steps, sequences_for_steps)
 from tests.test_cli_errors import assert_one_line_error, run_cli
 
@@ -59,6 +59,28 @@ def test_block_wise_steps_come_before_end_to_end_tokens_up_to_the_measured_most(
         qat_steps = p.tokens // CPU.batch_tokens
         assert qat_steps <= QAT_FLOOR_STEPS if p.blockwise_steps < BW_MAX_STEPS else qat_steps > QAT_FLOOR_STEPS
     assert plans[-1].tokens > 10 * plans[2].tokens
+
+
+@pytest.mark.parametrize("seconds", [900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600])
+def test_without_an_end_to_end_floor_block_wise_steps_take_the_time_first(seconds):
+    plan = plan_time(seconds, CPU, qat_floor=0, **PTB)
+    floored = plan_time(seconds, CPU, **PTB)
+    assert plan.path == "full" and plan.expected_s <= seconds * (1 - MARGIN) + 1e-6
+    assert plan.blockwise_steps >= floored.blockwise_steps
+    if plan.blockwise_steps < BW_MAX_STEPS:  # the time is all block-wise steps, none end-to-end
+        assert plan.tokens == 0 and plan.blockwise_steps > floored.blockwise_steps
+        assert plan.expected_s >= seconds * (1 - MARGIN) - CPU.n_blocks * CPU.block_step_s - CPU.last_block_extra_s
+    else:  # block-wise full: the rest goes end-to-end, as with a floor
+        assert plan.tokens == floored.tokens > 0
+    ready = plan.stages["spent"] + plan.stages["generate"]
+    assert revise_blockwise_steps(plan, ready) == plan.blockwise_steps  # the re-plan keeps the recipe's floor
+
+
+def test_without_a_floor_a_left_over_too_short_for_an_end_to_end_stage_is_not_one():
+    full = CPU.spent_s + CPU.save_s + CPU.init_s + CPU.blockwise_s(BW_MAX_STEPS)
+    for left_steps, stage in ((QAT_MIN_STEPS - 0.5, 0), (QAT_MIN_STEPS + 3.5, QAT_MIN_STEPS + 3)):
+        plan = plan_time((full + left_steps * CPU.qat_step_s) / (1 - MARGIN), CPU, qat_floor=0, **PTB)
+        assert plan.blockwise_steps == BW_MAX_STEPS and plan.tokens == stage * CPU.batch_tokens
 
 
 def test_short_times_take_the_ptq_path_and_shorter_ones_are_refused_with_the_minimum():
@@ -139,6 +161,34 @@ def test_a_long_plan_on_own_text_calibrates_on_more_sequences_unless_the_command
                                    fixed=frozenset({"calib_sequences"}))
     assert (kept.calib_sequences, kept.blockwise_sequences) == (128, 128)
     assert not any("calibration sequences" in n for n in plan2.notes)
+
+
+@pytest.mark.parametrize("share", [1.0, 0.9, SEQUENCES_KEEP_STEPS, 0.8, 0.71])
+def test_more_calibration_sequences_are_kept_only_where_they_keep_most_block_wise_steps(monkeypatch, share):
+    import binarize.calibration.selfgen as selfgen
+    from binarize.train.timed import _more_sequences
+
+    monkeypatch.setattr(selfgen, "is_cached", lambda *a, **k: False)
+    recipe = load_recipe("ternary-distill", dict(seq_len=256, batch_tokens=1024, calib_sequences=128,
+                                                 blockwise_sequences=128, self_tokens=49_152, data="self", calib="self"))
+    mine = dict(data="self", max_epochs=2.0, qat_floor=0)
+    plan = plan_time(8 * 3600, CPU, corpus_tokens=49_152, cached_tokens=0, held_out=128 * 256, **mine)
+    assert plan.blockwise_steps == BW_MAX_STEPS
+    seen = {}
+
+    def planned(sp, corpus, cached, held_out):  # the larger set's plan, at the share of the steps asked
+        seen.update(corpus=corpus, held_out=held_out, fixed=sp.block_fixed_s)
+        trial = plan_time(8 * 3600, sp, corpus_tokens=corpus, cached_tokens=cached, held_out=held_out, **mine)
+        trial.blockwise_steps = round(share * plan.blockwise_steps)
+        return trial
+
+    out, kept = _more_sequences(plan, recipe, None, CPU, planned)
+    assert seen == dict(corpus=49_152 + 128 * 256, held_out=256 * 256, fixed=2 * CPU.block_fixed_s)
+    if share >= SEQUENCES_KEEP_STEPS:
+        assert out.blockwise_sequences == out.calib_sequences == 256 and kept is not plan
+        assert kept.blockwise_steps == round(share * BW_MAX_STEPS) and "128 -> 256" in kept.notes[-1]
+    else:
+        assert out is recipe and kept is plan
 
 
 def test_a_mix_costs_its_self_generated_share_and_falls_back_to_its_own_source():

@@ -14,8 +14,9 @@ What is timed and how it is scaled (``timeplan.StageSpeeds``):
 * block-wise: ``train_block`` on the one-block copy, per step from two short runs' difference
   (``PROBE_BLOCK_STEPS``; what is left is the block's setup), the last block's head-KL loss on
   top the same way (1 and 3 steps), plus four passes of the cached sequences per block;
-* self-generation: one batch of ``self_batch`` sequences at two lengths, extrapolated to
-  ``seq_len`` (``generation_token_s``; skipped when the text is not self-generated);
+* self-generation: one batch of ``self_batch`` sequences after a shorter untimed one, scaled to
+  ``seq_len`` by the attention's FLOPs (``generation_token_s``; skipped when the text is not
+  self-generated);
 * writing: a ``torch.save`` of the model's weights, three times over (run, export, check), + 5 s.
 
 Random token ids stand in for the text: the time of these stages does not depend on it.
@@ -39,7 +40,7 @@ from .timeplan import StageSpeeds
 
 PROBE_BLOCK_STEPS = (3, 15)  # block-wise steps are timed as the difference of two short runs (warm-up cancels;
 # 4 steps apart, the default model's 0.13 s step once read as 0.203 s and planned 211 steps where 600 fit)
-GEN_PROBE_LENS = (32, 96)  # self-generation is timed at two lengths (generation_token_s)
+GEN_PROBE_LENS = (32, 96)  # self-generation: an untimed warm-up batch, then the timed one (generation_token_s)
 
 
 def _timed(fn) -> float:
@@ -108,31 +109,43 @@ def probe_ids(model, recipe: Recipe) -> torch.Tensor:
     return ids.to(next(model.parameters()).device)
 
 
+def attention_per_position(model) -> float:
+    """Extra decode cost per KV-cache position, as a fraction of a decode step's weight matmuls
+    (FLOPs): attention reads 4 * hidden FLOPs per cached position per layer (q.k and the weighted
+    sum of v over all heads) against 2 FLOPs per weight of every linear (blocks and head). 0 where
+    the config names no hidden size or layer count. The default model: 2.6e-4 (a 128-token mean
+    position adds 3 % to the step)."""
+    cfg = getattr(model, "config", None)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    if not hidden or not layers or not weights:
+        return 0.0
+    return 4 * hidden * layers / (2 * weights)
+
+
 def generation_token_s(model, tokenizer, recipe: Recipe) -> float:
     """Seconds per self-generated token of ``recipe``'s corpus (sequences of ``seq_len`` in
-    batches of ``self_batch``). A decode step's cost grows with the position (the KV cache it
-    attends over), t(p) = a + b p: one batch is timed at two lengths n (``GEN_PROBE_LENS``), whose
-    total time is n a + b n^2 / 2 per sequence, and the mean over a whole sequence, a + b L / 2,
-    is returned. The first steps do not follow the line: on the default model (2-core CPU, batch
-    64, 256-token sequences that took 6.54 ms per token) lengths (16, 48) said 11.5 ms, (16, 64)
-    11.7, (32, 96) 6.52 in 44 s, and a single 24-token probe 3.8."""
+    batches of ``self_batch``): one batch at ``GEN_PROBE_LENS[1]`` tokens timed after an untimed
+    batch at ``GEN_PROBE_LENS[0]`` (the first decode steps of a process, and of each new cache
+    length, run slower), scaled to the corpus's mean position ``seq_len / 2`` by the attention's
+    share of a step (``attention_per_position``, from the FLOPs). On the default model (2-core
+    CPU, batch 64, 256-token sequences) per-token times at 96 and 256 tokens agree within the
+    noise of one batch (6.1-6.7 ms, 6.6 ms): the position term is small. The former fit of a
+    line through two timed lengths read that noise as slope and planned 9.1 ms where 6.0 were
+    taken (12.4 minutes for 8.2, ``benchmarks/results/timeplan_cpu.md``)."""
     from binarize.calibration.selfgen import SelfGenConfig, generate_sequences
 
-    per_seq = []
     L = recipe.seq_len
-    lens = (max(2, min(GEN_PROBE_LENS[0], L // 2)), max(3, min(GEN_PROBE_LENS[1], L)))  # never past the corpus's own
-    warm = SelfGenConfig(tokens=recipe.self_batch * lens[0] // 4, seq_len=max(2, lens[0] // 4),
-                         batch_size=recipe.self_batch, seed=recipe.seed)
-    generate_sequences(model, tokenizer, warm)  # untimed: the first decode steps of a process run slower
-    for n in lens:
-        cfg = SelfGenConfig(tokens=recipe.self_batch * n, seq_len=n, batch_size=recipe.self_batch, seed=recipe.seed)
-        t0 = time.perf_counter()
-        seqs = generate_sequences(model, tokenizer, cfg)
-        per_seq.append((time.perf_counter() - t0) / max(1, sum(map(len, seqs))) * n)  # seconds per n-token row
-    (n1, n2), (t1, t2) = lens, per_seq
-    b = max(0.0, 2 * (t2 / n2 - t1 / n1) / (n2 - n1))
-    a = max(1e-9, t1 / n1 - b * n1 / 2)
-    return a + b * recipe.seq_len / 2
+    warm_n, n = max(2, min(GEN_PROBE_LENS[0], L // 2)), max(3, min(GEN_PROBE_LENS[1], L))  # never past the corpus's own
+    generate_sequences(model, tokenizer, SelfGenConfig(tokens=recipe.self_batch * warm_n, seq_len=warm_n,
+                                                       batch_size=recipe.self_batch, seed=recipe.seed))
+    cfg = SelfGenConfig(tokens=recipe.self_batch * n, seq_len=n, batch_size=recipe.self_batch, seed=recipe.seed)
+    t0 = time.perf_counter()
+    seqs = generate_sequences(model, tokenizer, cfg)
+    per_token = (time.perf_counter() - t0) / max(1, sum(map(len, seqs)))
+    c = attention_per_position(model)
+    return per_token * (1 + c * L / 2) / (1 + c * n / 2)
 
 
 def measure_speeds(model, tokenizer, recipe: Recipe, *, spent_s: float, generate: bool,

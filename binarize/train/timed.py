@@ -15,7 +15,7 @@ from ..errors import BinarizeError
 from ..recipe import Recipe, load_recipe, parse_mix
 from .data import resolve_auto, self_gen_config
 from .plan import Budget, check_job, fit_chunks, held_out_tokens
-from .timeplan import (BW_MAX_READS, QAT_FLOOR_STEPS, TimePlan, format_duration, plan_time, revise_blockwise_steps,
+from .timeplan import (BW_MAX_READS, SEQUENCES_KEEP_STEPS, TimePlan, format_duration, plan_time, revise_blockwise_steps,
                        revise_qat_steps, sequences_for_steps)
 
 PTQ_RECIPES = {"binary": "binary-ptq", "ternary": "ternary-ptq"}  # the short path of each method
@@ -48,7 +48,7 @@ def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, toke
     data = resolve_auto(recipe.data)
     real, frac = parse_mix(data)  # self+SOURCE:F: F of the text self-generated, the rest (and the fallback) SOURCE
     held_out = held_out_tokens(recipe)
-    corpus = recipe.self_tokens or (held_out + QAT_FLOOR_STEPS * recipe.batch_tokens)
+    corpus = recipe.self_tokens or (held_out + max(recipe.qat_floor_steps, 1) * recipe.batch_tokens)
     if frac > 0:
         recipe = dataclasses.replace(recipe, self_tokens=corpus)  # a fixed corpus the cache can share
     cached = corpus if frac > 0 and is_cached(src, self_gen_config(recipe, corpus)) else 0
@@ -61,7 +61,8 @@ def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, toke
     def planned(sp, corpus=corpus, cached=cached, held_out=held_out):
         return plan_time(seconds, sp, data=data, corpus_tokens=corpus, cached_tokens=cached, held_out=held_out,
                          max_epochs=recipe.max_epochs, tokens=tokens, ptb_local=ptb_local,
-                         blockwise=recipe.blockwise_steps > 0, self_frac=frac, fallback=real or "ptb")
+                         blockwise=recipe.blockwise_steps > 0, self_frac=frac, fallback=real or "ptb",
+                         qat_floor=recipe.qat_floor_steps)
 
     try:
         plan = planned(speeds)
@@ -94,9 +95,9 @@ def _more_sequences(plan: TimePlan, recipe: Recipe, src, speeds, planned) -> tup
     each more than ``BW_MAX_READS`` times (``sequences_for_steps``): the corpus grows by the extra
     sequences' tokens (their generation counted), the per-block passes over the cached sequences
     scale with their number, and the larger plan is kept only where it is still a full path on the
-    model's own text with as many block-wise steps: the text is bought with end-to-end time, never
-    with block-wise steps (on the default model, one hour: 256 sequences at 427 steps WikiText-2
-    171 against 128 at 600 steps 161, ``benchmarks/results/quality_cpu.md``); else the plan as it was."""
+    model's own text that keeps ``SEQUENCES_KEEP_STEPS`` of the block-wise steps (on the default
+    model, one hour: 256 sequences at 427 steps, 71 %, WikiText-2 171 against 128 at 600 steps
+    161, ``benchmarks/results/quality_cpu.md``); else the plan as it was."""
     from binarize.calibration.selfgen import is_cached
 
     have = recipe.blockwise_sequences
@@ -110,7 +111,7 @@ def _more_sequences(plan: TimePlan, recipe: Recipe, src, speeds, planned) -> tup
     cached = grown.self_tokens if is_cached(src, self_gen_config(grown, grown.self_tokens)) else 0
     sp = dataclasses.replace(speeds, block_fixed_s=speeds.block_fixed_s * n / have)
     trial = planned(sp, corpus=grown.self_tokens, cached=cached, held_out=held)
-    if trial.path != "full" or trial.data != plan.data or trial.blockwise_steps < plan.blockwise_steps:
+    if trial.path != "full" or trial.data != plan.data or trial.blockwise_steps < SEQUENCES_KEEP_STEPS * plan.blockwise_steps:
         return recipe, plan
     trial.notes.append(f"calibration sequences {have} -> {n}: {trial.blockwise_steps} block-wise steps of "
                        f"{recipe.blockwise_batch} read each at most {BW_MAX_READS} times")

@@ -10,16 +10,18 @@ The allocation follows the ``quality`` measurements on the default model on a 2-
   calibration sequences) 1,017 -> 567 for 1,460 s more (``quality2``'s ``bw300-seq128``; on
   32 sequences 300 steps gave 817); the ternary recipe 300 -> 600 steps 213 -> 156 for 1,170 s
   more (``tern300-seq128-bf16``, ``tern600-seq128-bf16``, bf16 block-wise matmuls). So after a floor of end-to-end steps
-  (``QAT_SHARE`` of the time, at most ``QAT_FLOOR_STEPS`` steps) the block-wise stage gets
-  the time up to ``BW_MAX_STEPS`` per block (the most measured), and only then does the
-  end-to-end stage get the rest.
+  (``QAT_SHARE`` of the time, at most the recipe's ``qat_floor_steps``, default ``QAT_FLOOR_STEPS``)
+  the block-wise stage gets the time up to ``BW_MAX_STEPS`` per block (the most measured), and only
+  then does the end-to-end stage get the rest. ``ternary-distill`` has no floor: after 600
+  block-wise steps its 32 end-to-end steps (lr 1e-4) bought nothing (WikiText-2 161.4 with them in
+  one hour, 155.9 without, ``quality_cpu.md``).
 * **A long block-wise stage reads more calibration text.** At 600 steps of 4 sequences, 128
   calibration sequences are each read ~19 times and 256 (WikiText-2 155.9 -> 134.4, ternary,
   ``tern600-seq256-bf16``) ~9 times; where the planned steps would read a sequence more than
   ``BW_MAX_READS`` times and the command line did not fix the sequences, ``timed.py`` plans again
   with more (``sequences_for_steps``), the larger corpus's generation counted, and keeps that plan
-  only where it keeps as many block-wise steps (the text costs end-to-end time, never steps: in one
-  hour 256 sequences at 427 steps scored 171 against 128 at 600 steps' 161).
+  only where it keeps ``SEQUENCES_KEEP_STEPS`` of the block-wise steps (in one hour 256 sequences
+  at 427 steps, 71 %, scored 171 against 128 at 600 steps' 161).
 * **Self-generated text is worth its time only when it is cheap.** The model's own text beat PTB
   train on WikiText-2 (1,955 vs 2,950 at 32k tokens) but 41k tokens took 2,110 s to generate,
   the time of 140 more block-wise steps per block. It is generated only when that costs at most
@@ -52,6 +54,11 @@ BW_MAX_STEPS = 600  # the most block-wise steps measured (60 -> 120 -> 200 -> 30
 GEN_SHARE = 0.25  # self-generated text only where generating it takes at most this share
 BW_MAX_READS = 10  # block-wise reads of one calibration sequence beyond which a plan adds sequences
 CALIB_MAX_SEQUENCES = 256  # the most calibration sequences measured (quality2's tern600-seq256-bf16)
+# more calibration sequences are kept where they keep this share of the block-wise steps. Steps
+# buy WikiText-2 about as steps^-0.45 (300 -> 600: 213 -> 156, ternary, 128 sequences); 256
+# sequences were worth 0.86x at 600 steps and ~0.95x at 427 (the one-hour run's 171 against 128 at
+# 600's 161 and the curve's 181): break-even at 72-88 % of the steps, measured lost at 71 %
+SEQUENCES_KEEP_STEPS = 0.85
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -129,6 +136,7 @@ class TimePlan:
     stages: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     tokens_fixed: bool = False  # --tokens beside --time: the end-to-end budget is the user's, never revised
+    qat_floor: int = QAT_FLOOR_STEPS  # the recipe's qat_floor_steps the plan was made with (the re-plans use it again)
     revised: dict | None = None  # the stages as re-planned when they started (revise_blockwise_steps, revise_qat_steps)
     speeds: StageSpeeds | None = None  # what the full path was planned with (the re-plans use it again)
 
@@ -171,7 +179,8 @@ def _gen_s(sp: StageSpeeds, tokens: int) -> float:
 
 def plan_time(seconds: float, sp: StageSpeeds, *, data: str, corpus_tokens: int, cached_tokens: int,
               held_out: int, max_epochs: float, tokens: int | None = None, ptb_local: bool = True,
-              blockwise: bool = True, self_frac: float | None = None, fallback: str = "ptb") -> TimePlan:
+              blockwise: bool = True, self_frac: float | None = None, fallback: str = "ptb",
+              qat_floor: int = QAT_FLOOR_STEPS) -> TimePlan:
     """The plan for ``seconds`` of wall time (module docstring for the rules).
 
     ``data``: the resolved training text (``self``, ``ptb``, a file, a ``self+SOURCE:F`` mix);
@@ -184,7 +193,10 @@ def plan_time(seconds: float, sp: StageSpeeds, *, data: str, corpus_tokens: int,
     ``tokens``: end-to-end tokens the user fixed (``--tokens`` beside ``--time``); the rest is
     planned around them, and a budget that cannot fit is a BinarizeError naming the time it needs.
     ``blockwise``: the recipe has a block-wise stage (else all the time after the initialisation
-    goes to end-to-end tokens). Raises BinarizeError when even the shortest path does not fit, naming its minimum."""
+    goes to end-to-end tokens). ``qat_floor``: the end-to-end steps planned before the block-wise
+    stage (the recipe's ``qat_floor_steps``); with 0 and a block-wise stage, end-to-end steps are
+    planned only from the time left once it has ``BW_MAX_STEPS`` (none where that is under
+    ``QAT_MIN_STEPS``). Raises BinarizeError when even the shortest path does not fit, naming its minimum."""
     usable = seconds * (1 - MARGIN) - sp.spent_s - sp.save_s
     notes: list[str] = []
     gen_tokens = 0
@@ -202,7 +214,9 @@ def plan_time(seconds: float, sp: StageSpeeds, *, data: str, corpus_tokens: int,
     base = usable - _gen_s(sp, gen_tokens) - sp.init_s
     per_step = sp.qat_step_s
     bw_min = BW_MIN_STEPS if blockwise else 0
-    min_full = sp.blockwise_s(bw_min) + (QAT_MIN_STEPS * per_step if tokens is None else 0)
+    floor = qat_floor if blockwise else max(1, qat_floor)  # without a block-wise stage the end-to-end one is all
+    qat_min = QAT_MIN_STEPS if tokens is None and floor else 0
+    min_full = sp.blockwise_s(bw_min) + qat_min * per_step
     if tokens is not None:
         need = math.ceil(tokens / sp.batch_tokens) * per_step
         if need + sp.blockwise_s(bw_min) > base:
@@ -211,9 +225,11 @@ def plan_time(seconds: float, sp: StageSpeeds, *, data: str, corpus_tokens: int,
                                 f"alone needs about {format_duration(need)} on this machine and the whole job about "
                                 f"{format_duration(total / (1 - MARGIN))}; give more time or fewer tokens")
     if base < min_full:
-        return _ptq_plan(seconds, sp, notes, tokens, bw_min)
-    if tokens is None:  # the end-to-end floor, never so large that the shortest block-wise stage cannot fit
-        qat_steps = max(QAT_MIN_STEPS, min(QAT_FLOOR_STEPS, int(QAT_SHARE * base / per_step),
+        return _ptq_plan(seconds, sp, notes, tokens, bw_min, qat_min)
+    if tokens is None and not floor:
+        qat_steps = 0
+    elif tokens is None:  # the end-to-end floor, never so large that the shortest block-wise stage cannot fit
+        qat_steps = max(QAT_MIN_STEPS, min(floor, int(QAT_SHARE * base / per_step),
                                            int((base - sp.blockwise_s(bw_min)) / per_step)))
     else:
         qat_steps = math.ceil(tokens / sp.batch_tokens)
@@ -242,9 +258,10 @@ def plan_time(seconds: float, sp: StageSpeeds, *, data: str, corpus_tokens: int,
                     gen_tokens = corpus
                 else:
                     extra = free
-        qat_steps += extra
+        if qat_steps + extra >= QAT_MIN_STEPS:  # a stage of fewer steps is not worth its fixed costs
+            qat_steps += extra
     plan = TimePlan(seconds, "full", bw, tokens if tokens is not None else qat_steps * sp.batch_tokens, data,
-                    gen_tokens, corpus, notes=notes, tokens_fixed=tokens is not None, speeds=sp)
+                    gen_tokens, corpus, notes=notes, tokens_fixed=tokens is not None, speeds=sp, qat_floor=qat_floor)
     plan.stages = {"spent": sp.spent_s, "generate": _gen_s(sp, gen_tokens), "init": sp.init_s,
                    "blockwise": sp.blockwise_s(bw), "qat": qat_steps * per_step, "save": sp.save_s}
     if tokens is not None and plan.expected_s < seconds * (1 - 2 * MARGIN):
@@ -265,7 +282,8 @@ def revise_blockwise_steps(plan: TimePlan, elapsed_s: float) -> int:
     sp = replace(plan.speeds, spent_s=elapsed_s)
     try:
         again = plan_time(plan.seconds, sp, data=plan.data, corpus_tokens=0, cached_tokens=0, held_out=0,
-                          max_epochs=0, tokens=plan.tokens if plan.tokens_fixed else None, self_frac=0.0)
+                          max_epochs=0, tokens=plan.tokens if plan.tokens_fixed else None, self_frac=0.0,
+                          qat_floor=plan.qat_floor)
     except BinarizeError:  # fixed tokens that no longer fit beside the shortest block-wise stage
         return BW_MIN_STEPS
     return again.blockwise_steps if again.path == "full" else BW_MIN_STEPS
@@ -292,9 +310,10 @@ def revise_qat_steps(plan: TimePlan, elapsed_s: float, max_steps: int) -> int:
     return max(min(QAT_MIN_STEPS, planned), steps)
 
 
-def _ptq_plan(seconds: float, sp: StageSpeeds, notes: list[str], tokens: int | None, bw_min: int) -> TimePlan:
+def _ptq_plan(seconds: float, sp: StageSpeeds, notes: list[str], tokens: int | None, bw_min: int,
+              qat_min: int) -> TimePlan:
     """The PTQ-only path: initialisation alone, or one line with the minimum the machine needs."""
-    full_min = sp.spent_s + sp.save_s + sp.init_s + sp.blockwise_s(bw_min) + QAT_MIN_STEPS * sp.qat_step_s
+    full_min = sp.spent_s + sp.save_s + sp.init_s + sp.blockwise_s(bw_min) + qat_min * sp.qat_step_s
     ptq_min = sp.spent_s + sp.save_s + sp.ptq_init_s
     if tokens is None and sp.ptq_init_s > 0 and ptq_min <= seconds * (1 - MARGIN):
         notes.append(f"the training stages need about {format_duration(full_min / (1 - MARGIN))}: post-training "
