@@ -76,6 +76,17 @@ def test_without_an_end_to_end_floor_block_wise_steps_take_the_time_first(second
     assert revise_blockwise_steps(plan, ready) == plan.blockwise_steps  # the re-plan keeps the recipe's floor
 
 
+def test_without_a_floor_own_text_is_generated_for_the_calibration_set_and_the_end_to_end_steps_alone():
+    sp = dataclasses.replace(CPU, gen_token_s=0.005)
+    mine = dict(data="self", corpus_tokens=49_152, held_out=32_768, max_epochs=2.0, qat_floor=0)
+    short = plan_time(3600, sp, cached_tokens=0, **mine)
+    assert short.tokens == 0 and short.generate_tokens == short.corpus_tokens == 32_768
+    assert plan_time(3600, sp, cached_tokens=49_152, **mine).generate_tokens == 0  # a cached larger corpus is free
+    long = plan_time(12 * 3600, sp, cached_tokens=0, **mine)  # block-wise full, many end-to-end steps
+    assert long.blockwise_steps == BW_MAX_STEPS and long.tokens > 0
+    assert long.generate_tokens == long.corpus_tokens >= 32_768 + long.tokens / 2  # read at most twice
+
+
 def test_without_a_floor_a_left_over_too_short_for_an_end_to_end_stage_is_not_one():
     full = CPU.spent_s + CPU.save_s + CPU.init_s + CPU.blockwise_s(BW_MAX_STEPS)
     for left_steps, stage in ((QAT_MIN_STEPS - 0.5, 0), (QAT_MIN_STEPS + 3.5, QAT_MIN_STEPS + 3)):
@@ -131,9 +142,9 @@ def test_calibration_sequences_grow_with_the_block_wise_steps_up_to_the_measured
         assert n <= max(have, CALIB_MAX_SEQUENCES) and n - 64 < max(have, steps * batch / BW_MAX_READS)
 
 
-@pytest.mark.parametrize("hours, grows", [(2.0, True), (1.0, False), (0.5, False)])
+@pytest.mark.parametrize("hours, floor, grows", [(2.0, 32, True), (1.0, 32, False), (1.0, 0, True), (0.5, 0, False)])
 def test_a_long_plan_on_own_text_calibrates_on_more_sequences_unless_the_command_line_fixed_them(
-        trained_tiny_dir, monkeypatch, hours, grows):
+        trained_tiny_dir, monkeypatch, hours, floor, grows):
     import binarize.train.probe as probe
     from binarize.models import load_model
     from binarize.train.timed import plan_for_time
@@ -143,14 +154,16 @@ def test_a_long_plan_on_own_text_calibrates_on_more_sequences_unless_the_command
     sp = dataclasses.replace(CPU, init_s=0.0, block_fixed_s=3.0, block_step_s=0.14, last_block_extra_s=0.0,
                              qat_step_s=13.0, gen_token_s=0.009, save_s=10.0, spent_s=100.0)
     monkeypatch.setattr(probe, "measure_speeds", lambda *a, **k: (sp, probe.PassTimes(0.1, 0.05)))
-    recipe = load_recipe("ternary-distill", dict(seq_len=256, batch_tokens=1024, calib_sequences=128,
+    recipe = load_recipe("ternary-distill", dict(seq_len=256, batch_tokens=1024, calib_sequences=128, qat_floor_steps=floor,
                                                  blockwise_sequences=128, self_tokens=49_152, data="self", calib="self"))
     out, tokens, plan = plan_for_time(hours * 3600, recipe, model, tok, src, tokens=None, spent_s=1.0)
     assert plan.path == "full" and plan.data == "self" and plan.expected_s <= hours * 3600 * (1 - MARGIN)
     if grows:  # 600 steps of 4 would read 128 sequences ~19 times each, and the time holds them with 256
-        assert plan.blockwise_steps == BW_MAX_STEPS and plan.blockwise_steps * 4 > BW_MAX_READS * 128
+        assert plan.blockwise_steps * 4 > BW_MAX_READS * 128 and (floor == 0 or plan.blockwise_steps == BW_MAX_STEPS)
         assert out.calib_sequences == out.blockwise_sequences == sequences_for_steps(plan.blockwise_steps, 4, 128) > 128
-        assert out.self_tokens == plan.corpus_tokens >= 49_152 + (out.calib_sequences - 128) * 256
+        # the calibration set, and each end-to-end token at most twice (no floor: nothing more)
+        assert out.self_tokens == plan.corpus_tokens >= out.calib_sequences * 256 + plan.tokens / 2
+        assert floor or plan.corpus_tokens == out.calib_sequences * 256 or plan.tokens
         assert plan.generate_tokens == plan.corpus_tokens and "calibration sequences 128 ->" in plan.notes[-1]
         assert plan.stages["blockwise"] == pytest.approx(
             dataclasses.replace(sp, block_fixed_s=3.0 * out.blockwise_sequences / 128).blockwise_s(plan.blockwise_steps))

@@ -196,11 +196,13 @@ def plan_time(seconds: float, sp: StageSpeeds, *, data: str, corpus_tokens: int,
     goes to end-to-end tokens). ``qat_floor``: the end-to-end steps planned before the block-wise
     stage (the recipe's ``qat_floor_steps``); with 0 and a block-wise stage, end-to-end steps are
     planned only from the time left once it has ``BW_MAX_STEPS`` (none where that is under
-    ``QAT_MIN_STEPS``). Raises BinarizeError when even the shortest path does not fit, naming its minimum."""
+    ``QAT_MIN_STEPS``), and self-generated text beyond the calibration set only for those. Raises BinarizeError when even the shortest path does not fit, naming its minimum."""
     usable = seconds * (1 - MARGIN) - sp.spent_s - sp.save_s
     notes: list[str] = []
     gen_tokens = 0
     frac = (1.0 if data == "self" else 0.0) if self_frac is None else self_frac
+    if frac > 0 and blockwise and tokens is None and not qat_floor and cached_tokens < corpus_tokens:
+        corpus_tokens = min(corpus_tokens, held_out)  # no floor: the calibration set, more only for end-to-end steps
     if frac > 0:
         gen_tokens = max(0, corpus_tokens - cached_tokens)
         if gen_tokens and _gen_s(sp, gen_tokens) > GEN_SHARE * seconds:
