@@ -181,10 +181,12 @@ def step_t(step: int, steps: int, recipe: Recipe, switch: int = 0) -> tuple[int,
     return chunk, chunk_t(recipe.scheduler, chunk, recipe.chunks, recipe.schedule_span)
 
 
-def stage_summary(recipe: Recipe, budget: Budget, n_blocks: int, bai_only: bool = False) -> list[str]:
+def stage_summary(recipe: Recipe, budget: Budget, n_blocks: int, bai_only: bool = False,
+                  timed: bool = False) -> list[str]:
     """What each stage of the run will train, in tokens, for the start-up lines of ``convert``.
 
-    ``--tokens`` is the end-to-end QAT budget; BaI and block-wise reconstruction come on top."""
+    ``--tokens`` is the end-to-end QAT budget; BaI and block-wise reconstruction come on top.
+    ``timed``: the budget is ``--time``'s plan (its zero tokens are the plan's, not ``--tokens 0``)."""
     L = recipe.seq_len
     lines = [f"recipe {recipe.name} ({recipe.method}, {recipe.quantizer}), sequences of {L} tokens"]
     if recipe.bai:
@@ -201,7 +203,8 @@ def stage_summary(recipe: Recipe, budget: Budget, n_blocks: int, bai_only: bool 
                      f"sequences = {per_block:,} tokens per block through one block "
                      f"({recipe.blockwise_sequences} cached calibration sequences)")
     if not bai_only and budget.tokens == 0:
-        lines.append("QAT: none (--tokens 0: post-training quantization, the stages above alone)")
+        lines.append("QAT: none (--time gives the time to the stages above)" if timed else
+                     "QAT: none (--tokens 0: post-training quantization, the stages above alone)")
     elif not bai_only:
         kd = f", distillation alpha {recipe.distill_alpha:g}" if recipe.distill_alpha else ""
         lines.append(f"QAT: {budget.tokens_used:,} tokens in {budget.steps} steps of {budget.seqs_per_step * L:,} "

@@ -13,7 +13,7 @@ What is timed and how it is scaled (``timeplan.StageSpeeds``):
   calibration size), times the number of blocks;
 * block-wise: ``train_block`` on the one-block copy, per step from two short runs' difference
   (``PROBE_BLOCK_STEPS``; what is left is the block's setup), the last block's head-KL loss on
-  top the same way (1 and 3 steps), plus four passes of the cached sequences per block;
+  top the same way (``PROBE_LAST_BLOCK_STEPS``), plus four passes of the cached sequences per block;
 * self-generation: one batch of ``self_batch`` sequences after a shorter untimed one, scaled to
   ``seq_len`` by the attention's FLOPs (``generation_token_s``; skipped when the text is not
   self-generated);
@@ -40,6 +40,8 @@ from .timeplan import StageSpeeds
 
 PROBE_BLOCK_STEPS = (3, 15)  # block-wise steps are timed as the difference of two short runs (warm-up cancels;
 # 4 steps apart, the default model's 0.13 s step once read as 0.203 s and planned 211 steps where 600 fit)
+PROBE_LAST_BLOCK_STEPS = (2, 6)  # the last block's head-KL steps, the same way: at (1, 3) one probe read 3.73 s
+# per step where a run took ~1.6 (and 1.95 in another), two steps apart and one of them the optimizer's first
 GEN_PROBE_LENS = (32, 96)  # self-generation: an untimed warm-up batch, then the timed one (generation_token_s)
 
 
@@ -210,9 +212,10 @@ def measure_speeds(model, tokenizer, recipe: Recipe, *, spent_s: float, generate
     last_extra = 0.0
     if recipe.blockwise_last_loss == "kl" and recipe.blockwise_steps:
         kl = head_kl_loss(m1, recipe)
-        w1, w3 = (train_block(block, bx, target, kwargs, dataclasses.replace(recipe, blockwise_steps=k), 0,
-                              loss_fn=kl)["wall_s"] for k in (1, 3))
-        last_extra = max(0.0, (w3 - w1) / 2 - block_step_s)  # one step with its warm-up said 3.8 s; it ran 2.0
+        k1, k2 = PROBE_LAST_BLOCK_STEPS
+        w1, w2 = (train_block(block, bx, target, kwargs, dataclasses.replace(recipe, blockwise_steps=k), 0,
+                              loss_fn=kl)["wall_s"] for k in (k1, k2))
+        last_extra = max(0.0, (w2 - w1) / (k2 - k1) - block_step_s)
 
     buf = io.BytesIO()
     save_s = 3 * _timed(lambda: torch.save(model.state_dict(), buf)) + 5.0

@@ -183,7 +183,7 @@ def convert_run(job: ConvertJob) -> ConvertResult:
         procs = f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
         procs += " (FSDP)" if sharded else (" (--fsdp: one process, nothing to shard)" if fsdp else "")
         print(f"{src.spec} on {accelerator.device}{procs}", flush=True)
-        for line in stage_summary(recipe, budget, len(decoder_layers(model)), job.bai_only):
+        for line in stage_summary(recipe, budget, len(decoder_layers(model)), job.bai_only, timed=plan is not None):
             print("  " + line, flush=True)
         for line in plan.lines() if plan else []:
             print("  " + line, flush=True)
