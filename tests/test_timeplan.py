@@ -85,6 +85,11 @@ def test_without_a_floor_own_text_is_generated_for_the_calibration_set_and_the_e
     long = plan_time(12 * 3600, sp, cached_tokens=0, **mine)  # block-wise full, many end-to-end steps
     assert long.blockwise_steps == BW_MAX_STEPS and long.tokens > 0
     assert long.generate_tokens == long.corpus_tokens >= 32_768 + long.tokens / 2  # read at most twice
+    full = sp.spent_s + sp.save_s + sp.init_s + sp.blockwise_s(BW_MAX_STEPS) + 32_768 * sp.gen_token_s
+    for left_steps, stage in ((QAT_MIN_STEPS - 1.5, 0), (QAT_MIN_STEPS + 6, QAT_MIN_STEPS)):  # text costs steps too
+        edge = plan_time((full + left_steps * sp.qat_step_s) / (1 - MARGIN), sp, cached_tokens=0, **mine)
+        assert edge.blockwise_steps == BW_MAX_STEPS and edge.tokens >= stage * sp.batch_tokens
+        assert (edge.tokens > 0) == (stage > 0) and edge.corpus_tokens == 32_768 + (edge.tokens // 2 if stage else 0)
 
 
 def test_without_a_floor_a_left_over_too_short_for_an_end_to_end_stage_is_not_one():

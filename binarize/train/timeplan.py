@@ -196,7 +196,8 @@ def plan_time(seconds: float, sp: StageSpeeds, *, data: str, corpus_tokens: int,
     goes to end-to-end tokens). ``qat_floor``: the end-to-end steps planned before the block-wise
     stage (the recipe's ``qat_floor_steps``); with 0 and a block-wise stage, end-to-end steps are
     planned only from the time left once it has ``BW_MAX_STEPS`` (none where that is under
-    ``QAT_MIN_STEPS``), and self-generated text beyond the calibration set only for those. Raises BinarizeError when even the shortest path does not fit, naming its minimum."""
+    ``QAT_MIN_STEPS``), and self-generated text beyond the calibration set only for those.
+    Raises BinarizeError when even the shortest path does not fit, naming its minimum."""
     usable = seconds * (1 - MARGIN) - sp.spent_s - sp.save_s
     notes: list[str] = []
     gen_tokens = 0
@@ -254,13 +255,13 @@ def plan_time(seconds: float, sp: StageSpeeds, *, data: str, corpus_tokens: int,
                 regen = 0.0 if gen_tokens else _gen_s(sp, corpus)
                 cost = per_step + read * sp.gen_token_s / max_epochs
                 grow = int((left - free * per_step - regen) / cost)
-                if grow > 0:
+                if grow > 0 and qat_steps + free + grow >= QAT_MIN_STEPS:
                     extra = free + grow
                     corpus = math.ceil((qat_steps + extra) * read / max_epochs) + held_out
                     gen_tokens = corpus
                 else:
                     extra = free
-        if qat_steps + extra >= QAT_MIN_STEPS:  # a stage of fewer steps is not worth its fixed costs
+        if qat_steps + extra >= QAT_MIN_STEPS:  # a stage of fewer steps is not worth its fixed costs (nor its text)
             qat_steps += extra
     plan = TimePlan(seconds, "full", bw, tokens if tokens is not None else qat_steps * sp.batch_tokens, data,
                     gen_tokens, corpus, notes=notes, tokens_fixed=tokens is not None, speeds=sp, qat_floor=qat_floor)
