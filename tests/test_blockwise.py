@@ -83,6 +83,32 @@ def test_reconstruction_lowers_every_blocks_hard_sign_error(trained_tiny_dir, sm
             assert model(input_ids=ids, labels=ids).loss < ref
 
 
+def test_a_deadline_sets_each_later_blocks_steps_from_the_blocks_before_it(trained_tiny_dir, small_text, tmp_path,
+                                                                          monkeypatch):
+    import binarize.train.blockwise as bw
+
+    recipe = bw_recipe(small_text, blockwise_steps=12)
+    model = _model(trained_tiny_dir)
+    prepare(model, recipe)
+    finish_init(model, recipe)
+    trained, asked = [], []
+    real = bw.train_block
+    monkeypatch.setattr(bw, "train_block", lambda block, x, t, kw, r, i, *a: trained.append(r.blockwise_steps)
+                        or real(block, x, t, kw, r, i, *a))
+
+    def steps_for(blocks_left, blocks):
+        asked.append((blocks_left, [dict(b) for b in blocks]))
+        return 5
+
+    rec = blockwise_reconstruct(model, _calib(trained_tiny_dir, small_text), recipe, tmp_path, None,
+                                steps_for=steps_for)
+    assert trained == [12, 5] and [b["steps"] for b in rec.blocks] == [12, 5]
+    assert len(asked) == 1 and asked[0][0] == 1 and len(asked[0][1]) == 1  # asked once, before the last block
+    first = asked[0][1][0]
+    assert first["steps"] == 12 and first["block_s"] > first["wall_s"] > 0  # its time in all: targets and checks too
+    assert rec.steps == 12 and rec.blocks[1]["loss_hard_after"] < rec.blocks[1]["loss_hard_before"]
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_cpu_bf16_trains_blocks_in_bf16_matmuls_as_well_as_float32(trained_tiny_dir, small_text, tmp_path, bf16):
     """``cpu_bf16``: the training forward's linears run in bfloat16 (their outputs are bf16), the

@@ -17,8 +17,8 @@ from binarize.profiles import CPU_PROFILE, profile_overrides, resolve_profile
 from binarize.recipe import load_recipe
 from binarize.train import ConvertJob, Interrupted, convert_run
 from binarize.train.timeplan import (BW_MAX_READS, BW_MAX_STEPS, BW_MIN_STEPS, CALIB_MAX_SEQUENCES, MARGIN,
-                                     QAT_FLOOR_STEPS, QAT_MIN_STEPS, SEQUENCES_KEEP_STEPS, StageSpeeds, parse_duration, plan_time, revise_blockwise_steps,
-                                     revise_qat_steps, sequences_for_steps)
+                                     QAT_FLOOR_STEPS, QAT_MIN_STEPS, SEQUENCES_KEEP_STEPS, StageSpeeds, deadline_block_steps, parse_duration, plan_time,
+                                     revise_blockwise_steps, revise_qat_steps, sequences_for_steps)
 from tests.test_cli_errors import assert_one_line_error, run_cli
 
 # the default model on 2 cores, as the probe measured it (rounded): 30 blocks
@@ -316,6 +316,75 @@ def test_block_wise_steps_are_re_planned_for_the_time_the_text_really_took():
     assert revise_blockwise_steps(plan_time(12 * 3600, sp, **PTB), 0.0) == BW_MAX_STEPS
 
 
+@pytest.mark.parametrize("floor", [0, QAT_FLOOR_STEPS])
+@pytest.mark.parametrize("speed", [0.8, 1.0, 1.25])
+def test_the_block_wise_stage_ends_on_time_at_the_speed_its_blocks_really_run(floor, speed):
+    sp = dataclasses.replace(CPU, last_block_extra_s=0.0)
+    plan = plan_time(3600, sp, qat_floor=floor, **PTB)
+    assert BW_MIN_STEPS < plan.blockwise_steps < BW_MAX_STEPS
+    reserve = plan.tokens // sp.batch_tokens  # the end-to-end floor the stage leaves alone (all of it here)
+    deadline = 3600 * (1 - MARGIN) - sp.save_s - reserve * sp.qat_step_s
+    step_s, fixed_s = speed * sp.block_step_s, speed * sp.block_fixed_s
+    elapsed = plan.stages["spent"] + plan.stages["init"]
+    steps = plan.blockwise_steps
+    for done in range(sp.n_blocks):  # each block asks again once the one before it has run at the real speed
+        if done:
+            steps = deadline_block_steps(plan, elapsed, sp.n_blocks - done, fixed_s, step_s)
+        elapsed += fixed_s + steps * step_s
+        if done == 0:
+            first = steps
+    if speed == 1.0:  # as the probe said: the plan's steps (less than a step of rounding)
+        assert abs(steps - plan.blockwise_steps) <= 1
+    else:  # faster: more steps, slower: fewer, and the stage ends within a step of its deadline either way
+        assert (steps > first) if speed < 1 else (steps < first)
+    assert deadline - sp.n_blocks * step_s <= elapsed <= deadline + step_s
+
+
+def test_the_block_wise_deadline_keeps_the_end_to_end_floor_and_its_bounds():
+    plan = plan_time(3600, CPU, **PTB)
+    floor_s = plan.tokens // CPU.batch_tokens * CPU.qat_step_s
+    n = plan.blockwise_steps  # half the blocks done as planned; the last block's head-KL steps still to come
+    mid = plan.stages["spent"] + plan.stages["init"] + 15 * (CPU.block_fixed_s + n * CPU.block_step_s)
+    half = deadline_block_steps(plan, mid, 15, CPU.block_fixed_s, CPU.block_step_s)
+    assert abs(half - plan.blockwise_steps) <= 1
+    no_floor = dataclasses.replace(plan, tokens=0)  # the same time with nothing held back: more steps
+    extra = deadline_block_steps(no_floor, mid, 15, CPU.block_fixed_s, CPU.block_step_s)
+    per_bw = 15 * CPU.block_step_s + CPU.last_block_extra_s
+    assert abs(extra - half - floor_s / per_bw) <= 1
+    no_kl = dataclasses.replace(plan, speeds=dataclasses.replace(CPU, last_block_extra_s=0.0))
+    assert deadline_block_steps(no_kl, mid, 15, CPU.block_fixed_s, CPU.block_step_s / 100) == BW_MAX_STEPS
+    assert deadline_block_steps(plan, 3500.0, 15, CPU.block_fixed_s, CPU.block_step_s) == BW_MIN_STEPS
+    ptq = dataclasses.replace(plan, path="ptq", blockwise_steps=0)
+    assert deadline_block_steps(ptq, mid, 15, CPU.block_fixed_s, CPU.block_step_s) == 0
+
+
+def test_the_deadline_reads_the_blocks_this_process_trained_and_records_each_change():
+    from binarize.train.timed import block_deadline
+
+    plan = plan_time(3600, CPU, **PTB)
+    lines, now = [], [plan.stages["spent"] + plan.stages["init"]]  # the stage starts as planned
+    steps_for = block_deadline(plan, 0.0, lines.append, clock=lambda: now[0])
+
+    def ran(steps, step_s):  # one block trained at step_s per step: its record, and the clock moved on
+        now[0] += CPU.block_fixed_s + steps * step_s
+        return {"wall_s": steps * step_s, "steps": steps, "block_s": CPU.block_fixed_s + steps * step_s}
+
+    resumed = {"wall_s": 1.0, "steps": 5}  # from a checkpoint: no block_s, not a measurement
+    assert steps_for(29, [resumed]) == resumed["steps"] and not lines  # nothing measured yet: as it was
+    n = plan.blockwise_steps
+    blocks = [resumed, ran(n, 2 * CPU.block_step_s)]  # the block ran at half the speed the probe said
+    fewer = steps_for(28, blocks)
+    assert fewer == deadline_block_steps(plan, now[0], 28, CPU.block_fixed_s, 2 * CPU.block_step_s) < 0.65 * n
+    assert plan.revised["blockwise_deadline"] == [[3, fewer]]
+    assert len(lines) == 1 and f"{fewer} steps per block for the 28 left" in lines[0]
+    blocks.append(ran(fewer, 1.9 * CPU.block_step_s))  # a little faster: a step or two more, not printed
+    more = steps_for(27, blocks)
+    assert fewer < more < 1.02 * fewer and len(lines) == 1
+    assert plan.revised["blockwise_deadline"] == [[3, fewer], [4, more]]
+    blocks.append(ran(more, CPU.block_step_s / 2))  # much faster: printed
+    assert steps_for(26, blocks) > 1.1 * more and len(lines) == 2
+
+
 def test_a_revision_leaves_fixed_tokens_and_the_ptq_path_alone():
     fixed = plan_time(3600, CPU, tokens=20_480, **PTB)
     assert revise_qat_steps(fixed, 0.0, 0) == 20 and revise_qat_steps(fixed, 3000.0, 0) == 20
@@ -385,7 +454,10 @@ def test_a_timed_conversion_records_its_plan_and_a_resume_keeps_it(trained_tiny_
     revised = rec["plan"]["revised"] or {}
     assert rec["plan"]["blockwise_steps"] == expected.blockwise_steps
     assert rec["recipe"]["blockwise_steps"] == revised.get("blockwise_steps", expected.blockwise_steps)
-    assert len(rec["blockwise"]["blocks"]) == 2 and rec["blockwise"]["steps"] == rec["recipe"]["blockwise_steps"]
+    blocks = rec["blockwise"]["blocks"]
+    assert len(blocks) == 2 and rec["blockwise"]["steps"] == rec["recipe"]["blockwise_steps"] == blocks[0]["steps"]
+    # the second block's steps from the first's measured speed (the tiny model outruns the fake probe: more)
+    assert revised["blockwise_deadline"] == [[2, blocks[1]["steps"]]] and blocks[1]["steps"] > blocks[0]["steps"]
     assert rec["plan"]["expected_s"] == pytest.approx(expected.expected_s, abs=0.1)
     # the end-to-end stage was re-planned for the time actually left when it started (before the
     # interrupt; the tiny model runs at its own speed, not the fake one), within max_epochs of the

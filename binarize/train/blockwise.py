@@ -52,8 +52,10 @@ activations for the next block, and ``--resume`` continues at that block.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -233,7 +235,8 @@ def train_block(block, x: torch.Tensor, target: torch.Tensor, kwargs: dict, reci
 
 def blockwise_reconstruct(model, calib: torch.Tensor, recipe: Recipe, workdir: Path, record: BlockwiseRecord | None,
                           progress=None, log=None, save=None, write: bool = True,
-                          fp_layers: torch.nn.ModuleList | None = None) -> BlockwiseRecord:
+                          fp_layers: torch.nn.ModuleList | None = None,
+                          steps_for: Callable[[int, list[dict]], int] | None = None) -> BlockwiseRecord:
     """The block-wise stage over ``calib[:blockwise_sequences]`` (token ids, (n, seq_len)).
 
     ``fp_layers``: the original model's decoder blocks, which give the targets y_i where a stage
@@ -245,6 +248,11 @@ def blockwise_reconstruct(model, calib: torch.Tensor, recipe: Recipe, workdir: P
     stops after the block in flight, saves and raises ``Interrupted``. ``write=False`` (every
     process but the main one of a multi-process run, each of which runs this stage on its own)
     leaves ``workdir`` to the main process.
+
+    ``steps_for(blocks_left, blocks)``: the steps per block for the blocks still to train, asked
+    before each block once this call has trained one (``blocks``: the record's, each with its
+    ``steps``, ``wall_s`` in its steps and ``block_s`` in all); a timed run's deadline
+    (``timed.block_deadline``). None: ``recipe.blockwise_steps`` for every block.
     """
     t0 = time.perf_counter()
     for p in model.parameters():
@@ -270,7 +278,13 @@ def blockwise_reconstruct(model, calib: torch.Tensor, recipe: Recipe, workdir: P
         log(f"block-wise reconstruction: {len(layers)} blocks x {recipe.blockwise_steps} steps of "
             f"{recipe.blockwise_batch} x {ids.shape[1]} tokens, {record.activation_mib} MiB of cached activations")
     with StopOnInterrupt() as stop:
+        block_recipe = recipe
         for i in range(start, len(layers)):
+            t_block = time.perf_counter()
+            if steps_for is not None and i > start:
+                steps = steps_for(len(layers) - i, record.blocks)
+                if steps != block_recipe.blockwise_steps:
+                    block_recipe = dataclasses.replace(recipe, blockwise_steps=steps)
             block = layers[i]
             _set_fp(block, True)
             target = _run(fp_layers[i] if fp_layers is not None else block, x_fp, kwargs, mb)
@@ -283,7 +297,7 @@ def blockwise_reconstruct(model, calib: torch.Tensor, recipe: Recipe, workdir: P
             n_kl = min(KL_REPORT_SEQUENCES, x_in.shape[0])  # the report's sample: the head is costly
             if head_kl is not None:
                 kl_before = _mean_loss(head_kl, block, x_in[:n_kl], target[:n_kl], kwargs, mb)
-            res = train_block(block, x_in, target, kwargs, recipe, i, progress, head_kl)
+            res = train_block(block, x_in, target, kwargs, block_recipe, i, progress, head_kl)
             if head_kl is not None:
                 res.update(head_kl_before=kl_before,
                            head_kl_after=_mean_loss(head_kl, block, x_in[:n_kl], target[:n_kl], kwargs, mb))
@@ -295,7 +309,8 @@ def blockwise_reconstruct(model, calib: torch.Tensor, recipe: Recipe, workdir: P
             after = float(reconstruction_loss(x_q if x_q is not None else _run(block, x_fp, kwargs, mb), target,
                                               recipe.blockwise_loss))
             x_fp = target
-            record.blocks.append({**res, "loss_hard_before": before, "loss_hard_after": after})
+            record.blocks.append({**res, "steps": block_recipe.blockwise_steps, "loss_hard_before": before,
+                                  "loss_hard_after": after, "block_s": time.perf_counter() - t_block})
             if log:
                 hard = "hard-ternary" if recipe.method == "ternary" else "hard-sign"
                 log(f"block {i + 1}/{len(layers)}: {hard} loss {before:.4f} -> {after:.4f} "

@@ -64,8 +64,10 @@ class BaiRecord:
 class BlockwiseRecord:
     """Block-wise reconstruction: per block, the reconstruction loss (``loss`` kind) at its first
     and last step and at the hard quantizer afterwards, with the block's wall time; ``tokens`` is
-    the sequence tokens one block trains on (steps x batch x seq_len, the same for every block),
-    ``activation_mib`` the size of the cached block inputs and targets."""
+    the sequence tokens one block trains on at the planned ``steps`` (steps x batch x seq_len),
+    ``activation_mib`` the size of the cached block inputs and targets. Each block's own ``steps``
+    and ``block_s`` (its wall time in all) are in ``blocks``: a timed run's deadline may change
+    the steps from block to block (``timeplan.deadline_block_steps``)."""
 
     inputs: str
     loss: str

@@ -45,7 +45,7 @@ from .liger_loss import resolve_backend
 from .preflight import check_launch, check_model_options, check_teacher_fits
 from .losses import Distill, TrainLoss
 from .plan import check_job, fit_recipe, stage_summary
-from .timed import plan_for_time, revise_blockwise, revise_for_time
+from .timed import block_deadline, plan_for_time, revise_blockwise, revise_for_time
 from .timeplan import QAT_FLOOR_STEPS
 from .record import BaiRecord, BlockwiseRecord, RunRecord, TokenRecord, plot_loss
 from .resume_state import check_out, interrupted, read_checkpoint_state
@@ -265,8 +265,13 @@ def convert_run(job: ConvertJob) -> ConvertResult:
                         save_checkpoint(work, model, None, {"phase": "blockwise", "step": len(rec.blocks),
                                                             "recipe": recipe.to_dict(), "record": saved})
 
+                deadline = (block_deadline(plan, t_job, (log or print) if main else None)
+                            if timed and plan.path == "full" else None)  # the steps follow the stage's own speed
                 record.blockwise = blockwise_reconstruct(model, data.calib, recipe, work, record.blockwise, progress, log,
-                                                         save_blockwise, write=main, fp_layers=fp_layers)
+                                                         save_blockwise, write=main, fp_layers=fp_layers,
+                                                         steps_for=deadline)
+                if deadline is not None:
+                    record.plan = plan.to_dict()
             if job.save_init and main and not job.bai_only and (state is None or state["phase"] != "qat"):
                 saved = record.to_dict()
                 save_init(work, model, key, {"bai": saved["bai"], "blockwise": saved.get("blockwise"),

@@ -15,8 +15,8 @@ from ..errors import BinarizeError
 from ..recipe import Recipe, load_recipe, parse_mix
 from .data import resolve_auto, self_gen_config
 from .plan import Budget, check_job, fit_chunks, held_out_tokens
-from .timeplan import (BW_MAX_READS, SEQUENCES_KEEP_STEPS, TimePlan, format_duration, plan_time, revise_blockwise_steps,
-                       revise_qat_steps, sequences_for_steps)
+from .timeplan import (BW_MAX_READS, SEQUENCES_KEEP_STEPS, TimePlan, deadline_block_steps, format_duration, plan_time,
+                       revise_blockwise_steps, revise_qat_steps, sequences_for_steps)
 
 PTQ_RECIPES = {"binary": "binary-ptq", "ternary": "ternary-ptq"}  # the short path of each method
 PTQ_KEYS = ("seq_len", "batch_tokens", "micro_batch", "calib_sequences", "seed", "bai_batch_tokens")  # kept from the job
@@ -159,3 +159,38 @@ def revise_blockwise(plan: TimePlan, recipe: Recipe, elapsed_s: float, log=None)
         log(f"block-wise re-planned {format_duration(elapsed_s)} into the job, the text ready: {steps} steps per "
             f"block for the time left; planned {recipe.blockwise_steps}")
     return dataclasses.replace(recipe, blockwise_steps=steps)
+
+
+DEADLINE_LOG_CHANGE = 0.02  # a deadline re-plan is printed where the steps moved this much since the last line
+
+
+def block_deadline(plan: TimePlan, t_job: float, log=None, clock=time.perf_counter):
+    """``steps_for(blocks_left, blocks)`` for ``blockwise.blockwise_reconstruct``: the steps per
+    block for the blocks still to train (``timeplan.deadline_block_steps``) from the blocks this
+    process trained (those with ``block_s``; one resumed from a checkpoint has none): seconds per
+    step ``sum(wall_s) / sum(steps)``, the rest of each block's ``block_s`` its fixed cost.
+    ``t_job``: the job's start on ``clock`` (seconds). Each change is kept in
+    ``plan.revised["blockwise_deadline"]`` as [block, steps] (block counted from 1), and printed
+    where it moved ``DEADLINE_LOG_CHANGE`` or more since the last printed line."""
+    shown = [None]
+
+    def steps_for(blocks_left: int, blocks: list[dict]) -> int:
+        done = [b for b in blocks if "block_s" in b and b.get("steps")]
+        if not done:
+            return blocks[-1]["steps"] if blocks and blocks[-1].get("steps") else plan.blockwise_steps
+        step_s = sum(b["wall_s"] for b in done) / sum(b["steps"] for b in done)
+        fixed_s = sum(max(0.0, b["block_s"] - b["wall_s"]) for b in done) / len(done)
+        elapsed = clock() - t_job
+        steps = deadline_block_steps(plan, elapsed, blocks_left, fixed_s, step_s)
+        if steps != done[-1]["steps"]:
+            revised = plan.revised = plan.revised or {}
+            revised.setdefault("blockwise_deadline", []).append([len(blocks) + 1, steps])
+        if log and (shown[0] is None and steps != plan.blockwise_steps
+                    or shown[0] is not None and abs(steps - shown[0]) >= DEADLINE_LOG_CHANGE * shown[0]):
+            shown[0] = steps
+            log(f"block-wise re-planned {format_duration(elapsed)} into the job, {len(blocks)} blocks done at "
+                f"{step_s:.3f} s per step (probe {plan.speeds.block_step_s:.3f}): {steps} steps per block for the "
+                f"{blocks_left} left")
+        return steps
+
+    return steps_for
