@@ -181,7 +181,7 @@ def test_a_long_plan_on_own_text_calibrates_on_more_sequences_unless_the_command
     assert not any("calibration sequences" in n for n in plan2.notes)
 
 
-@pytest.mark.parametrize("share", [1.0, 0.9, SEQUENCES_KEEP_STEPS, 0.8, 0.71])
+@pytest.mark.parametrize("share", [1.0, 0.9, SEQUENCES_KEEP_STEPS, 0.75, 0.71])
 def test_more_calibration_sequences_are_kept_only_where_they_keep_most_block_wise_steps(monkeypatch, share):
     import binarize.calibration.selfgen as selfgen
     from binarize.train.timed import _more_sequences
