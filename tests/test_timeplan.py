@@ -385,6 +385,24 @@ def test_the_deadline_reads_the_blocks_this_process_trained_and_records_each_cha
     assert steps_for(26, blocks) > 1.1 * more and len(lines) == 2
 
 
+def test_a_left_over_end_to_end_stage_the_block_wise_stage_ran_into_is_dropped_not_squeezed():
+    from binarize.train.timed import revise_for_time
+
+    plan = plan_time(8 * 3600, CPU, qat_floor=0, **PTB)  # block-wise full: the rest is a left-over
+    planned = plan.tokens // CPU.batch_tokens
+    assert plan.blockwise_steps == BW_MAX_STEPS and planned > 100
+    end = 8 * 3600 * (1 - MARGIN) - CPU.save_s
+    assert revise_qat_steps(plan, end - 10.5 * CPU.qat_step_s, 0) == 10
+    assert revise_qat_steps(plan, end - 3.5 * CPU.qat_step_s, 0) == 0  # fewer than QAT_MIN_STEPS fit: none
+    floored = plan_time(8 * 3600, CPU, **PTB)
+    assert revise_qat_steps(floored, end - 3.5 * CPU.qat_step_s, 0) == QAT_MIN_STEPS  # a floor is kept
+    recipe = load_recipe("ternary-distill", dict(seq_len=256, batch_tokens=1024))
+    out, tokens, budget, line = revise_for_time(plan, recipe, plan.tokens, chunks=recipe.chunks,
+                                                elapsed_s=end - 2 * CPU.qat_step_s, train_blocks=10_000)
+    assert tokens == 0 and budget.steps == 0 and "end-to-end QAT dropped" in line
+    assert plan.revised["steps"] == 0 and out.blockwise_steps == recipe.blockwise_steps
+
+
 def test_a_revision_leaves_fixed_tokens_and_the_ptq_path_alone():
     fixed = plan_time(3600, CPU, tokens=20_480, **PTB)
     assert revise_qat_steps(fixed, 0.0, 0) == 20 and revise_qat_steps(fixed, 3000.0, 0) == 20

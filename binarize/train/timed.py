@@ -15,7 +15,7 @@ from ..errors import BinarizeError
 from ..recipe import Recipe, load_recipe, parse_mix
 from .data import resolve_auto, self_gen_config
 from .plan import Budget, check_job, fit_chunks, held_out_tokens
-from .timeplan import (BW_MAX_READS, SEQUENCES_KEEP_STEPS, TimePlan, deadline_block_steps, format_duration, plan_time,
+from .timeplan import (BW_MAX_READS, QAT_MIN_STEPS, SEQUENCES_KEEP_STEPS, TimePlan, deadline_block_steps, format_duration, plan_time,
                        revise_blockwise_steps, revise_qat_steps, sequences_for_steps)
 
 PTQ_RECIPES = {"binary": "binary-ptq", "ternary": "ternary-ptq"}  # the short path of each method
@@ -133,14 +133,17 @@ def revise_for_time(plan: TimePlan, recipe: Recipe, tokens: int, *, chunks: int,
     new = steps * recipe.batch_tokens
     if new == tokens:
         return recipe, tokens, None, None
-    fitted, notice = fit_chunks(dataclasses.replace(recipe, chunks=chunks), new) if recipe.quantizer == "progressive" \
-        else (recipe, None)
+    fitted, notice = fit_chunks(dataclasses.replace(recipe, chunks=chunks), new) \
+        if recipe.quantizer == "progressive" and new else (recipe, None)
     try:
         budget = check_job(fitted, new)
     except BinarizeError:  # a budget the recipe cannot schedule (a continual switch, too few steps): keep the plan's
         return recipe, tokens, None, None
     plan.revised = {**(plan.revised or {}), "at_s": round(elapsed_s, 1), "tokens": new, "steps": steps,
                     "expected_s": round(steps * plan.speeds.qat_step_s, 1), "chunks": fitted.chunks}
+    if not new:
+        return fitted, 0, budget, (f"end-to-end QAT dropped {format_duration(elapsed_s)} into the job: the time left "
+                                   f"holds fewer than {QAT_MIN_STEPS} steps; planned {tokens:,} tokens")
     line = (f"end-to-end QAT re-planned {format_duration(elapsed_s)} into the job: {new:,} tokens ({steps} steps, "
             f"about {format_duration(steps * plan.speeds.qat_step_s)}) for the time left; planned {tokens:,}")
     if cap and steps == cap and steps > planned:
@@ -171,7 +174,8 @@ def block_deadline(plan: TimePlan, t_job: float, log=None, clock=time.perf_count
     step ``sum(wall_s) / sum(steps)``, the rest of each block's ``block_s`` its fixed cost.
     ``t_job``: the job's start on ``clock`` (seconds). Each change is kept in
     ``plan.revised["blockwise_deadline"]`` as [block, steps] (block counted from 1), and printed
-    where it moved ``DEADLINE_LOG_CHANGE`` or more since the last printed line."""
+    where it moved ``DEADLINE_LOG_CHANGE`` or more from the last printed line (the first: from the
+    first block's steps)."""
     shown = [None]
 
     def steps_for(blocks_left: int, blocks: list[dict]) -> int:
@@ -185,10 +189,11 @@ def block_deadline(plan: TimePlan, t_job: float, log=None, clock=time.perf_count
         if steps != done[-1]["steps"]:
             revised = plan.revised = plan.revised or {}
             revised.setdefault("blockwise_deadline", []).append([len(blocks) + 1, steps])
-        if log and (shown[0] is None and steps != plan.blockwise_steps
-                    or shown[0] is not None and abs(steps - shown[0]) >= DEADLINE_LOG_CHANGE * shown[0]):
+        last = shown[0] if shown[0] is not None else done[0]["steps"]  # the last printed, else the first trained
+        if log and abs(steps - last) >= DEADLINE_LOG_CHANGE * last:
             shown[0] = steps
-            log(f"block-wise re-planned {format_duration(elapsed)} into the job, {len(blocks)} blocks done at "
+            log(f"block-wise re-planned {format_duration(elapsed)} into the job, {len(blocks)} "
+                f"block{'s' if len(blocks) != 1 else ''} done at "
                 f"{step_s:.3f} s per step (probe {plan.speeds.block_step_s:.3f}): {steps} steps per block for the "
                 f"{blocks_left} left")
         return steps

@@ -326,8 +326,12 @@ def revise_qat_steps(plan: TimePlan, elapsed_s: float, max_steps: int) -> int:
     goes to training. The stage's own speed is the probe's (``plan.speeds.qat_step_s``).
 
     At least ``QAT_MIN_STEPS`` (or the planned steps, where fewer), at most ``max_steps`` (the
-    steps the prepared training text holds within ``max_epochs``; 0: no limit). The planned steps
-    where the plan is not a timed full path or the user fixed the tokens."""
+    steps the prepared training text holds within ``max_epochs``; 0: no limit); 0 where the plan
+    has no end-to-end floor (``qat_floor`` 0: the stage is a left-over) and the time left holds
+    fewer than ``QAT_MIN_STEPS`` (a one-hour ternary run was given 4 steps 54.8 minutes in, for
+    53 s past its time: its end-to-end loss rose from 4.80 to 5.63 over them, WikiText-2 149.4
+    where the same stages had reached 134-147 without). The planned steps where the plan is not
+    a timed full path or the user fixed the tokens."""
     sp = plan.speeds
     planned = plan.tokens // sp.batch_tokens if sp else 0
     if plan.path != "full" or plan.tokens_fixed or planned == 0 or sp.qat_step_s <= 0:
@@ -336,6 +340,8 @@ def revise_qat_steps(plan: TimePlan, elapsed_s: float, max_steps: int) -> int:
     steps = int(left / sp.qat_step_s)
     if max_steps > 0:
         steps = min(steps, max_steps)
+    if not plan.qat_floor and steps < QAT_MIN_STEPS:
+        return 0
     return max(min(QAT_MIN_STEPS, planned), steps)
 
 
