@@ -12,8 +12,7 @@ What is timed and how it is scaled (``timeplan.StageSpeeds``):
 * Hessian-aware initialisation: the stage itself on a one-block copy of the model (the recipe's
   calibration size), times the number of blocks;
 * block-wise: ``train_block`` on the one-block copy, per step from two short runs' difference
-  (``PROBE_BLOCK_STEPS``, the faster of ``PROBE_BLOCK_REPEATS`` pairs; what is left is the
-  block's setup), the last block's head-KL loss on
+  (``PROBE_BLOCK_STEPS``; what is left is the block's setup), the last block's head-KL loss on
   top the same way (``PROBE_LAST_BLOCK_STEPS``), plus four passes of the cached sequences per block;
 * self-generation: one batch of ``self_batch`` sequences after a shorter untimed one, scaled to
   ``seq_len`` by the attention's FLOPs (``generation_token_s``; skipped when the text is not
@@ -41,7 +40,6 @@ from .timeplan import StageSpeeds
 
 PROBE_BLOCK_STEPS = (3, 15)  # block-wise steps are timed as the difference of two short runs (warm-up cancels;
 # 4 steps apart, the default model's 0.13 s step once read as 0.203 s and planned 211 steps where 600 fit)
-PROBE_BLOCK_REPEATS = 2  # the pair is timed twice and the faster kept: one probe read 0.154 s where the stage ran 0.134
 PROBE_LAST_BLOCK_STEPS = (2, 6)  # the last block's head-KL steps, the same way: at (1, 3) one probe read 3.73 s
 # per step where a run took ~1.6 (and 1.95 in another), two steps apart and one of them the optimizer's first
 GEN_PROBE_LENS = (32, 96)  # self-generation: an untimed warm-up batch, then the timed one (generation_token_s)
@@ -204,9 +202,8 @@ def measure_speeds(model, tokenizer, recipe: Recipe, *, spent_s: float, generate
     bx, kwargs = block_inputs(m1, ids[: recipe.blockwise_batch], mb)
     target = bx.detach().clone()
     k1, k2 = PROBE_BLOCK_STEPS
-    pairs = [[train_block(block, bx, target, kwargs, dataclasses.replace(recipe, blockwise_steps=k), 0)["wall_s"]
-              for k in (k1, k2)] for _ in range(PROBE_BLOCK_REPEATS)]
-    w1, w2 = min(pairs, key=lambda w: w[1] - w[0])  # a busy machine only slows a timing: the faster pair
+    w1, w2 = (train_block(block, bx, target, kwargs, dataclasses.replace(recipe, blockwise_steps=k), 0)["wall_s"]
+              for k in (k1, k2))
     block_step_s = max(w2 - w1, 1e-6) / (k2 - k1)  # 3 steps with their warm-up said 0.31 s; the stage ran ~0.18
     block_setup_s = max(0.0, w1 - k1 * block_step_s)  # once per block: the optimizer, the first step's allocations
     with torch.no_grad():

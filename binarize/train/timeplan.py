@@ -303,8 +303,9 @@ def deadline_block_steps(plan: TimePlan, elapsed_s: float, blocks_left: int, fix
     head-KL cost on top is the probe's. The stage ends where the plan left the end-to-end floor
     (its ``qat_floor`` steps, at most the planned ones; all of them where the user fixed the
     tokens) and ``save_s`` before ``seconds * (1 - MARGIN)``: the probe's few steps misread the
-    stage's speed by up to 20 % either way (0.154 s per step read where a run took 0.134, and
-    0.109 where one took 0.13), and with no end-to-end stage after it nothing else takes that
+    stage's speed by up to 20 % either way from one process to the next (0.151 and 0.154 s per
+    step read where runs took 0.134; 0.109 and 0.112 where they took 0.13 and 0.135; the faster
+    of two timings in one probe changed nothing), and with no end-to-end stage after it nothing else takes that
     error up (the ternary hour ended 12.5 minutes early). Between ``BW_MIN_STEPS`` and
     ``BW_MAX_STEPS``; the planned steps where the plan is not a timed full path with a
     block-wise stage or nothing is left to train."""
