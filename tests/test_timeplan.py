@@ -17,8 +17,9 @@ from binarize.profiles import CPU_PROFILE, profile_overrides, resolve_profile
 from binarize.recipe import load_recipe
 from binarize.train import ConvertJob, Interrupted, convert_run
 from binarize.train.timeplan import (BW_MAX_READS, BW_MAX_STEPS, BW_MIN_STEPS, CALIB_MAX_SEQUENCES, MARGIN,
-                                     QAT_FLOOR_STEPS, QAT_MIN_STEPS, SEQUENCES_KEEP_STEPS, StageSpeeds, deadline_block_steps, parse_duration, plan_time,
-                                     revise_blockwise_steps, revise_qat_steps, sequences_for_steps)
+                                     QAT_FLOOR_STEPS, QAT_MIN_STEPS, SEQUENCES_KEEP_STEPS, StageSpeeds,
+                                     deadline_block_steps, parse_duration, plan_time, revise_blockwise_steps,
+                                     revise_qat_steps, sequences_for_steps)
 from tests.test_cli_errors import assert_one_line_error, run_cli
 
 # the default model on 2 cores, as the probe measured it (rounded): 30 blocks

@@ -15,8 +15,8 @@ from ..errors import BinarizeError
 from ..recipe import Recipe, load_recipe, parse_mix
 from .data import resolve_auto, self_gen_config
 from .plan import Budget, check_job, fit_chunks, held_out_tokens
-from .timeplan import (BW_MAX_READS, QAT_MIN_STEPS, SEQUENCES_KEEP_STEPS, TimePlan, deadline_block_steps, format_duration, plan_time,
-                       revise_blockwise_steps, revise_qat_steps, sequences_for_steps)
+from .timeplan import (BW_MAX_READS, QAT_MIN_STEPS, SEQUENCES_KEEP_STEPS, TimePlan, deadline_block_steps,
+                       format_duration, plan_time, revise_blockwise_steps, revise_qat_steps, sequences_for_steps)
 
 PTQ_RECIPES = {"binary": "binary-ptq", "ternary": "ternary-ptq"}  # the short path of each method
 PTQ_KEYS = ("seq_len", "batch_tokens", "micro_batch", "calib_sequences", "seed", "bai_batch_tokens")  # kept from the job

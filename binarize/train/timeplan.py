@@ -305,8 +305,8 @@ def deadline_block_steps(plan: TimePlan, elapsed_s: float, blocks_left: int, fix
     tokens) and ``save_s`` before ``seconds * (1 - MARGIN)``: the probe's few steps misread the
     stage's speed by up to 20 % either way from one process to the next (0.151 and 0.154 s per
     step read where runs took 0.134; 0.109 and 0.112 where they took 0.13 and 0.135; the faster
-    of two timings in one probe changed nothing), and with no end-to-end stage after it nothing else takes that
-    error up (the ternary hour ended 12.5 minutes early). Between ``BW_MIN_STEPS`` and
+    of two timings in one probe changed nothing), and with no end-to-end stage after it nothing
+    else takes that error up (the ternary hour ended 12.5 minutes early). Between ``BW_MIN_STEPS`` and
     ``BW_MAX_STEPS``; the planned steps where the plan is not a timed full path with a
     block-wise stage or nothing is left to train."""
     sp = plan.speeds
