@@ -13,8 +13,9 @@ The allocation follows the ``quality`` measurements on the default model on a 2-
   (``QAT_SHARE`` of the time, at most the recipe's ``qat_floor_steps``, default ``QAT_FLOOR_STEPS``)
   the block-wise stage gets the time up to ``BW_MAX_STEPS`` per block (the most measured), and only
   then does the end-to-end stage get the rest. ``ternary-distill`` has no floor: after 600
-  block-wise steps its 32 end-to-end steps (lr 1e-4) bought nothing (WikiText-2 161.4 with them in
-  one hour, 155.9 without, ``quality_cpu.md``).
+  block-wise steps its end-to-end stage buys per second what more block-wise steps buy (scales
+  only, lr 1e-3: 134.4 -> 130.1 on WikiText-2 in 167 s; the latent weights at lr 1e-4 bought
+  nothing, 161.4 with 32 steps and 155.9 without; ``timeplan_cpu.md``).
 * **A long block-wise stage reads more calibration text.** At 600 steps of 4 sequences, 128
   calibration sequences are each read ~19 times and 256 (WikiText-2 155.9 -> 134.4, ternary,
   ``tern600-seq256-bf16``) ~9 times; where the planned steps would read a sequence more than
