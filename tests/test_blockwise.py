@@ -290,3 +290,21 @@ def test_final_norm_is_found_in_every_family_or_refused():
         m.model = torch.nn.Module()
         setattr(m.model, attr, torch.nn.LayerNorm(4))
         assert final_norm(m) is getattr(m.model, attr)
+
+
+def test_block_inputs_of_the_last_block_are_the_earlier_blocks_outputs(trained_tiny_dir):
+    """block_inputs(layer=-1) (the probe's head-KL inputs) equals block 0's inputs run through every
+    block before the last with the captured keyword arguments."""
+    from binarize.train.blockwise import _block_call, block_inputs
+
+    model = _model(trained_tiny_dir)
+    ids = torch.randint(0, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
+    x, kwargs = block_inputs(model, ids, 2)
+    last, _ = block_inputs(model, ids, 2, layer=-1)
+    layers = decoder_layers(model)
+    assert len(layers) > 1 and last.shape == x.shape
+    with torch.no_grad():
+        for block in layers[:-1]:
+            x = _block_call(block, x, kwargs).float()
+    assert torch.allclose(last, x, atol=1e-5), float((last - x).abs().max())
+    assert not torch.allclose(last, block_inputs(model, ids, 2)[0], atol=1e-3)

@@ -77,7 +77,7 @@ KL_REPORT_SEQUENCES = 32
 
 
 class _Captured(Exception):
-    """Raised by the pre-hook on block 0 to stop the forward once its inputs are known."""
+    """Raised by the pre-hook on a block to stop the forward once its inputs are known."""
 
 
 def _block_call(block, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -86,10 +86,11 @@ def _block_call(block, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def block_inputs(model, ids: torch.Tensor, micro_batch: int = 1) -> tuple[torch.Tensor, dict]:
-    """(x, kwargs): the hidden states entering decoder block 0 for token ids (n, seq_len) as
-    float32 (n, seq_len, hidden), and the keyword arguments the model passes every block
-    (position embeddings, causal mask) captured for one sequence; they broadcast over a batch.
+def block_inputs(model, ids: torch.Tensor, micro_batch: int = 1, layer: int = 0) -> tuple[torch.Tensor, dict]:
+    """(x, kwargs): the hidden states entering decoder block ``layer`` (0: the first, -1: the last)
+    for token ids (n, seq_len) as float32 (n, seq_len, hidden), and the keyword arguments the model
+    passes every block (position embeddings, causal mask) captured for one sequence; they broadcast
+    over a batch.
     """
     layers = decoder_layers(model)
     seen: dict = {}
@@ -99,7 +100,7 @@ def block_inputs(model, ids: torch.Tensor, micro_batch: int = 1) -> tuple[torch.
         seen["kw"] = kwargs
         raise _Captured
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handle = layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
     xs, kw = [], None
     try:
         for i in range(0, ids.shape[0], micro_batch):
