@@ -252,10 +252,10 @@ class ChunkedLinearLoss(torch.autograd.Function):
     softmax q replaces p_T (gradient tau * (softmax(z / tau) - q) / N). CE is the mean over
     the N' rows with a target, KL the mean over all N rows. Forward walks the rows ``chunk`` at a
     time, computing each chunk's logits, its loss terms and the loss's gradient with respect to h
-    and W (and b; a chunk with no target skips the CE's softmax: the block-wise head KL, 1.56 ->
-    1.22 s per step of 4 x 256 tokens on the default model), which backward only scales: d CE / d z = (softmax(z) - onehot) / N' and
-    d (tau^2 KL) / d z = tau * (softmax(z / tau) - p_T) / N. Returns (loss, ce, kd); only loss
-    carries a gradient.
+    and W (and b), which backward only scales: d CE / d z = (softmax(z) - onehot) / N' and
+    d (tau^2 KL) / d z = tau * (softmax(z / tau) - p_T) / N. A chunk with no target skips the
+    CE's softmax (the block-wise head KL: 1.56 -> 1.22 s per step of 4 x 256 tokens on the default
+    model). Returns (loss, ce, kd); only loss carries a gradient.
     """
 
     @staticmethod
