@@ -121,7 +121,7 @@ def convert(
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if data is not None and calib is None:
         overrides.setdefault("calib", data)
-    used_profile, sized = profile_overrides(profile, overrides)
+    used_profile, sized = profile_overrides(profile, overrides, ptq=n_tokens == 0)
     rec = load_recipe(recipe, {**sized, **overrides})
     if sized and os.environ.get("RANK", "0") == "0":
         typer.echo(f"{used_profile} profile (--profile recipe keeps the recipe's sizes): "

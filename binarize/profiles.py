@@ -55,6 +55,14 @@ CPU_PROFILE: dict[str, object] = {
     # default model (benchmarks/blockwise_step_speed.py; quality2's bw300-seq128-bf16)
     "cpu_bf16": native_bf16(),
 }
+# A post-training conversion (``--tokens 0``, or ``--time`` where training does not fit) on the CPU
+# profile: 64 calibration sequences of the model's own text, the corpus generated for them alone
+# (self_tokens 0: no end-to-end text). Default model, ternary-ptq, quick WikiText-2 / C4 / PTB and
+# the whole command's wall time on the 2-core CPU: 64 sequences 1,515 / 872 / 3,559 in 7.0 min,
+# 128 sequences 974 / 680 / 2,907 in 12.8 min (49k tokens generated) where the ten-minute target
+# leaves no room for them; 128 sequences of PTB train 10,424 / 5,225 / 525 in 8.6 min
+# (benchmarks/results/hessian_init_cpu.md).
+CPU_PTQ_PROFILE: dict[str, object] = {"calib_sequences": 64, "blockwise_sequences": 64, "self_tokens": 0}
 PROFILES = ("auto", "cpu", "recipe")
 
 
@@ -67,13 +75,14 @@ def resolve_profile(name: str, cuda: bool | None = None) -> str:
     return "recipe" if (torch.cuda.is_available() if cuda is None else cuda) else "cpu"
 
 
-def profile_overrides(name: str, given: dict, cuda: bool | None = None) -> tuple[str, dict]:
+def profile_overrides(name: str, given: dict, cuda: bool | None = None, ptq: bool = False) -> tuple[str, dict]:
     """(resolved profile, the recipe overrides it adds): the profile's values for every key the
-    command line did not set (``given``: the overrides from flags and --set)."""
+    command line did not set (``given``: the overrides from flags and --set). ``ptq``: the job
+    trains nothing (``--tokens 0``), so ``CPU_PTQ_PROFILE`` sizes its calibration set."""
     resolved = resolve_profile(name, cuda)
     if resolved != "cpu":
         return resolved, {}
-    sized = {k: v for k, v in CPU_PROFILE.items() if k not in given}
+    sized = {k: v for k, v in {**CPU_PROFILE, **(CPU_PTQ_PROFILE if ptq else {})}.items() if k not in given}
     if "blockwise_sequences" in sized and isinstance(given.get("calib_sequences"), int):
         # fewer calibration sequences given: the block-wise stage caches what there is
         sized["blockwise_sequences"] = min(sized["blockwise_sequences"], given["calib_sequences"])

@@ -13,7 +13,7 @@ import torch
 
 from binarize.cli import main
 from binarize.errors import BinarizeError
-from binarize.profiles import CPU_PROFILE, profile_overrides, resolve_profile
+from binarize.profiles import CPU_PROFILE, CPU_PTQ_PROFILE, profile_overrides, resolve_profile
 from binarize.recipe import load_recipe
 from binarize.train import ConvertJob, Interrupted, convert_run
 from binarize.train.timeplan import (BW_MAX_READS, BW_MAX_STEPS, BW_MIN_STEPS, CALIB_MAX_SEQUENCES, MARGIN,
@@ -246,6 +246,39 @@ def test_profiles_fit_the_device_and_leave_what_the_command_line_sets():
     assert fewer["blockwise_sequences"] == min(16, CPU_PROFILE["blockwise_sequences"]) and "calib_sequences" not in fewer
     _, both = profile_overrides("cpu", {"calib_sequences": 16, "blockwise_sequences": 8})
     assert "blockwise_sequences" not in both
+    # a job that trains nothing calibrates on CPU_PTQ_PROFILE's set, its corpus sized to that set alone
+    _, ptq = profile_overrides("cpu", {}, ptq=True)
+    assert ptq["calib_sequences"] == CPU_PTQ_PROFILE["calib_sequences"] != CPU_PROFILE["calib_sequences"]
+    assert ptq["self_tokens"] == 0 and ptq["seq_len"] == CPU_PROFILE["seq_len"]
+    _, given = profile_overrides("cpu", {"calib_sequences": 16}, ptq=True)
+    assert "calib_sequences" not in given and given["blockwise_sequences"] == 16
+
+
+@pytest.mark.parametrize("own_text", [True, False])
+def test_the_timed_ptq_path_calibrates_on_own_text_and_counts_its_generation(trained_tiny_dir, monkeypatch, own_text):
+    import binarize.calibration.selfgen as selfgen
+    import binarize.train.probe as probe
+    from binarize.models import load_model
+    from binarize.train.timed import plan_for_time
+
+    model, tok, src = load_model(str(trained_tiny_dir))
+    # the training stages cannot fit (init_s); gen_token_s 0: the job generates no text
+    sp = dataclasses.replace(CPU, init_s=900.0, ptq_init_s=0.0, gen_token_s=0.01 if own_text else 0.0)
+    monkeypatch.setattr(probe, "measure_speeds", lambda *a, **k: (sp, probe.PassTimes(0.1, 0.05)))
+    monkeypatch.setattr(probe, "init_seconds", lambda *a, **k: 200.0)
+    monkeypatch.setattr(selfgen, "is_cached", lambda *a, **k: False)
+    recipe = load_recipe("ternary-distill", dict(seq_len=256, batch_tokens=1024, calib_sequences=128,
+                                                 blockwise_sequences=128, self_tokens=49_152,
+                                                 data="self" if own_text else "ptb", calib="self" if own_text else "ptb"))
+    out, tokens, plan = plan_for_time(12 * 60, recipe, model, tok, src, tokens=None, spent_s=1.0)
+    assert plan.path == "ptq" and tokens == 0 and out.name == "ternary-ptq"
+    assert out.calib_sequences == CPU_PTQ_PROFILE["calib_sequences"] and out.self_tokens == 0
+    generation = (out.calib_sequences + 1) * 256 * 0.01 if own_text else 0.0
+    assert out.calib == ("self" if own_text else "auto")
+    assert plan.stages["init"] == pytest.approx(200.0 + generation)
+    fixed, _, _ = plan_for_time(12 * 60, recipe, model, tok, src, tokens=None, spent_s=1.0,
+                                fixed=frozenset({"calib_sequences"}))
+    assert fixed.calib_sequences == 128
 
 
 def test_bf16_matmuls_only_where_the_cpu_has_them(tmp_path):

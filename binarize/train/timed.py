@@ -19,16 +19,38 @@ from .timeplan import (BW_MAX_READS, QAT_MIN_STEPS, SEQUENCES_KEEP_STEPS, TimePl
                        format_duration, plan_time, revise_blockwise_steps, revise_qat_steps, sequences_for_steps)
 
 PTQ_RECIPES = {"binary": "binary-ptq", "ternary": "ternary-ptq"}  # the short path of each method
-PTQ_KEYS = ("seq_len", "batch_tokens", "micro_batch", "calib_sequences", "seed", "bai_batch_tokens")  # kept from the job
+PTQ_KEYS = ("seq_len", "batch_tokens", "micro_batch", "calib_sequences", "seed", "bai_batch_tokens",
+            "self_batch")  # kept from the job
 
 
-def ptq_recipe(recipe: Recipe) -> Recipe | None:
-    """The method's PTQ-only recipe at the job's sizes (calibration on PTB train, as measured in
-    ``quality2``), or None where the method has none (its binarized layers train from the sign)."""
+def ptq_recipe(recipe: Recipe, cpu: bool = False, fixed: frozenset[str] = frozenset(),
+               self_text: bool = True) -> Recipe | None:
+    """The method's PTQ-only recipe at the job's sizes, or None where the method has none (its
+    binarized layers train from the sign). ``cpu``: the calibration set is
+    ``profiles.CPU_PTQ_PROFILE``'s unless the command line fixed it (``fixed``). ``self_text``:
+    calibrate on the model's own text as the PTQ recipes do (the plan counts its generation),
+    else on ``auto`` (PTB train where it is local): a job whose text is not self-generated has
+    no generation speed measured."""
+    from ..profiles import CPU_PTQ_PROFILE
+
     name = PTQ_RECIPES.get(recipe.method)
     if name is None:
         return None
-    return load_recipe(name, {**{k: getattr(recipe, k) for k in PTQ_KEYS}, "data": "auto", "calib": "auto"})
+    keep = {k: getattr(recipe, k) for k in PTQ_KEYS}
+    if cpu and "calib_sequences" not in fixed:
+        keep.update(CPU_PTQ_PROFILE)
+    return load_recipe(name, {**keep, **({} if self_text else {"calib": "auto"})})
+
+
+def _ptq_generation_s(ptq: Recipe, src, gen_token_s: float) -> float:
+    """Seconds to generate a PTQ recipe's self-generated calibration text (0 where it is cached or
+    the recipe calibrates on other text)."""
+    from binarize.calibration.selfgen import is_cached
+
+    if resolve_auto(ptq.calib) != "self":
+        return 0.0
+    n = (ptq.calib_sequences + 1) * ptq.seq_len  # data._self_tokens: one spare block
+    return 0.0 if is_cached(src, self_gen_config(ptq, n)) else n * gen_token_s
 
 
 def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, tokens: int | None, spent_s: float,
@@ -52,11 +74,12 @@ def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, toke
     if frac > 0:
         recipe = dataclasses.replace(recipe, self_tokens=corpus)  # a fixed corpus the cache can share
     cached = corpus if frac > 0 and is_cached(src, self_gen_config(recipe, corpus)) else 0
-    ptq = ptq_recipe(recipe)
+    cpu = next(model.parameters()).device.type == "cpu"
     check_probe_fits(model)
     # generation is timed even where the corpus is cached: a long plan may need a larger one
     speeds, passes = measure_speeds(model, tokenizer, recipe, spent_s=spent_s, generate=frac > 0, log=log)
     ptb_local = local_file(DATASETS["ptb"].splits["train"]) is not None
+    ptq = ptq_recipe(recipe, cpu, fixed, self_text=speeds.gen_token_s > 0)
 
     def planned(sp, corpus=corpus, cached=cached, held_out=held_out):
         return plan_time(seconds, sp, data=data, corpus_tokens=corpus, cached_tokens=cached, held_out=held_out,
@@ -70,7 +93,7 @@ def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, toke
         if ptq is None or tokens is not None:
             raise
         t_ptq = time.perf_counter()
-        ptq_s = init_seconds(model, ptq, passes, probe_ids(model, ptq))
+        ptq_s = init_seconds(model, ptq, passes, probe_ids(model, ptq)) + _ptq_generation_s(ptq, src, speeds.gen_token_s)
         speeds = dataclasses.replace(speeds, ptq_init_s=ptq_s, spent_s=speeds.spent_s + time.perf_counter() - t_ptq)
         plan = planned(speeds)
     if plan.path == "full" and held_out and data == "self" and not fixed & {"calib_sequences", "blockwise_sequences"}:
