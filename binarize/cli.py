@@ -98,7 +98,7 @@ def convert(
 ):
     """Convert a model by a recipe: BinaryLLM (BaI + progressive QAT, the default), BitNet b1.58 or the
     continual 16->1.58-bit switch; or train one from scratch (--from-scratch)."""
-    from .profiles import profile_overrides
+    from .profiles import sized_recipe
     from .recipe import parse_set, parse_tokens
     from .train.timeplan import parse_duration
 
@@ -108,7 +108,6 @@ def convert(
     time_s = parse_duration(time_) if time_ is not None else None
     overrides = parse_set(set_)
     from .formats import get_format
-    from .recipe import load_recipe
     from .train import ConvertJob, Interrupted, convert_run
 
     if export_format not in ("none", "auto"):
@@ -121,8 +120,7 @@ def convert(
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if data is not None and calib is None:
         overrides.setdefault("calib", data)
-    used_profile, sized = profile_overrides(profile, overrides, ptq=n_tokens == 0)
-    rec = load_recipe(recipe, {**sized, **overrides})
+    used_profile, sized, rec = sized_recipe(recipe, overrides, profile, n_tokens)
     if sized and os.environ.get("RANK", "0") == "0":
         typer.echo(f"{used_profile} profile (--profile recipe keeps the recipe's sizes): "
                    + ", ".join(f"{k} {getattr(rec, k)}" for k in sized))

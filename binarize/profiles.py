@@ -55,13 +55,13 @@ CPU_PROFILE: dict[str, object] = {
     # default model (benchmarks/blockwise_step_speed.py; quality2's bw300-seq128-bf16)
     "cpu_bf16": native_bf16(),
 }
-# A post-training conversion (``--tokens 0``, or ``--time`` where training does not fit) on the CPU
-# profile: 64 calibration sequences of the model's own text, the corpus generated for them alone
-# (self_tokens 0: no end-to-end text). Default model, ternary-ptq, quick WikiText-2 / C4 / PTB and
-# the whole command's wall time on the 2-core CPU: 64 sequences 1,515 / 872 / 3,559 in 7.0 min,
-# 128 sequences 974 / 680 / 2,907 in 12.8 min (49k tokens generated) where the ten-minute target
-# leaves no room for them; 128 sequences of PTB train 10,424 / 5,225 / 525 in 8.6 min
-# (benchmarks/results/hessian_init_cpu.md).
+# A post-training conversion (``--tokens 0`` with no block-wise steps, or ``--time`` where training
+# does not fit) on the CPU profile: 64 calibration sequences of the model's own text, the corpus
+# generated for them alone (self_tokens 0: no end-to-end text). Default model, ternary-ptq, quick
+# WikiText-2 / C4 / PTB and the whole command's wall time on the 2-core CPU: 64 sequences 1,515 /
+# 872 / 3,559 in 7.0 min, 128 sequences 974 / 680 / 2,907 in 12.8 min (49k tokens generated) where
+# the ten-minute target leaves no room for them; 128 sequences of PTB train 10,424 / 5,225 / 525 in
+# 8.6 min (benchmarks/results/hessian_init_cpu.md).
 CPU_PTQ_PROFILE: dict[str, object] = {"calib_sequences": 64, "blockwise_sequences": 64, "self_tokens": 0}
 PROFILES = ("auto", "cpu", "recipe")
 
@@ -78,7 +78,7 @@ def resolve_profile(name: str, cuda: bool | None = None) -> str:
 def profile_overrides(name: str, given: dict, cuda: bool | None = None, ptq: bool = False) -> tuple[str, dict]:
     """(resolved profile, the recipe overrides it adds): the profile's values for every key the
     command line did not set (``given``: the overrides from flags and --set). ``ptq``: the job
-    trains nothing (``--tokens 0``), so ``CPU_PTQ_PROFILE`` sizes its calibration set."""
+    trains nothing (``sized_recipe``), so ``CPU_PTQ_PROFILE`` sizes its calibration set."""
     resolved = resolve_profile(name, cuda)
     if resolved != "cpu":
         return resolved, {}
@@ -87,3 +87,19 @@ def profile_overrides(name: str, given: dict, cuda: bool | None = None, ptq: boo
         # fewer calibration sequences given: the block-wise stage caches what there is
         sized["blockwise_sequences"] = min(sized["blockwise_sequences"], given["calib_sequences"])
     return resolved, sized
+
+
+def sized_recipe(recipe: str, given: dict, profile: str, tokens: int | None, cuda: bool | None = None):
+    """(resolved profile, the overrides it added, the loaded Recipe) for ``binarize convert``. A job
+    that trains nothing (``tokens`` 0 and no block-wise steps: a post-training conversion) takes
+    ``CPU_PTQ_PROFILE`` over the CPU profile; ``--tokens 0`` with block-wise steps (``binaryllm-distill``,
+    ``--set blockwise_steps=300``) trains, and keeps the profile's calibration set and corpus.
+    BinarizeError for a recipe that cannot be loaded."""
+    from .recipe import load_recipe
+
+    used, sized = profile_overrides(profile, given, cuda)
+    rec = load_recipe(recipe, {**sized, **given})
+    if tokens == 0 and not rec.blockwise_steps and used == "cpu":
+        used, sized = profile_overrides(profile, given, cuda, ptq=True)
+        rec = load_recipe(recipe, {**sized, **given})
+    return used, sized, rec

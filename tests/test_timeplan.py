@@ -13,7 +13,7 @@ import torch
 
 from binarize.cli import main
 from binarize.errors import BinarizeError
-from binarize.profiles import CPU_PROFILE, CPU_PTQ_PROFILE, profile_overrides, resolve_profile
+from binarize.profiles import CPU_PROFILE, CPU_PTQ_PROFILE, profile_overrides, resolve_profile, sized_recipe
 from binarize.recipe import load_recipe
 from binarize.train import ConvertJob, Interrupted, convert_run
 from binarize.train.timeplan import (BW_MAX_READS, BW_MAX_STEPS, BW_MIN_STEPS, CALIB_MAX_SEQUENCES, MARGIN,
@@ -252,6 +252,13 @@ def test_profiles_fit_the_device_and_leave_what_the_command_line_sets():
     assert ptq["self_tokens"] == 0 and ptq["seq_len"] == CPU_PROFILE["seq_len"]
     _, given = profile_overrides("cpu", {"calib_sequences": 16}, ptq=True)
     assert "calib_sequences" not in given and given["blockwise_sequences"] == 16
+    # a recipe that trains nothing at --tokens 0 takes them; --tokens 0 with block-wise steps trains
+    assert sized_recipe("ternary-ptq", {}, "cpu", 0)[2].calib_sequences == CPU_PTQ_PROFILE["calib_sequences"]
+    for recipe, given, tokens in (("binaryllm-distill", {}, 0), ("ternary-ptq", {"blockwise_steps": 5}, 0),
+                                  ("ternary-ptq", {}, 1024)):
+        rec = sized_recipe(recipe, given, "cpu", tokens)[2]
+        assert (rec.calib_sequences, rec.self_tokens) == (CPU_PROFILE["calib_sequences"], CPU_PROFILE["self_tokens"])
+    assert sized_recipe("ternary-ptq", {}, "recipe", 0)[1] == {}
 
 
 @pytest.mark.parametrize("own_text", [True, False])

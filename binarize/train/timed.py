@@ -13,7 +13,7 @@ import time
 
 from ..errors import BinarizeError
 from ..recipe import Recipe, load_recipe, parse_mix
-from .data import resolve_auto, self_gen_config
+from .data import _self_tokens, resolve_auto, self_gen_config
 from .plan import Budget, check_job, fit_chunks, held_out_tokens
 from .timeplan import (BW_MAX_READS, QAT_MIN_STEPS, SEQUENCES_KEEP_STEPS, TimePlan, deadline_block_steps,
                        format_duration, plan_time, revise_blockwise_steps, revise_qat_steps, sequences_for_steps)
@@ -47,10 +47,8 @@ def _ptq_generation_s(ptq: Recipe, src, gen_token_s: float) -> float:
     the recipe calibrates on other text)."""
     from binarize.calibration.selfgen import is_cached
 
-    if resolve_auto(ptq.calib) != "self":
-        return 0.0
-    n = (ptq.calib_sequences + 1) * ptq.seq_len  # data._self_tokens: one spare block
-    return 0.0 if is_cached(src, self_gen_config(ptq, n)) else n * gen_token_s
+    n = _self_tokens(resolve_auto(ptq.calib), ptq.calib_sequences * ptq.seq_len, ptq.seq_len)  # as prepare_data asks
+    return 0.0 if n == 0 or is_cached(src, self_gen_config(ptq, n)) else n * gen_token_s
 
 
 def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, tokens: int | None, spent_s: float,
@@ -93,7 +91,8 @@ def plan_for_time(seconds: float, recipe: Recipe, model, tokenizer, src, *, toke
         if ptq is None or tokens is not None:
             raise
         t_ptq = time.perf_counter()
-        ptq_s = init_seconds(model, ptq, passes, probe_ids(model, ptq)) + _ptq_generation_s(ptq, src, speeds.gen_token_s)
+        ptq_s = (init_seconds(model, ptq, passes, probe_ids(model, ptq))
+                 + _ptq_generation_s(ptq, src, speeds.gen_token_s))
         speeds = dataclasses.replace(speeds, ptq_init_s=ptq_s, spent_s=speeds.spent_s + time.perf_counter() - t_ptq)
         plan = planned(speeds)
     if plan.path == "full" and held_out and data == "self" and not fixed & {"calib_sequences", "blockwise_sequences"}:
